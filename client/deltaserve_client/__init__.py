@@ -1,0 +1,1 @@
+"""deltaserve client: torch-free gRPC client, CLI and load generator."""

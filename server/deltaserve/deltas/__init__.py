@@ -1,0 +1,1 @@
+"""Delta format, codecs and the compress / inspect / merge pipeline."""

@@ -1,0 +1,131 @@
+"""In-memory form of a tenant delta: the contract between codecs, engine and cache.
+
+A codec turns (W_base, W_ft) into stored tensors; loading a delta file gives a
+`TenantDelta` made of the classes below. Every `LinearDelta.decode()` is the
+plain-torch oracle: the engine must behave as if it added `alpha * decode()` to
+the base weight, without ever materialising that sum.
+
+Naming: keys of `TenantDelta.linears` are Hugging Face module names without the
+".weight" suffix (e.g. "model.layers.0.self_attn.q_proj"); keys of
+`TenantDelta.dense` are full HF parameter names ("model.embed_tokens.weight",
+"lm_head.weight", "model.norm.weight", "model.layers.3.self_attn.q_proj.bias", ...)
+and hold the difference W_ft - W_base, stored only when it is non-zero.
+
+Sign packing (shared by codecs and kernels): signs of an [N, K] matrix are
+packed along K into int32 words, shape [N, ceil(K / 32)]; bit j (LSB = 0) of
+word w holds column 32*w + j; a set bit means +1 (delta >= 0, so an exact zero
+maps to +1), a clear bit means -1. Padding bits past K are 0 and never used:
+kernels zero-pad x past K. On little-endian hosts byte b of a word holds
+columns 32*w + 8*b ... + 7, so the same buffer viewed as uint8 [N, ceil(K/8)]
+(padded) is the 8-signs-per-byte layout lookup-table kernels use.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+
+@dataclass(frozen=True)
+class DeltaMeta:
+    """Header metadata of a delta file."""
+
+    codec: str
+    codec_params: dict
+    base_fingerprint: str
+    base_architecture: str
+    created_with: str
+
+
+class LinearDelta:
+    """Delta of one linear layer's weight [out_features, in_features]."""
+
+    out_features: int
+    in_features: int
+
+    def decode(self) -> torch.Tensor:
+        """Dense fp32 delta [N, K]: the oracle of every kernel and of merge."""
+        raise NotImplementedError
+
+    def nbytes(self) -> int:
+        """Bytes this delta occupies in its compute-ready form."""
+        raise NotImplementedError
+
+    def to(self, device: torch.device | str) -> LinearDelta:
+        raise NotImplementedError
+
+
+@dataclass(frozen=True)
+class SignDelta(LinearDelta):
+    """BitDelta: delta = scale * Sign, signs packed as described in the module doc.
+
+    packed: int32 [N, ceil(K/32)]; scale: fp32 scalar tensor.
+    """
+
+    packed: torch.Tensor
+    scale: torch.Tensor
+    out_features: int
+    in_features: int
+
+    def decode(self) -> torch.Tensor:
+        from deltaserve.deltas.packing import unpack_signs
+
+        return unpack_signs(self.packed, self.in_features).to(torch.float32) * self.scale.float()
+
+    def nbytes(self) -> int:
+        return self.packed.numel() * 4 + 4
+
+    def to(self, device: torch.device | str) -> SignDelta:
+        return SignDelta(self.packed.to(device), self.scale.to(device), self.out_features, self.in_features)
+
+
+@dataclass(frozen=True)
+class DenseDelta(LinearDelta):
+    """A dense delta [N, K] (raw codec; DARE, multi-bit and others decode to it for compute)."""
+
+    delta: torch.Tensor
+    out_features: int
+    in_features: int
+
+    def decode(self) -> torch.Tensor:
+        return self.delta.to(torch.float32)
+
+    def nbytes(self) -> int:
+        return self.delta.numel() * self.delta.element_size()
+
+    def to(self, device: torch.device | str) -> DenseDelta:
+        return DenseDelta(self.delta.to(device), self.out_features, self.in_features)
+
+
+@dataclass(frozen=True)
+class LowRankDelta(LinearDelta):
+    """delta = b @ a with a: [r, K], b: [N, r] (truncated SVD, singular values folded in)."""
+
+    a: torch.Tensor
+    b: torch.Tensor
+    out_features: int
+    in_features: int
+
+    def decode(self) -> torch.Tensor:
+        return self.b.to(torch.float32) @ self.a.to(torch.float32)
+
+    def nbytes(self) -> int:
+        return self.a.numel() * self.a.element_size() + self.b.numel() * self.b.element_size()
+
+    def to(self, device: torch.device | str) -> LowRankDelta:
+        return LowRankDelta(self.a.to(device), self.b.to(device), self.out_features, self.in_features)
+
+
+@dataclass
+class TenantDelta:
+    """Everything one tenant adds to the base, ready for the engine."""
+
+    meta: DeltaMeta
+    linears: dict[str, LinearDelta] = field(default_factory=dict)
+    dense: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    def nbytes(self) -> int:
+        return sum(d.nbytes() for d in self.linears.values()) + sum(
+            t.numel() * t.element_size() for t in self.dense.values()
+        )

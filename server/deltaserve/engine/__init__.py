@@ -1,0 +1,1 @@
+"""Generation engine: scheduler, paged KV, model runner, sampler."""

@@ -1,0 +1,37 @@
+"""Plain-torch reference of the segmented 1-bit delta matmul: the oracle and the fallback.
+
+Semantics, for every segment g with tokens [s, s + l), slot t = slots[g], a = alphas[g]:
+
+    y[s:s+l] += (a * scales[t]) * x[s:s+l] @ Sign_t.T
+
+where Sign_t in {-1, +1}^[N, K] is unpacked from packed[t] (int32 [N, ceil(K/32)],
+layout in deltaserve.deltas.types). Accumulation is fp32; y keeps its dtype.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from deltaserve.deltas.packing import unpack_signs
+from deltaserve.kernels.segments import Segments
+
+
+def sign_delta_matmul_ref(
+    x: torch.Tensor,  # [T, K]
+    y: torch.Tensor,  # [T, N], updated in place
+    packed: torch.Tensor,  # int32 [S, N, ceil(K/32)]
+    scales: torch.Tensor,  # fp32 [S]
+    segments: Segments,
+) -> torch.Tensor:
+    """Add every segment's scaled 1-bit delta product into y and return y."""
+    k = x.shape[1]
+    for start, length, slot, alpha in zip(
+        segments.starts_list, segments.lengths_list, segments.slots_list, segments.alphas_list, strict=True
+    ):
+        if length == 0:
+            continue
+        signs = unpack_signs(packed[slot], k).to(torch.float32)  # [N, K]
+        xs = x[start : start + length].to(torch.float32)
+        factor = alpha * scales[slot].to(torch.float32)
+        y[start : start + length] += (factor * (xs @ signs.T)).to(y.dtype)
+    return y

@@ -1,0 +1,1 @@
+"""Layers that apply tenant deltas at request time."""

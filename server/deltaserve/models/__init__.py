@@ -1,0 +1,1 @@
+"""Llama-family model forward and checkpoint loading."""

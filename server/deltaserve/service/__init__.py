@@ -1,0 +1,1 @@
+"""gRPC service, delta cache, metrics and auth."""
