@@ -1,0 +1,1 @@
+"""Benchmarks: kernel micro-benchmark and end-to-end serving benchmark."""

@@ -1,0 +1,26 @@
+"""`deltaserve bench kernel|serve`: benchmarks that print human tables or JSON."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import importlib.util
+
+SUITES = {
+    "kernel": "deltaserve.bench.kernel",
+    "serve": "deltaserve.bench.serve",
+}
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    sub = parser.add_subparsers(dest="suite", required=True, metavar="SUITE")
+    for name, module in SUITES.items():
+        if importlib.util.find_spec(module) is None:
+            continue
+        mod = importlib.import_module(module)
+        p = sub.add_parser(name, help=mod.__doc__.splitlines()[0] if mod.__doc__ else name)
+        mod.add_arguments(p)
+
+
+def run(args: argparse.Namespace) -> int:
+    return int(importlib.import_module(SUITES[args.suite]).run(args) or 0)
