@@ -1,15 +1,91 @@
 """Dispatch of the segmented 1-bit delta matmul to the fastest available implementation.
 
-The engine calls only `sign_delta_matmul`; which backend runs (Triton on CUDA,
-the compiled CPU kernel, or the plain-torch reference) is decided here.
+The engine calls only `sign_delta_matmul`; which backend runs is decided here:
+
+- CUDA tensors: the Triton kernels (kernels/triton_sign.py), a GEMV-shaped one
+  when every segment has few tokens (decode) and a tl.dot one otherwise (prefill);
+- CPU tensors: the compiled CPU kernel (kernels/cpu_ext.py) when it builds;
+- otherwise the plain-torch reference, after one logged warning (for the CPU
+  it is the loader's, which names why the build failed).
+
+All backends have the reference's semantics: fp32 accumulation, y keeps its
+dtype (fp32, bf16 or fp16), empty segments are skipped, tokens outside every
+segment are left untouched. Segments must not overlap.
 """
 
 from __future__ import annotations
 
+import functools
+import logging
+from typing import Literal
+
 import torch
 
+from deltaserve.kernels.cpu_ext import CpuKernelConfig, load_cpu_extension
 from deltaserve.kernels.reference import sign_delta_matmul_ref
 from deltaserve.kernels.segments import Segments
+
+log = logging.getLogger(__name__)
+
+Backend = Literal["auto", "reference", "cpu", "triton"]
+
+SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+# segments with at most this many tokens run the GEMV-shaped Triton kernel
+DECODE_MAX_TOKENS = 8
+
+_DEFAULT_CPU_CONFIG = CpuKernelConfig()
+
+
+@functools.cache
+def _warn_reference(reason: str) -> None:
+    log.warning("1-bit delta matmul falls back to the plain-torch reference: %s", reason)
+
+
+def _check(x: torch.Tensor, y: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor) -> None:
+    if x.dim() != 2 or y.dim() != 2 or packed.dim() != 3:
+        raise ValueError("expected x [T, K], y [T, N], packed [S, N, ceil(K/32)]")
+    if x.dtype not in SUPPORTED_DTYPES or y.dtype not in SUPPORTED_DTYPES:
+        raise ValueError(f"unsupported dtypes x={x.dtype} y={y.dtype}")
+    if packed.dtype != torch.int32:
+        raise ValueError("packed signs must be int32")
+    t, k = x.shape
+    if y.shape[0] != t or y.shape[1] != packed.shape[1]:
+        raise ValueError(
+            f"y {tuple(y.shape)} does not match x {tuple(x.shape)} and packed {tuple(packed.shape)}"
+        )
+    if packed.shape[2] != (k + 31) // 32:
+        raise ValueError(f"packed has {packed.shape[2]} words per row, K={k} needs {(k + 31) // 32}")
+    if scales.shape != (packed.shape[0],):
+        raise ValueError("scales must be [S]")
+
+
+def _cpu(x, y, packed, scales, segments: Segments, config: CpuKernelConfig) -> torch.Tensor | None:
+    ext = load_cpu_extension()
+    if ext is None:
+        return None
+    if y.stride(1) != 1:
+        raise ValueError("y must have unit column stride")
+    ext.sign_delta_matmul(
+        x, y, packed.contiguous(), scales,
+        list(segments.starts_list), list(segments.lengths_list),
+        list(segments.slots_list), list(segments.alphas_list),
+        config.gemm_min_tokens, config.row_tile, config.isa_cap,
+    )
+    return y
+
+
+def _triton(x, y, packed, scales, segments: Segments) -> torch.Tensor | None:
+    try:
+        from deltaserve.kernels import triton_sign
+    except ImportError:
+        return None
+    max_len = max(segments.lengths_list, default=0)
+    if max_len == 0:
+        return y
+    if max_len <= DECODE_MAX_TOKENS:
+        return triton_sign.sign_delta_decode(x, y, packed, scales, segments)
+    return triton_sign.sign_delta_prefill(x, y, packed, scales, segments)
 
 
 def sign_delta_matmul(
@@ -18,6 +94,41 @@ def sign_delta_matmul(
     packed: torch.Tensor,  # int32 [S, N, ceil(K/32)]
     scales: torch.Tensor,  # fp32 [S]
     segments: Segments,
+    backend: Backend = "auto",
+    cpu_config: CpuKernelConfig = _DEFAULT_CPU_CONFIG,
 ) -> torch.Tensor:
-    """y[seg] += alpha_seg * scales[slot] * x[seg] @ Sign_slot.T for every segment; returns y."""
+    """y[seg] += alpha_seg * scales[slot] * x[seg] @ Sign_slot.T for every segment; returns y.
+
+    backend "auto" picks Triton on CUDA and the compiled kernel on the CPU; naming a backend
+    forces it ("reference" always works; "cpu"/"triton" raise RuntimeError when unavailable).
+    """
+    _check(x, y, packed, scales)
+    if backend == "reference":
+        return sign_delta_matmul_ref(x, y, packed, scales, segments)
+    if not segments.lengths_list or max(segments.lengths_list) == 0:
+        return y
+    if x.is_cuda and backend in ("auto", "triton"):
+        out = _triton(x, y, packed, scales, segments)
+        if out is not None:
+            return out
+        if backend == "triton":
+            raise RuntimeError("Triton is not available")
+        _warn_reference("Triton is not installed")
+        return sign_delta_matmul_ref(x, y, packed, scales, segments)
+    if x.device.type == "cpu" and backend in ("auto", "cpu"):
+        out = _cpu(x, y, packed, scales, segments, cpu_config)
+        if out is not None:
+            return out
+        if backend == "cpu":
+            raise RuntimeError("the compiled CPU kernel is not available")
+        # the loader has already logged its one warning with the cause
+        return sign_delta_matmul_ref(x, y, packed, scales, segments)
+    if backend != "auto":
+        raise RuntimeError(f"backend {backend!r} cannot run on {x.device}")
+    _warn_reference(f"no fast kernel for device {x.device}")
     return sign_delta_matmul_ref(x, y, packed, scales, segments)
+
+
+def cpu_kernel_available() -> bool:
+    """True when the compiled CPU kernel builds and loads on this machine."""
+    return load_cpu_extension() is not None

@@ -1,0 +1,87 @@
+"""Build and load the CPU sign-GEMV extension (kernels/cpu/sign_gemv.cpp) at first use.
+
+The build goes through torch.utils.cpp_extension (needs a C++ compiler and
+ninja) into a cache directory outside the repository, keyed by the hash of the
+source and of the torch version, so a fresh clone compiles once and later
+processes load the cached library. When the build is impossible,
+`load_cpu_extension` returns None after logging one warning and callers use the
+plain-torch reference.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from types import ModuleType
+
+import torch
+
+log = logging.getLogger(__name__)
+
+SOURCE = Path(__file__).parent / "cpu" / "sign_gemv.cpp"
+
+# instruction-set levels understood by the extension's `isa_cap` argument
+ISA_SCALAR, ISA_AVX2, ISA_AVX512 = 0, 1, 2
+
+
+@dataclass(frozen=True)
+class CpuKernelConfig:
+    """Tuning of the CPU kernel.
+
+    gemm_min_tokens: segments with at least this many tokens use the unpack-tile + BLAS path;
+    row_tile: rows unpacked per tile on that path; isa_cap: highest instruction set to use.
+    """
+
+    gemm_min_tokens: int = 16
+    row_tile: int = 128
+    isa_cap: int = ISA_AVX512
+
+    def __post_init__(self) -> None:
+        if self.gemm_min_tokens < 1:
+            raise ValueError("gemm_min_tokens must be >= 1")
+        if self.row_tile < 1:
+            raise ValueError("row_tile must be >= 1")
+        if self.isa_cap not in (ISA_SCALAR, ISA_AVX2, ISA_AVX512):
+            raise ValueError("isa_cap must be 0 (scalar), 1 (AVX2) or 2 (AVX-512)")
+
+
+def cache_root() -> Path:
+    """Where built extensions live: $DELTASERVE_CACHE_DIR or ~/.cache/deltaserve, then torch_extensions."""
+    root = os.environ.get("DELTASERVE_CACHE_DIR") or Path.home() / ".cache" / "deltaserve"
+    return Path(root) / "torch_extensions"
+
+
+def _build_key() -> str:
+    digest = hashlib.sha256(SOURCE.read_bytes())
+    digest.update(torch.__version__.encode())
+    return digest.hexdigest()[:16]
+
+
+@functools.cache
+def load_cpu_extension() -> ModuleType | None:
+    """The compiled module, or None (one warning logged) if it cannot be built or loaded."""
+    from torch.utils import cpp_extension
+
+    key = _build_key()
+    build_dir = cache_root() / f"sign_gemv_{key}"
+    try:
+        build_dir.mkdir(parents=True, exist_ok=True)
+        return cpp_extension.load(
+            name=f"deltaserve_sign_gemv_{key}",
+            sources=[str(SOURCE)],
+            extra_cflags=["-O3", "-fopenmp"],
+            extra_ldflags=["-fopenmp"],
+            build_directory=str(build_dir),
+            verbose=False,
+        )
+    except Exception as exc:  # compiler, ninja or loader missing: any failure means "no fast path"
+        log.warning(
+            "CPU 1-bit delta kernel unavailable (%s: %s); using the slower plain-torch reference",
+            type(exc).__name__,
+            str(exc).splitlines()[0] if str(exc) else "",
+        )
+        return None
