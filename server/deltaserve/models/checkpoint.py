@@ -6,11 +6,14 @@ they are read with `torch.load(weights_only=True)`.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
+import struct
 import tempfile
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -129,3 +132,116 @@ def save_checkpoint(
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out
+
+
+# --- lazy, tensor-at-a-time access (compress and fingerprint must not hold two 8B models) ---
+
+SAFETENSORS_DTYPES: dict[str, torch.dtype] = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+
+
+@dataclass(frozen=True)
+class TensorEntry:
+    """Where one tensor lives inside a safetensors file (offsets relative to the data section)."""
+
+    file: Path
+    dtype: str  # safetensors dtype string, e.g. "BF16"
+    shape: tuple[int, ...]
+    begin: int
+    end: int
+    data_start: int  # absolute offset of the data section in `file`
+
+
+def read_safetensors_header(file: Path) -> tuple[dict, int]:
+    """(header JSON, absolute offset of the data section) of a safetensors file.
+
+    Raises InvalidArgumentError when the header is unreadable or the file is shorter
+    than the tensors it declares (a truncated download or copy).
+    """
+    file = Path(file)
+    try:
+        with open(file, "rb") as fh:
+            raw = fh.read(8)
+            if len(raw) != 8:
+                raise InvalidArgumentError(f"{file} is not a safetensors file (shorter than 8 bytes)")
+            n = struct.unpack("<Q", raw)[0]
+            size = os.fstat(fh.fileno()).st_size
+            if n > size - 8:
+                raise InvalidArgumentError(f"{file}: safetensors header length {n} exceeds the file size")
+            header = json.loads(fh.read(n))
+    except (OSError, ValueError, UnicodeDecodeError) as exc:
+        if isinstance(exc, InvalidArgumentError):
+            raise
+        raise InvalidArgumentError(f"cannot read the safetensors header of {file}: {exc}") from exc
+    if not isinstance(header, dict):
+        raise InvalidArgumentError(f"{file}: safetensors header is not a JSON object")
+    data_start = 8 + n
+    ends = [v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"]
+    if ends and data_start + max(ends) > size:
+        raise InvalidArgumentError(
+            f"{file} is truncated: it declares {data_start + max(ends)} bytes but holds {size}"
+        )
+    return header, data_start
+
+
+def tensor_index(path: Path) -> dict[str, TensorEntry]:
+    """Name -> TensorEntry over every safetensors file of a checkpoint directory (no data read)."""
+    index: dict[str, TensorEntry] = {}
+    for f in weight_files(path):
+        header, data_start = read_safetensors_header(f)
+        for name, info in header.items():
+            if name == "__metadata__":
+                continue
+            if name in index:
+                raise InvalidArgumentError(f"{path}: tensor {name} appears in two weight files")
+            begin, end = info["data_offsets"]
+            index[name] = TensorEntry(f, info["dtype"], tuple(info["shape"]), begin, end, data_start)
+    return index
+
+
+class CheckpointReader:
+    """Read tensors of a checkpoint directory one at a time, by name.
+
+    Use as a context manager; safetensors files are opened lazily and kept open
+    until exit. `names` is sorted; `entry(name)` gives dtype/shape without reading.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+        self.index = tensor_index(self.path)
+        self._handles: dict[Path, object] = {}
+        self._stack = contextlib.ExitStack()
+
+    @property
+    def names(self) -> list[str]:
+        return sorted(self.index)
+
+    def entry(self, name: str) -> TensorEntry:
+        return self.index[name]
+
+    def get(self, name: str) -> torch.Tensor:
+        entry = self.index[name]
+        handle = self._handles.get(entry.file)
+        try:
+            if handle is None:
+                handle = self._stack.enter_context(safe_open(str(entry.file), framework="pt"))
+                self._handles[entry.file] = handle
+            return handle.get_tensor(name)
+        except Exception as exc:  # safetensors raises its own error types
+            raise InvalidArgumentError(f"cannot read tensor {name} from {entry.file}: {exc}") from exc
+
+    def __enter__(self) -> CheckpointReader:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stack.close()
