@@ -1,0 +1,60 @@
+"""EngineConfig: the one typed configuration of the engine, validated on construction."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from deltaserve.errors import InvalidArgumentError
+from deltaserve.layers.quant import BASE_QUANTS
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DEFAULT_KV_BYTES = 512 * 2**20
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """Engine settings.
+
+    KV budget: num_kv_blocks when given, else kv_cache_bytes (default 512 MiB, capped at what
+    max_num_seqs sequences of max_model_len tokens need). max_model_len 0 = the model's
+    max_position_embeddings (capped at 4096). max_slots: tenant deltas resident at once.
+    max_waiting: bounded queue; add_request raises ResourceExhaustedError past it.
+    """
+
+    model: Path
+    device: str = "cpu"
+    dtype: str = "float32"
+    block_size: int = 16
+    num_kv_blocks: int | None = None
+    kv_cache_bytes: int | None = None
+    max_num_seqs: int = 16
+    max_num_batched_tokens: int = 512
+    max_model_len: int = 0
+    max_slots: int = 8
+    max_waiting: int = 1024
+    base_quant: str = "none"
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "model", Path(self.model))
+        if self.dtype not in DTYPES:
+            raise InvalidArgumentError(f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
+        if self.base_quant not in BASE_QUANTS:
+            raise InvalidArgumentError(f"base_quant must be one of {', '.join(BASE_QUANTS)}")
+        if self.base_quant != "none" and torch.device(self.device).type != "cpu":
+            raise InvalidArgumentError("base_quant is supported on the CPU device only")
+        for name in ("block_size", "max_num_seqs", "max_num_batched_tokens", "max_slots", "max_waiting"):
+            if getattr(self, name) < 1:
+                raise InvalidArgumentError(f"{name} must be >= 1")
+        if self.num_kv_blocks is not None and self.num_kv_blocks < 1:
+            raise InvalidArgumentError("num_kv_blocks must be >= 1")
+        if self.kv_cache_bytes is not None and self.kv_cache_bytes < 1:
+            raise InvalidArgumentError("kv_cache_bytes must be >= 1")
+        if self.max_model_len < 0:
+            raise InvalidArgumentError("max_model_len must be >= 0 (0 = from the model config)")
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return DTYPES[self.dtype]

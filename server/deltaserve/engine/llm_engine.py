@@ -1,0 +1,274 @@
+"""LLMEngine: the synchronous engine API (add_request / step / abort) over one resident base.
+
+Not thread-safe: one thread drives it (AsyncEngine serialises calls onto its loop thread).
+"""
+
+from __future__ import annotations
+
+import secrets
+import time
+from pathlib import Path
+
+import torch
+
+from deltaserve.deltas.types import TenantDelta
+from deltaserve.engine.block_manager import BlockManager
+from deltaserve.engine.config import DEFAULT_KV_BYTES, EngineConfig
+from deltaserve.engine.detokenizer import IncrementalDetokenizer
+from deltaserve.engine.runner import ModelRunner
+from deltaserve.engine.sampler import sample_row
+from deltaserve.engine.scheduler import Scheduler, SchedulerPolicy
+from deltaserve.engine.sequence import Sequence
+from deltaserve.engine.slots import DeltaSlots
+from deltaserve.engine.stats import EngineStats
+from deltaserve.engine.types import FinishReason, GenerationRequest, RequestOutput
+from deltaserve.errors import (
+    FailedPreconditionError,
+    InvalidArgumentError,
+    NotFoundError,
+    ResourceExhaustedError,
+)
+from deltaserve.models.checkpoint import load_state_dict
+from deltaserve.models.llama import LlamaFamilyModel
+from deltaserve.models.registry import arch_spec, sliding_window
+
+MAX_DEFAULT_LEN = 4096
+
+
+def _eos_ids(model_dir: Path, hf_config) -> frozenset[int]:
+    from transformers import GenerationConfig
+
+    ids = None
+    if (model_dir / "generation_config.json").is_file():
+        ids = GenerationConfig.from_pretrained(model_dir).eos_token_id
+    if ids is None:
+        ids = hf_config.eos_token_id
+    if ids is None:
+        return frozenset()
+    return frozenset([ids] if isinstance(ids, int) else ids)
+
+
+class LLMEngine:
+    """One base model resident, tenant deltas in slots, continuous batching over all of them."""
+
+    def __init__(self, config: EngineConfig, policy: SchedulerPolicy | None = None) -> None:
+        from transformers import AutoConfig, AutoTokenizer
+
+        self.config = config
+        self.device = torch.device(config.device)
+        self.hf_config = AutoConfig.from_pretrained(config.model)
+        spec = arch_spec(self.hf_config)
+        window = sliding_window(self.hf_config, spec)
+        state = load_state_dict(config.model)
+        self.model = LlamaFamilyModel(
+            self.hf_config, state, config.torch_dtype, self.device, config.base_quant
+        )
+        del state
+        self.tokenizer = AutoTokenizer.from_pretrained(config.model)
+        self.eos_token_ids = _eos_ids(config.model, self.hf_config)
+        self.vocab_size = self.hf_config.vocab_size
+        max_pos = getattr(self.hf_config, "max_position_embeddings", MAX_DEFAULT_LEN)
+        self.max_model_len = config.max_model_len or min(max_pos, MAX_DEFAULT_LEN)
+        bs = config.block_size
+        per_block = ModelRunner.kv_bytes_per_block(
+            self.hf_config, self.model.head_dim, bs, config.torch_dtype
+        )
+        if config.num_kv_blocks is not None:
+            num_blocks = config.num_kv_blocks
+        else:
+            wanted = config.max_num_seqs * -(-self.max_model_len // bs)
+            num_blocks = max(1, min(wanted, (config.kv_cache_bytes or DEFAULT_KV_BYTES) // per_block))
+        self.blocks = BlockManager(num_blocks, bs)
+        self.slots = DeltaSlots(self.model, config.max_slots, config.torch_dtype, self.device)
+        self.scheduler = Scheduler(self.blocks, config.max_num_seqs, config.max_num_batched_tokens, policy)
+        self.runner = ModelRunner(self.model, self.slots, num_blocks, bs, window, self.device)
+        self.requests: dict[str, Sequence] = {}
+        self._last = (0, 0, 0)  # tokens, sequences, tenant segments of the last step
+        self._preemptions = 0
+
+    # ---- tenants ----
+
+    def load_delta(self, tenant: str, delta: TenantDelta) -> None:
+        """Make `tenant` compute-resident. ResourceExhaustedError when all slots are taken,
+        FailedPreconditionError when the delta does not fit this base (or is already resident)."""
+        if not tenant:
+            raise InvalidArgumentError("tenant name must be non-empty")
+        self.slots.load(tenant, delta)
+
+    def unload_delta(self, tenant: str) -> None:
+        """Free a tenant's slot; FailedPreconditionError while its requests are queued or running."""
+        self.slots.slot_of(tenant)
+        busy = [s.request_id for s in self.requests.values() if s.tenant == tenant]
+        if busy:
+            raise FailedPreconditionError(f"tenant {tenant!r} has {len(busy)} unfinished requests")
+        self.slots.unload(tenant)
+
+    def resident_tenants(self) -> list[str]:
+        return sorted(self.slots.entries)
+
+    def delta_bytes(self, tenant: str) -> int:
+        """Bytes the tenant's compute-resident delta occupies."""
+        return self.slots.slot_of(tenant).nbytes
+
+    # ---- requests ----
+
+    def check_request(self, req: GenerationRequest) -> None:
+        """Raise the typed error add_request would raise, without changing any state."""
+        req.validate()
+        if req.request_id in self.requests:
+            raise InvalidArgumentError(f"request id {req.request_id!r} is already in use")
+        if req.tenant and req.tenant not in self.slots.entries:
+            raise NotFoundError(f"tenant {req.tenant!r} is not resident")
+        n = len(req.prompt_token_ids)
+        if n >= self.max_model_len:
+            raise InvalidArgumentError(
+                f"prompt has {n} tokens; the context holds {self.max_model_len} "
+                "(prompt + at least 1 new token)"
+            )
+        if any(t < 0 or t >= self.vocab_size for t in req.prompt_token_ids):
+            raise InvalidArgumentError(f"prompt token ids must be in [0, {self.vocab_size})")
+        need = -(-min(n + req.sampling.max_new_tokens, self.max_model_len) // self.blocks.block_size)
+        if need > self.blocks.num_blocks:
+            raise InvalidArgumentError(
+                f"request needs {need} KV blocks but the cache has {self.blocks.num_blocks}"
+            )
+        if len(self.scheduler.waiting) >= self.config.max_waiting:
+            raise ResourceExhaustedError(f"request queue is full ({self.config.max_waiting} waiting)")
+
+    def add_request(self, req: GenerationRequest) -> None:
+        self.check_request(req)
+        sp = req.sampling
+        gen = None
+        if sp.temperature > 0:
+            seed = sp.seed if sp.seed is not None else secrets.randbits(63)
+            gen = torch.Generator(device="cpu").manual_seed(seed)
+        seq = Sequence(req, IncrementalDetokenizer(self.tokenizer, sp.stop), gen)
+        self.requests[req.request_id] = seq
+        self.scheduler.add(seq)
+
+    def abort(self, request_id: str) -> RequestOutput | None:
+        """Stop a request and free its KV blocks; returns its final output (None if unknown)."""
+        seq = self.requests.pop(request_id, None)
+        if seq is None:
+            return None
+        self.scheduler.finish(seq)
+        seq.finish_reason = FinishReason.ABORT
+        return self._output(seq, [], "")
+
+    def has_unfinished(self) -> bool:
+        return bool(self.requests)
+
+    def _output(self, seq: Sequence, new_ids: list[int], new_text: str) -> RequestOutput:
+        lps = None
+        if seq.request.sampling.logprobs:
+            lps, seq.pending_logprobs = seq.pending_logprobs, []
+        return RequestOutput(
+            request_id=seq.request_id,
+            new_token_ids=new_ids,
+            new_text=new_text,
+            finished=seq.finish_reason is not None,
+            finish_reason=seq.finish_reason,
+            prompt_tokens=seq.prompt_len,
+            completion_tokens=len(seq.output_ids),
+            logprobs=lps,
+            arrival_time=seq.arrival_time,
+            first_scheduled_time=seq.first_scheduled_time,
+            first_token_time=seq.first_token_time,
+        )
+
+    def _append(self, seq: Sequence, token: int) -> str:
+        """Record a sampled token, set finish_reason when the request ends; returns its new text."""
+        sp = seq.request.sampling
+        seq.tokens.append(token)
+        out = seq.output_ids
+        if token in sp.stop_token_ids or (token in self.eos_token_ids and not sp.ignore_eos):
+            seq.finish_reason = FinishReason.STOP
+            seq.detok.update(out[:-1])
+            return seq.detok.flush()
+        text, hit = seq.detok.update(out)
+        if hit:
+            seq.finish_reason = FinishReason.STOP
+            return text
+        if len(out) >= sp.max_new_tokens or seq.num_tokens >= self.max_model_len:
+            seq.finish_reason = FinishReason.LENGTH
+            text += seq.detok.flush()
+        return text
+
+    def step(self) -> list[RequestOutput]:
+        """Run one iteration; returns outputs of requests that produced a token this step."""
+        sched = self.scheduler.schedule()
+        self._preemptions += len(sched.preempted)
+        if not sched.scheduled:
+            self._last = (0, 0, 0)
+            return []
+        logits, sampled = self.runner.execute(sched.scheduled)
+        now = time.monotonic()
+        tenants = set()
+        for seq, n in sched.scheduled:
+            seq.num_computed += n
+            if seq.first_scheduled_time is None:
+                seq.first_scheduled_time = now
+            tenants.add((seq.delta_key, seq.alpha if seq.delta_key else 0.0))
+        self._last = (sum(n for _, n in sched.scheduled), len(sched.scheduled), len(tenants))
+        outputs = []
+        for row, seq in enumerate(sampled):
+            sp = seq.request.sampling
+            seen = seq.tokens if sp.repetition_penalty != 1.0 else []
+            token, lp = sample_row(logits[row], sp, seen, seq.generator)
+            if lp is not None:
+                seq.pending_logprobs.append(lp)
+            if seq.first_token_time is None:
+                seq.first_token_time = now
+            text = self._append(seq, token)
+            if seq.finish_reason is not None:
+                self.scheduler.finish(seq)
+                del self.requests[seq.request_id]
+            outputs.append(self._output(seq, [token], text))
+        return outputs
+
+    def stats(self) -> EngineStats:
+        run, wait = self.scheduler.running, self.scheduler.waiting
+        return EngineStats(
+            num_running=len(run),
+            num_waiting=len(wait),
+            kv_blocks_used=self.blocks.num_blocks - self.blocks.num_free,
+            kv_blocks_total=self.blocks.num_blocks,
+            last_step_tokens=self._last[0],
+            last_step_seqs=self._last[1],
+            last_step_tenants=self._last[2],
+            running_tenants=tuple(sorted(s.tenant or "" for s in run)),
+            waiting_tenants=tuple(sorted(s.tenant or "" for s in wait)),
+            num_preemptions=self._preemptions,
+        )
+
+    # ---- base weights ----
+
+    @torch.inference_mode()
+    def swap_base_weights(self, checkpoint_dir: Path) -> None:
+        """Copy another checkpoint's weights (same shapes) into the resident base, in place.
+
+        FailedPreconditionError while sequences run (their KV would be stale), with a
+        quantized base, or on any missing tensor / shape mismatch (nothing is changed then).
+        """
+        if self.scheduler.running:
+            raise FailedPreconditionError("cannot swap base weights while requests are running")
+        if self.config.base_quant != "none":
+            raise FailedPreconditionError("swap_base_weights needs an unquantized base")
+        state = load_state_dict(Path(checkpoint_dir))
+        targets: dict[str, torch.Tensor] = {"model.embed_tokens.weight": self.model.embed_tokens.weight}
+        if not self.model.tied:
+            targets["lm_head.weight"] = self.model.lm_head.weight
+        for name, norm in self.model.norms().items():
+            targets[name] = norm.weight
+        for name, lin in self.model.delta_linears().items():
+            targets[f"{name}.weight"] = lin.base.weight
+            if lin.base.bias is not None:
+                targets[f"{name}.bias"] = lin.base.bias
+        for name, t in targets.items():
+            src = state.get(name)
+            if src is None or src.shape != t.shape:
+                raise FailedPreconditionError(
+                    f"{checkpoint_dir}: tensor {name} is missing or has another shape"
+                )
+        for name, t in targets.items():
+            t.copy_(state[name])

@@ -1,0 +1,144 @@
+"""Model runner: owns the paged KV cache, turns scheduled sequences into a ForwardBatch, runs it.
+
+Token order in a batch: sequences grouped by (tenant slot, alpha), base-model requests
+first, so every tenant is one contiguous segment for the delta kernels.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from deltaserve.engine.sequence import Sequence
+from deltaserve.engine.slots import DeltaSlots
+from deltaserve.kernels.segments import Segments
+from deltaserve.layers.forward_batch import DecodeAttention, ForwardBatch, PrefillAttention
+from deltaserve.models.llama import LlamaFamilyModel
+
+
+class ModelRunner:
+    def __init__(
+        self, model: LlamaFamilyModel, slots: DeltaSlots, num_blocks: int, block_size: int,
+        sliding_window: int | None, device: torch.device,
+    ) -> None:
+        self.model = model
+        self.slots = slots
+        self.block_size = block_size
+        self.window = sliding_window
+        self.device = device
+        rows = num_blocks * block_size
+        shape = (rows, model.num_kv_heads, model.head_dim)
+        n_layers = len(model.layers)
+        self.k_caches = [torch.zeros(shape, dtype=model.dtype, device=device) for _ in range(n_layers)]
+        self.v_caches = [torch.zeros(shape, dtype=model.dtype, device=device) for _ in range(n_layers)]
+
+    @staticmethod
+    def kv_bytes_per_block(model_cfg, head_dim: int, block_size: int, dtype: torch.dtype) -> int:
+        elem = torch.empty((), dtype=dtype).element_size()
+        return 2 * model_cfg.num_hidden_layers * model_cfg.num_key_value_heads * head_dim * block_size * elem
+
+    def _rows(self, table: list[int], start: int, end: int) -> torch.Tensor:
+        """Flat KV rows of positions [start, end) of a sequence: int64 [end - start]."""
+        pos = torch.arange(start, end)
+        blocks = torch.tensor(table, dtype=torch.long)[pos // self.block_size]
+        return blocks * self.block_size + pos % self.block_size
+
+    def _mask(self, q_pos: torch.Tensor, ctx_len: int) -> torch.Tensor:
+        """bool [len(q_pos), ctx_len]: key j visible to query at position p when j <= p (and in window)."""
+        k_pos = torch.arange(ctx_len)
+        mask = k_pos[None, :] <= q_pos[:, None]
+        if self.window is not None:
+            mask &= k_pos[None, :] > q_pos[:, None] - self.window
+        return mask
+
+    def _order(self, scheduled: list[tuple[Sequence, int]]) -> list[tuple[tuple[int, float], list]]:
+        groups: dict[tuple[int, float], list[tuple[Sequence, int]]] = {}
+        for seq, n in scheduled:
+            key_tenant = seq.delta_key
+            key = (-1, 0.0) if key_tenant is None else (self.slots.slot_of(key_tenant).slot, seq.alpha)
+            groups.setdefault(key, []).append((seq, n))
+        return sorted(groups.items(), key=lambda kv: kv[0][0] >= 0)  # base group first, stable otherwise
+
+    def build(self, scheduled: list[tuple[Sequence, int]]) -> tuple[ForwardBatch, list[Sequence]]:
+        """The ForwardBatch of a step and the sequences sampled from it (in logits-row order)."""
+        ids: list[int] = []
+        positions: list[torch.Tensor] = []
+        slot_map: list[torch.Tensor] = []
+        prefills: list[PrefillAttention] = []
+        dec_tok: list[int] = []
+        dec_rows: list[torch.Tensor] = []
+        dec_len: list[int] = []
+        logits_rows: list[int] = []
+        sampled: list[Sequence] = []
+        sign_seg: list[tuple[int, int, int, float]] = []
+        delta_seg: list[tuple[int, int, int, float]] = []
+        logit_seg: list[tuple[int, int, int, float]] = []
+        for (slot, alpha), members in self._order(scheduled):
+            g_start, g_logits = len(ids), len(logits_rows)
+            for seq, n in members:
+                c = seq.num_computed
+                start = len(ids)
+                ids.extend(seq.tokens[c : c + n])
+                positions.append(torch.arange(c, c + n))
+                slot_map.append(self._rows(seq.block_table, c, c + n))
+                ctx = c + n
+                if n == 1:
+                    dec_tok.append(start)
+                    dec_rows.append(self._rows(seq.block_table, 0, ctx))
+                    dec_len.append(ctx)
+                else:
+                    mask = None if c == 0 and self.window is None else self._mask(torch.arange(c, ctx), ctx)
+                    rows = self._rows(seq.block_table, 0, ctx).to(self.device)
+                    mask = None if mask is None else mask.to(self.device)
+                    prefills.append(PrefillAttention(start, n, ctx, rows, mask))
+                if ctx == seq.num_tokens:
+                    logits_rows.append(start + n - 1)
+                    sampled.append(seq)
+            if slot >= 0:
+                seg = (g_start, len(ids) - g_start, slot, alpha)
+                delta_seg.append(seg)
+                if self.slots.has_sign(slot):
+                    sign_seg.append(seg)
+                if len(logits_rows) > g_logits:
+                    logit_seg.append((g_logits, len(logits_rows) - g_logits, slot, alpha))
+        decode = None
+        if dec_tok:
+            width = max(dec_len)
+            kv = torch.zeros(len(dec_tok), width, dtype=torch.long)
+            for i, r in enumerate(dec_rows):
+                kv[i, : len(r)] = r
+            lens = torch.tensor(dec_len)
+            q_pos = lens - 1
+            k_pos = torch.arange(width)
+            mask = k_pos[None, :] <= q_pos[:, None]
+            if self.window is not None:
+                mask &= k_pos[None, :] > q_pos[:, None] - self.window
+            decode = DecodeAttention(
+                torch.tensor(dec_tok, dtype=torch.long, device=self.device),
+                kv.to(self.device),
+                mask[:, None, None, :].to(self.device),
+            )
+        dev = self.device
+        batch = ForwardBatch(
+            input_ids=torch.tensor(ids, dtype=torch.long, device=dev),
+            positions=torch.cat(positions).to(dev),
+            slot_mapping=torch.cat(slot_map).to(dev),
+            sign_segments=_segments(sign_seg, dev),
+            delta_segments=_segments(delta_seg, dev),
+            prefills=tuple(prefills),
+            decode=decode,
+            logits_index=torch.tensor(logits_rows, dtype=torch.long, device=dev),
+            logits_segments=_segments(logit_seg, dev),
+        )
+        return batch, sampled
+
+    def execute(self, scheduled: list[tuple[Sequence, int]]) -> tuple[torch.Tensor, list[Sequence]]:
+        """Run one step; returns fp32 logits [R, vocab] and the R sequences they belong to."""
+        batch, sampled = self.build(scheduled)
+        logits = self.model(batch, self.k_caches, self.v_caches)
+        return logits, sampled
+
+
+def _segments(segs: list[tuple[int, int, int, float]], device: torch.device) -> Segments:
+    return Segments.build(
+        [s[0] for s in segs], [s[1] for s in segs], [s[2] for s in segs], [s[3] for s in segs], device
+    )

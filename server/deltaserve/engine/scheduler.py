@@ -1,0 +1,105 @@
+"""Iteration-level (continuous) batching with a pluggable admission policy.
+
+Every step the running sequences go first (a decode token each, or the next prefill
+chunk), within the per-step token budget; when KV blocks run out the most recently
+admitted running sequence is preempted by recompute (its blocks freed, back to the front
+of the queue). Then the policy proposes waiting sequences to admit, in order; admission
+stops at the first that does not fit (seats, tokens or blocks).
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Iterable
+from collections.abc import Sequence as Seq
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from deltaserve.engine.block_manager import BlockManager
+from deltaserve.engine.sequence import Sequence
+
+
+class SchedulerPolicy(Protocol):
+    """Chooses which waiting sequences may join the running set this step."""
+
+    def candidates(self, waiting: Seq[Sequence], running: Seq[Sequence]) -> Iterable[Sequence]:
+        """Waiting sequences to try admitting, in order (a subset of `waiting`)."""
+        ...
+
+
+class FCFSPolicy:
+    """First come, first served (preempted sequences are at the front of the queue)."""
+
+    def candidates(self, waiting: Seq[Sequence], running: Seq[Sequence]) -> Iterable[Sequence]:
+        return list(waiting)
+
+
+@dataclass
+class SchedulerOutput:
+    scheduled: list[tuple[Sequence, int]] = field(default_factory=list)  # (sequence, new tokens)
+    preempted: list[Sequence] = field(default_factory=list)
+
+
+class Scheduler:
+    def __init__(
+        self, blocks: BlockManager, max_num_seqs: int, max_num_batched_tokens: int,
+        policy: SchedulerPolicy | None = None,
+    ) -> None:
+        self.blocks = blocks
+        self.max_num_seqs = max_num_seqs
+        self.max_num_batched_tokens = max_num_batched_tokens
+        self.policy: SchedulerPolicy = policy or FCFSPolicy()
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []
+
+    def add(self, seq: Sequence) -> None:
+        self.waiting.append(seq)
+
+    def _preempt(self, seq: Sequence, out: SchedulerOutput) -> None:
+        self.blocks.free(seq.block_table)
+        seq.num_computed = 0
+        seq.num_preemptions += 1
+        self.waiting.appendleft(seq)
+        out.preempted.append(seq)
+
+    def schedule(self) -> SchedulerOutput:
+        out = SchedulerOutput()
+        budget = self.max_num_batched_tokens
+        i = 0
+        while i < len(self.running) and budget > 0:
+            seq = self.running[i]
+            n = min(seq.num_tokens - seq.num_computed, budget)
+            while not self.blocks.can_grow(seq.block_table, seq.num_computed + n):
+                victim = self.running.pop()
+                self._preempt(victim, out)
+                if victim is seq:
+                    break
+            else:
+                self.blocks.grow(seq.block_table, seq.num_computed + n)
+                out.scheduled.append((seq, n))
+                budget -= n
+                i += 1
+                continue
+            break
+        if out.preempted:
+            return out
+        for seq in self.policy.candidates(self.waiting, self.running):
+            if len(self.running) >= self.max_num_seqs or budget == 0:
+                break
+            n = min(seq.num_tokens - seq.num_computed, budget)
+            if not self.blocks.can_grow(seq.block_table, seq.num_computed + n):
+                break
+            self.blocks.grow(seq.block_table, seq.num_computed + n)
+            self.waiting.remove(seq)
+            self.running.append(seq)
+            out.scheduled.append((seq, n))
+            budget -= n
+        return out
+
+    def finish(self, seq: Sequence) -> None:
+        """Drop a finished or aborted sequence from either queue and free its blocks."""
+        if seq in self.running:
+            self.running.remove(seq)
+        elif seq in self.waiting:
+            self.waiting.remove(seq)
+        self.blocks.free(seq.block_table)

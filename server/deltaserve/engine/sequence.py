@@ -1,0 +1,65 @@
+"""Per-request state inside the engine."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from deltaserve.engine.detokenizer import IncrementalDetokenizer
+from deltaserve.engine.types import FinishReason, GenerationRequest, TokenLogprob
+
+
+@dataclass(eq=False)
+class Sequence:
+    """A request being served. tokens = prompt + generated; KV exists for tokens[:num_computed].
+
+    Scheduler policies read request_id, tenant, alpha, arrival_time and num_tokens.
+    """
+
+    request: GenerationRequest
+    detok: IncrementalDetokenizer
+    generator: torch.Generator | None
+    tokens: list[int] = field(default_factory=list)
+    num_computed: int = 0
+    block_table: list[int] = field(default_factory=list)
+    arrival_time: float = field(default_factory=time.monotonic)
+    first_scheduled_time: float | None = None
+    first_token_time: float | None = None
+    finish_reason: FinishReason | None = None
+    pending_logprobs: list[TokenLogprob] = field(default_factory=list)
+    num_preemptions: int = 0
+
+    def __post_init__(self) -> None:
+        if not self.tokens:
+            self.tokens = list(self.request.prompt_token_ids)
+
+    @property
+    def request_id(self) -> str:
+        return self.request.request_id
+
+    @property
+    def tenant(self) -> str | None:
+        return self.request.tenant or None
+
+    @property
+    def alpha(self) -> float:
+        return self.request.alpha
+
+    @property
+    def prompt_len(self) -> int:
+        return len(self.request.prompt_token_ids)
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.tokens)
+
+    @property
+    def output_ids(self) -> list[int]:
+        return self.tokens[self.prompt_len :]
+
+    @property
+    def delta_key(self) -> str | None:
+        """The tenant whose delta applies (None when base-only or alpha == 0)."""
+        return self.tenant if self.alpha != 0.0 else None

@@ -1,0 +1,19 @@
+"""Engine statistics snapshot (read by metrics and load tests)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class EngineStats:
+    num_running: int
+    num_waiting: int
+    kv_blocks_used: int
+    kv_blocks_total: int
+    last_step_tokens: int
+    last_step_seqs: int
+    last_step_tenants: int  # distinct tenant segments (base counts as one) in the last step
+    running_tenants: tuple[str, ...]  # tenant per running request ("" = base), sorted
+    waiting_tenants: tuple[str, ...]
+    num_preemptions: int = 0  # total since start

@@ -1,0 +1,45 @@
+"""Attention over the paged KV cache.
+
+The cache of one layer is k_cache, v_cache: [num_blocks * block_size, kv_heads, head_dim]
+(flat rows; row = block * block_size + offset). New keys/values are scattered into it at
+`slot_mapping`; prefills attend per sequence, all single-token (decode) sequences of the
+step attend in one batched SDPA call over their gathered rows with a length mask.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch.nn import functional as F
+
+from deltaserve.layers.forward_batch import ForwardBatch
+
+
+def paged_attention(
+    q: torch.Tensor,  # [T, Hq, D]
+    k: torch.Tensor,  # [T, Hkv, D]
+    v: torch.Tensor,  # [T, Hkv, D]
+    k_cache: torch.Tensor,  # [rows, Hkv, D]
+    v_cache: torch.Tensor,  # [rows, Hkv, D]
+    batch: ForwardBatch,
+    scale: float,
+) -> torch.Tensor:
+    """Write k/v into the cache, attend, return [T, Hq, D]."""
+    k_cache.index_copy_(0, batch.slot_mapping, k)
+    v_cache.index_copy_(0, batch.slot_mapping, v)
+    out = torch.empty_like(q)
+    for p in batch.prefills:
+        qs = q[p.start : p.start + p.q_len].transpose(0, 1)  # [Hq, q_len, D]
+        ks = k_cache[p.kv_index].transpose(0, 1)  # [Hkv, ctx, D]
+        vs = v_cache[p.kv_index].transpose(0, 1)
+        o = F.scaled_dot_product_attention(
+            qs, ks, vs, attn_mask=p.mask, is_causal=p.mask is None, scale=scale, enable_gqa=True
+        )
+        out[p.start : p.start + p.q_len] = o.transpose(0, 1)
+    d = batch.decode
+    if d is not None:
+        qd = q[d.token_index].unsqueeze(2)  # [B, Hq, 1, D]
+        kd = k_cache[d.kv_index].transpose(1, 2)  # [B, Hkv, L, D]
+        vd = v_cache[d.kv_index].transpose(1, 2)
+        o = F.scaled_dot_product_attention(qd, kd, vd, attn_mask=d.mask, scale=scale, enable_gqa=True)
+        out[d.token_index] = o.squeeze(2)
+    return out

@@ -1,0 +1,114 @@
+"""DeltaLinear: one base GEMM for all tokens, then each tenant's delta on its segment.
+
+    y = x @ W_base^T + b                                   (all T tokens at once)
+    y[seg] += alpha * scale_t * x[seg] @ Sign_t^T          (1-bit slots: one kernel call per layer)
+    y[seg] += alpha * x[seg] @ D_t^T  or  alpha * (x[seg] @ A_t^T) @ B_t^T   (dense / low-rank slots)
+    y[seg] += alpha * db_t                                 (bias deltas)
+
+Merged per-tenant weights are never materialised. 1-bit slots live in stacked buffers
+packed: int32 [C, N, ceil(K/32)] and scales: fp32 [C], where C is the sign-slot capacity
+the engine asks for (grown on load, shrunk on unload); rows of tenants without a 1-bit
+delta on this layer are zero with scale 0.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from deltaserve.deltas.types import DenseDelta, LinearDelta, LowRankDelta, SignDelta
+from deltaserve.kernels.ops import sign_delta_matmul
+from deltaserve.kernels.segments import Segments
+
+
+class DeltaLinear(nn.Module):
+    """A base linear layer (plain, or bitsandbytes-quantized) plus tenant delta slots."""
+
+    def __init__(self, name: str, base: nn.Module, out_features: int, in_features: int) -> None:
+        super().__init__()
+        self.name = name  # HF module name, e.g. "model.layers.0.self_attn.q_proj"
+        self.base = base  # nn.Linear, bnb.nn.Linear8bitLt or bnb.nn.Linear4bit
+        self.out_features = out_features
+        self.in_features = in_features
+        self.packed: torch.Tensor | None = None  # int32 [C, N, Kw]
+        self.scales: torch.Tensor | None = None  # fp32 [C]
+        self.others: dict[int, LinearDelta] = {}  # slot -> DenseDelta | LowRankDelta (compute dtype)
+        self.bias_deltas: dict[int, torch.Tensor] = {}  # slot -> db [N]
+
+    @property
+    def words(self) -> int:
+        return (self.in_features + 31) // 32
+
+    def forward(self, x: torch.Tensor, sign_segments: Segments, delta_segments: Segments) -> torch.Tensor:
+        """x: [T, K] -> y: [T, N]."""
+        y = self.base(x)
+        if self.packed is not None and len(sign_segments):
+            sign_delta_matmul(x, y, self.packed, self.scales, sign_segments)
+        if self.others or self.bias_deltas:
+            for start, length, slot, alpha in zip(
+                delta_segments.starts_list, delta_segments.lengths_list, delta_segments.slots_list,
+                delta_segments.alphas_list, strict=True,
+            ):
+                if not length:
+                    continue
+                rows = slice(start, start + length)
+                d = self.others.get(slot)
+                if isinstance(d, DenseDelta):
+                    y[rows] += alpha * F.linear(x[rows], d.delta)
+                elif isinstance(d, LowRankDelta):
+                    y[rows] += alpha * F.linear(F.linear(x[rows], d.a), d.b)
+                db = self.bias_deltas.get(slot)
+                if db is not None:
+                    y[rows] += alpha * db
+        return y
+
+    # ---- slot management (called by the engine between steps) ----
+
+    def resize_sign_capacity(self, capacity: int, device: torch.device) -> None:
+        """Grow or shrink the stacked 1-bit buffers to `capacity` slots (0 frees them)."""
+        if capacity == 0:
+            self.packed, self.scales = None, None
+            return
+        old = 0 if self.packed is None else self.packed.shape[0]
+        if old == capacity:
+            return
+        packed = torch.zeros(capacity, self.out_features, self.words, dtype=torch.int32, device=device)
+        scales = torch.zeros(capacity, dtype=torch.float32, device=device)
+        keep = min(old, capacity)
+        if keep:
+            packed[:keep] = self.packed[:keep]
+            scales[:keep] = self.scales[:keep]
+        self.packed, self.scales = packed, scales
+
+    def check(self, delta: LinearDelta) -> str | None:
+        """None when `delta` fits this layer, else the reason it does not."""
+        if (delta.out_features, delta.in_features) != (self.out_features, self.in_features):
+            return (
+                f"{self.name}: delta is [{delta.out_features}, {delta.in_features}] but the base layer is "
+                f"[{self.out_features}, {self.in_features}]"
+            )
+        if isinstance(delta, SignDelta) and tuple(delta.packed.shape) != (self.out_features, self.words):
+            return f"{self.name}: packed signs have shape {tuple(delta.packed.shape)}"
+        if not isinstance(delta, SignDelta | DenseDelta | LowRankDelta):
+            return f"{self.name}: unsupported delta type {type(delta).__name__}"
+        return None
+
+    def set_delta(self, slot: int, delta: LinearDelta, dtype: torch.dtype, device: torch.device) -> None:
+        """Install `delta` in `slot` (sign capacity must already cover the slot for SignDelta)."""
+        if isinstance(delta, SignDelta):
+            self.packed[slot].copy_(delta.packed)
+            self.scales[slot] = delta.scale.float()
+        elif isinstance(delta, DenseDelta):
+            d = delta.delta.to(device=device, dtype=dtype)
+            self.others[slot] = DenseDelta(d, delta.out_features, delta.in_features)
+        else:
+            a, b = delta.a.to(device=device, dtype=dtype), delta.b.to(device=device, dtype=dtype)
+            self.others[slot] = LowRankDelta(a, b, delta.out_features, delta.in_features)
+
+    def clear_slot(self, slot: int) -> None:
+        if self.packed is not None and slot < self.packed.shape[0]:
+            self.packed[slot].zero_()
+            self.scales[slot] = 0.0
+        self.others.pop(slot, None)
+        self.bias_deltas.pop(slot, None)

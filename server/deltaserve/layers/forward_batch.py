@@ -1,0 +1,67 @@
+"""Per-step batch metadata passed explicitly through every layer (no globals).
+
+Tokens of all scheduled sequences are flattened into one batch of T tokens,
+grouped so that each (tenant slot, alpha) pair is one contiguous segment.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from deltaserve.kernels.segments import Segments
+
+
+@dataclass(frozen=True)
+class PrefillAttention:
+    """One sequence whose q_len > 1 tokens attend per sequence.
+
+    Tokens [start, start + q_len) of the batch are positions [ctx_len - q_len, ctx_len)
+    of the sequence; kv_index: int64 [ctx_len], flat KV-cache rows of positions 0..ctx_len-1.
+    """
+
+    start: int
+    q_len: int
+    ctx_len: int
+    kv_index: torch.Tensor
+    mask: torch.Tensor | None  # bool [q_len, ctx_len] (True = attend), None = plain causal
+
+
+@dataclass(frozen=True)
+class DecodeAttention:
+    """All single-token sequences of the step, attended in ONE batched call.
+
+    token_index: int64 [B] rows of the batch; kv_index: int64 [B, L] flat KV rows
+    (padding points at row 0); mask: bool [B, 1, 1, L] (True = attend).
+    """
+
+    token_index: torch.Tensor
+    kv_index: torch.Tensor
+    mask: torch.Tensor
+
+
+@dataclass(frozen=True)
+class ForwardBatch:
+    """Everything a forward pass needs besides the weights and the KV cache.
+
+    input_ids, positions, slot_mapping: int64 [T] (slot_mapping = flat KV-cache row per token).
+    sign_segments: tenant segments of tenants holding 1-bit deltas (one kernel call per layer).
+    delta_segments: all tenant segments (dense / low-rank / embedding / norm / bias deltas).
+    logits_index: int64 [R] rows whose next token is sampled; logits_segments: the
+    tenant segments over those R rows (for the final norm and lm_head deltas).
+    """
+
+    input_ids: torch.Tensor
+    positions: torch.Tensor
+    slot_mapping: torch.Tensor
+    sign_segments: Segments
+    delta_segments: Segments
+    prefills: tuple[PrefillAttention, ...]
+    decode: DecodeAttention | None
+    logits_index: torch.Tensor
+    logits_segments: Segments
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.input_ids.shape[0])

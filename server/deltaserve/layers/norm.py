@@ -1,0 +1,34 @@
+"""RMSNorm with per-segment tenant deltas on its weight."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from deltaserve.kernels.segments import Segments
+
+
+class DeltaRMSNorm(nn.Module):
+    """y = (w + alpha * dw_t) * x / rms(x) on each tenant segment; dw_t never merged into w."""
+
+    def __init__(self, weight: torch.Tensor, eps: float, name: str) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(weight, requires_grad=False)
+        self.eps = eps
+        self.name = name  # HF parameter name of the weight
+        self.deltas: dict[int, torch.Tensor] = {}  # slot -> dw [hidden]
+
+    def forward(self, x: torch.Tensor, segments: Segments) -> torch.Tensor:
+        """x: [T, hidden]; segments index rows of x."""
+        x32 = x.float()
+        normed = (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype)
+        out = self.weight * normed
+        if self.deltas:
+            for start, length, slot, alpha in zip(
+                segments.starts_list, segments.lengths_list, segments.slots_list, segments.alphas_list,
+                strict=True,
+            ):
+                dw = self.deltas.get(slot)
+                if dw is not None and length:
+                    out[start : start + length] += (alpha * dw) * normed[start : start + length]
+        return out
