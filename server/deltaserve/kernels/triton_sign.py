@@ -1,0 +1,209 @@
+"""Triton kernels of the segmented 1-bit delta matmul (one launch per layer, all segments).
+
+Semantics (plain torch, as kernels/reference.py), for every segment g with tokens
+[s, s + l), slot t = slots[g], alpha a = alphas[g]:
+
+    y[s:s+l] += ((a * scales[t]) * (x[s:s+l].float() @ Sign_t.T)).to(y.dtype)
+
+packed: int32 [S, N, KW], KW = ceil(K / 32); bit j of word w is column 32w + j,
+set = +1 (deltas/types.py). Bits are unpacked in registers inside the K loop;
+no dense +-1 matrix is written to memory. Segment metadata (starts, lengths,
+slots, alphas) stays on the device, so a launch needs no host sync.
+
+- `sign_delta_decode`: GEMV-shaped (few tokens per segment). Grid (segments,
+  N tiles); each program streams its rows' packed words once per token and
+  reduces +-x in fp32: bandwidth-bound on the 1-bit weights.
+- `sign_delta_prefill`: GEMM-shaped (many tokens per segment). Grid (segments,
+  M tiles, N tiles), Punica SGMV style; a tile of signs is expanded to +-1 in
+  x's dtype (exact) and multiplied with tl.dot, fp32 accumulation (IEEE for fp32 x).
+
+Both are autotuned (key: shapes). Under TRITON_INTERPRET=1 the autotuner's
+benchmark is replaced by a no-op (the interpreter cannot time kernels), so the
+first config runs; tests there use fp16/fp32 (the interpreter's bf16 is wrong).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import triton
+import triton.language as tl
+
+from deltaserve.kernels.segments import Segments
+
+
+@triton.jit
+def _decode_kernel(
+    x_ptr, y_ptr, packed_ptr, scales_ptr,
+    starts_ptr, lengths_ptr, slots_ptr, alphas_ptr,
+    N, K, KW,
+    stride_xt, stride_yt, stride_ps, stride_pn,
+    BLOCK_N: tl.constexpr, BLOCK_KW: tl.constexpr,
+):
+    g = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    start = tl.load(starts_ptr + g).to(tl.int64)
+    length = tl.load(lengths_ptr + g)
+    slot = tl.load(slots_ptr + g).to(tl.int64)
+    factor = tl.load(alphas_ptr + g) * tl.load(scales_ptr + slot)
+
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # [BN]
+    n_mask = offs_n < N
+    offs_kw = tl.arange(0, BLOCK_KW)  # [BKW]
+    offs_j = tl.arange(0, 32)  # [32]
+    w_rows = packed_ptr + slot * stride_ps + offs_n[:, None].to(tl.int64) * stride_pn  # [BN, 1]
+    for t in range(0, length):
+        row = start + t
+        acc = tl.zeros([BLOCK_N], dtype=tl.float32)
+        for kw0 in range(0, KW, BLOCK_KW):
+            kw = kw0 + offs_kw
+            words = tl.load(w_rows + kw[None, :], mask=n_mask[:, None] & (kw[None, :] < KW), other=0)
+            k = kw[:, None] * 32 + offs_j[None, :]  # [BKW, 32]
+            xv = tl.load(x_ptr + row * stride_xt + k, mask=k < K, other=0.0).to(tl.float32)
+            bits = (words[:, :, None] >> offs_j[None, None, :]) & 1  # [BN, BKW, 32]
+            signed = tl.where(bits != 0, xv[None, :, :], -xv[None, :, :])
+            acc += tl.sum(tl.sum(signed, axis=2), axis=1)
+        y_ptrs = y_ptr + row * stride_yt + offs_n
+        yv = tl.load(y_ptrs, mask=n_mask, other=0.0)
+        delta = (acc * factor).to(y_ptr.dtype.element_ty)
+        out = (yv.to(tl.float32) + delta.to(tl.float32)).to(y_ptr.dtype.element_ty)
+        tl.store(y_ptrs, out, mask=n_mask)
+
+
+@triton.jit
+def _prefill_kernel(
+    x_ptr, y_ptr, packed_ptr, scales_ptr,
+    starts_ptr, lengths_ptr, slots_ptr, alphas_ptr,
+    N, K, M_BUCKET,
+    stride_xt, stride_yt, stride_ps, stride_pn,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    g = tl.program_id(0)
+    pid_m = tl.program_id(1)
+    pid_n = tl.program_id(2)
+    length = tl.load(lengths_ptr + g)
+    if pid_m * BLOCK_M >= length:
+        return
+    start = tl.load(starts_ptr + g).to(tl.int64)
+    slot = tl.load(slots_ptr + g).to(tl.int64)
+    factor = tl.load(alphas_ptr + g) * tl.load(scales_ptr + slot)
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # [BM]
+    m_mask = offs_m < length
+    rows = start + offs_m
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # [BN]
+    n_mask = offs_n < N
+    offs_k = tl.arange(0, BLOCK_K)  # [BK]
+    x_rows = x_ptr + rows[:, None] * stride_xt  # [BM, 1]
+    w_cols = packed_ptr + slot * stride_ps + offs_n[None, :].to(tl.int64) * stride_pn  # [1, BN]
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        k = k0 + offs_k
+        k_mask = k < K
+        a = tl.load(x_rows + k[None, :], mask=m_mask[:, None] & k_mask[None, :], other=0.0)  # [BM, BK]
+        words = tl.load(w_cols + (k[:, None] // 32), mask=k_mask[:, None] & n_mask[None, :], other=0)
+        bits = (words >> (k[:, None] % 32)) & 1  # [BK, BN]
+        b = tl.where(bits != 0, 1.0, -1.0).to(a.dtype)
+        acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
+    y_ptrs = y_ptr + rows[:, None] * stride_yt + offs_n[None, :]
+    mask = m_mask[:, None] & n_mask[None, :]
+    yv = tl.load(y_ptrs, mask=mask, other=0.0)
+    delta = (acc * factor).to(y_ptr.dtype.element_ty)
+    out = (yv.to(tl.float32) + delta.to(tl.float32)).to(y_ptr.dtype.element_ty)
+    tl.store(y_ptrs, out, mask=mask)
+
+
+_DECODE_CONFIGS = [
+    triton.Config({"BLOCK_N": bn, "BLOCK_KW": bkw}, num_warps=w)
+    for bn, bkw, w in ((16, 4, 4), (16, 8, 4), (32, 4, 4), (32, 8, 8), (64, 4, 8), (8, 8, 4))
+]
+
+_PREFILL_CONFIGS = [
+    triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=s)
+    for bm, bn, bk, w, s in (
+        (16, 32, 32, 4, 2),
+        (64, 64, 64, 4, 3),
+        (64, 128, 64, 4, 3),
+        (128, 128, 64, 8, 3),
+        (128, 64, 64, 4, 4),
+        (32, 128, 128, 4, 3),
+    )
+]
+
+
+def _no_bench(kernel_call, quantiles):  # the interpreter cannot time kernels: keep the first config
+    return [0.0, 0.0, 0.0]
+
+
+@functools.cache
+def _tuned(kernel_name: str):
+    """The autotuned kernel, built at first use (reads triton's interpreter switch then, not at import)."""
+    interpret = bool(triton.knobs.runtime.interpret)
+    fn, configs, key = {
+        "decode": (_decode_kernel, _DECODE_CONFIGS, ["N", "K"]),
+        "prefill": (_prefill_kernel, _PREFILL_CONFIGS, ["N", "K", "M_BUCKET"]),
+    }[kernel_name]
+    # restore_value: benchmarking runs the kernel several times; y is updated in place
+    return triton.autotune(
+        configs=configs, key=key, restore_value=["y_ptr"], do_bench=_no_bench if interpret else None
+    )(fn)
+
+
+def _common(x, y, packed, scales, segments: Segments):
+    if segments.starts.device != x.device or packed.device != x.device or scales.device != x.device:
+        raise ValueError("x, y, packed, scales and segment tensors must share one device")
+    if x.stride(1) != 1 or y.stride(1) != 1:
+        raise ValueError("x and y need unit column stride")
+    packed = packed.contiguous()
+    scales = scales.to(torch.float32)
+    return packed, scales
+
+
+def sign_delta_decode(
+    x: torch.Tensor, y: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, segments: Segments
+) -> torch.Tensor:
+    """GEMV-shaped launch (best for a few tokens per segment); updates y in place and returns it."""
+    packed, scales = _common(x, y, packed, scales, segments)
+    n, k, kw = packed.shape[1], x.shape[1], packed.shape[2]
+    g = len(segments)
+    if g == 0:
+        return y
+
+    def grid(meta):
+        return (g, triton.cdiv(n, meta["BLOCK_N"]))
+
+    _tuned("decode")[grid](
+        x, y, packed, scales,
+        segments.starts, segments.lengths, segments.slots, segments.alphas,
+        n, k, kw,
+        x.stride(0), y.stride(0), packed.stride(0), packed.stride(1),
+    )
+    return y
+
+
+def sign_delta_prefill(
+    x: torch.Tensor, y: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, segments: Segments
+) -> torch.Tensor:
+    """GEMM-shaped launch (tl.dot; many tokens per segment); updates y in place and returns it."""
+    packed, scales = _common(x, y, packed, scales, segments)
+    n, k = packed.shape[1], x.shape[1]
+    g = len(segments)
+    max_len = max(segments.lengths_list, default=0)
+    if g == 0 or max_len == 0:
+        return y
+    m_bucket = triton.next_power_of_2(max_len)
+    precision = "ieee" if x.dtype == torch.float32 else "tf32"
+
+    def grid(meta):
+        return (g, triton.cdiv(max_len, meta["BLOCK_M"]), triton.cdiv(n, meta["BLOCK_N"]))
+
+    _tuned("prefill")[grid](
+        x, y, packed, scales,
+        segments.starts, segments.lengths, segments.slots, segments.alphas,
+        n, k, m_bucket,
+        x.stride(0), y.stride(0), packed.stride(0), packed.stride(1),
+        DOT_PRECISION=precision,
+    )
+    return y
