@@ -1,0 +1,92 @@
+"""`deltaserve compress`: turn a fine-tune into a delta file against its base."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--base", required=True, type=Path, help="base model checkpoint directory")
+    parser.add_argument("--finetuned", required=True, type=Path, help="fine-tuned checkpoint directory")
+    parser.add_argument(
+        "--codec", required=True, help="bitdelta | bitdelta-mb | dare | lowrank | raw"
+    )
+    parser.add_argument("--out", required=True, type=Path, help="delta file to write (.delta.safetensors)")
+    codec = parser.add_argument_group("codec options (each codec accepts only its own)")
+    codec.add_argument("--magnitude-bits", type=int, help="bitdelta-mb: b, with 2^b magnitude buckets")
+    codec.add_argument("--drop-rate", type=float, help="dare: drop probability p in [0, 1)")
+    codec.add_argument("--dare-k", type=float, help="dare: dropped entries scaled by k (0 = plain DARE)")
+    codec.add_argument("--seed", type=int, help="dare: random seed of the drop masks")
+    codec.add_argument("--rank", type=int, help="lowrank: rank r of the truncated SVD")
+    codec.add_argument("--dtype", help="raw, dare, lowrank: stored dtype (float16, bfloat16, float32)")
+    parser.add_argument(
+        "--dense-dtype",
+        default="float32",
+        help="dtype of dense differences (embeddings, lm_head, norms, biases); default float32",
+    )
+    distill = parser.add_argument_group("scale distillation (bitdelta)")
+    distill.add_argument("--distill-steps", type=int, help="train the scales for N Adam steps")
+    distill.add_argument("--calib", type=Path, help="calibration text (.txt) or token ids (.json / .jsonl)")
+    distill.add_argument("--distill-lr", type=float, default=1e-4, help="Adam learning rate (1e-4)")
+    distill.add_argument("--distill-seq-len", type=int, default=128, help="tokens per sample (128)")
+    distill.add_argument("--distill-batch", type=int, default=4, help="samples per step (4)")
+    parser.add_argument("--json", action="store_true", help="print a JSON report instead of a summary")
+    parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
+
+
+def codec_options(args: argparse.Namespace) -> dict:
+    """Codec field name -> value of every codec option given on the command line."""
+    return {
+        "magnitude_bits": args.magnitude_bits,
+        "drop_rate": args.drop_rate,
+        "k": args.dare_k,
+        "seed": args.seed,
+        "rank": args.rank,
+        "dtype": args.dtype,
+    }
+
+
+def run(args: argparse.Namespace) -> int:
+    from deltaserve.cli.inspect import human_bytes
+    from deltaserve.deltas.codecs import make_codec
+    from deltaserve.deltas.compress import CompressConfig, DistillConfig, compress
+    from deltaserve.errors import InvalidArgumentError
+
+    distill = None
+    if args.distill_steps is not None:
+        if args.calib is None:
+            raise InvalidArgumentError("--distill-steps needs --calib FILE (calibration text or token ids)")
+        distill = DistillConfig(
+            steps=args.distill_steps,
+            calib=args.calib,
+            lr=args.distill_lr,
+            seq_len=args.distill_seq_len,
+            batch_size=args.distill_batch,
+        )
+    elif args.calib is not None:
+        raise InvalidArgumentError("--calib is used only with --distill-steps N")
+    cfg = CompressConfig(
+        base=args.base,
+        finetuned=args.finetuned,
+        out=args.out,
+        codec=make_codec(args.codec, codec_options(args)),
+        dense_dtype=args.dense_dtype,
+        distill=distill,
+        progress=not args.no_progress,
+    )
+    report = compress(cfg)
+    if args.json:
+        print(json.dumps(report.to_dict(), indent=2))
+        return 0
+    fp16_total = report.finetuned_total_params * 2
+    print(f"wrote {report.out} ({human_bytes(report.file_bytes)}) in {report.seconds:.1f} s")
+    print(f"  codec {report.codec} {json.dumps(report.codec_params)}; base {report.base_architecture}")
+    print(f"  base fingerprint {report.base_fingerprint}")
+    print(f"  {report.linears} block linears compressed; {len(report.dense)} dense tensors differ")
+    print(f"  {fp16_total / max(report.file_bytes, 1):.1f}x smaller than the fine-tune in fp16")
+    if report.distill:
+        d = report.distill
+        print(f"  scale distillation: logit MSE {d['mse_before']:.6g} -> {d['mse_after']:.6g}")
+    return 0
