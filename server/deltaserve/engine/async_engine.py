@@ -1,0 +1,175 @@
+"""AsyncEngine: runs LLMEngine's step loop in a background thread and streams outputs to asyncio.
+
+All engine calls happen on the loop thread: asyncio callers post commands (add, abort,
+load/unload delta) that run between steps, and outputs come back through
+loop.call_soon_threadsafe into one asyncio.Queue per request.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import queue
+import threading
+import time
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+from deltaserve.deltas.types import TenantDelta
+from deltaserve.engine.llm_engine import LLMEngine
+from deltaserve.engine.stats import EngineStats
+from deltaserve.engine.types import GenerationRequest, RequestOutput
+from deltaserve.errors import InvalidArgumentError, UnavailableError
+
+StepObserver = Callable[[EngineStats, list[RequestOutput], float], None]
+
+
+class AsyncEngine:
+    """asyncio facade of an LLMEngine. `on_step(stats, outputs, step_seconds)` is called on the
+    loop thread after every step that ran (keep it cheap: metrics)."""
+
+    def __init__(self, engine: LLMEngine, on_step: StepObserver | None = None) -> None:
+        self.engine = engine
+        self.on_step = on_step
+        self._commands: queue.Queue[Callable[[], None]] = queue.Queue()
+        self._streams: dict[str, asyncio.Queue] = {}
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+        self._stopping = threading.Event()
+
+    @property
+    def running(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    async def start(self) -> None:
+        if self.running:
+            return
+        self._loop = asyncio.get_running_loop()
+        self._stopping.clear()
+        self._thread = threading.Thread(target=self._run, name="deltaserve-engine", daemon=True)
+        self._thread.start()
+
+    async def stop(self) -> None:
+        """Abort every unfinished request (streams end with FinishReason.ABORT) and join the thread."""
+        if not self.running:
+            return
+        self._stopping.set()
+        self._commands.put(lambda: None)  # wake the thread
+        await asyncio.to_thread(self._thread.join)
+        self._thread = None
+
+    # ---- loop thread ----
+
+    def _deliver(self, outputs: list[RequestOutput]) -> None:
+        """On the asyncio loop: route outputs to their streams."""
+        for out in outputs:
+            q = self._streams.get(out.request_id)
+            if q is not None:
+                q.put_nowait(out)
+
+    def _post(self, outputs: list[RequestOutput]) -> None:
+        if outputs and self._loop is not None:
+            self._loop.call_soon_threadsafe(self._deliver, outputs)
+
+    def _run(self) -> None:
+        eng = self.engine
+        while not self._stopping.is_set():
+            block = not eng.has_unfinished()
+            try:
+                cmd = self._commands.get(block=block, timeout=0.5 if block else None)
+            except queue.Empty:
+                cmd = None
+            while cmd is not None:
+                cmd()
+                try:
+                    cmd = self._commands.get_nowait()
+                except queue.Empty:
+                    cmd = None
+            if self._stopping.is_set() or not eng.has_unfinished():
+                continue
+            t0 = time.perf_counter()
+            outputs = eng.step()
+            dt = time.perf_counter() - t0
+            self._post(outputs)
+            if self.on_step is not None:
+                self.on_step(eng.stats(), outputs, dt)
+        aborted = [eng.abort(rid) for rid in list(eng.requests)]
+        self._post([o for o in aborted if o is not None])
+        while True:  # fail commands posted after the stop
+            try:
+                self._commands.get_nowait()()
+            except queue.Empty:
+                break
+
+    async def _call(self, fn: Callable[[], Any]) -> Any:
+        """Run fn on the loop thread between steps; returns its result or raises its error."""
+        if not self.running:
+            raise UnavailableError("engine is not running")
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future = loop.create_future()
+
+        def cmd() -> None:
+            try:
+                result = fn()
+            except BaseException as exc:  # handed to the awaiting caller
+                loop.call_soon_threadsafe(_set_exception, fut, exc)
+            else:
+                loop.call_soon_threadsafe(_set_result, fut, result)
+
+        self._commands.put(cmd)
+        return await fut
+
+    # ---- public API ----
+
+    async def generate(self, req: GenerationRequest) -> AsyncIterator[RequestOutput]:
+        """Stream a request's outputs; closing or cancelling the iterator aborts the request.
+
+        Raises the engine's typed errors (InvalidArgumentError, NotFoundError,
+        ResourceExhaustedError) before the first output.
+        """
+        stream: asyncio.Queue[RequestOutput] = asyncio.Queue()
+        if req.request_id in self._streams:
+            raise InvalidArgumentError(f"request id {req.request_id!r} is already in use")
+        self._streams[req.request_id] = stream
+        finished = False
+        try:
+            await self._call(lambda: self.engine.add_request(req))
+            while True:
+                out = await stream.get()
+                finished = out.finished
+                yield out
+                if finished:
+                    return
+        finally:
+            self._streams.pop(req.request_id, None)
+            if not finished and self.running:
+                self._commands.put(lambda: self.engine.abort(req.request_id))
+
+    async def abort(self, request_id: str) -> None:
+        """Abort a request; its stream ends with a FinishReason.ABORT output."""
+
+        def cmd() -> None:
+            out = self.engine.abort(request_id)
+            if out is not None:
+                self._post([out])
+
+        await self._call(cmd)
+
+    async def load_delta(self, tenant: str, delta: TenantDelta) -> None:
+        await self._call(lambda: self.engine.load_delta(tenant, delta))
+
+    async def unload_delta(self, tenant: str) -> None:
+        await self._call(lambda: self.engine.unload_delta(tenant))
+
+    async def stats(self) -> EngineStats:
+        return await self._call(self.engine.stats)
+
+
+def _set_result(fut: asyncio.Future, value: Any) -> None:
+    if not fut.done():
+        fut.set_result(value)
+
+
+def _set_exception(fut: asyncio.Future, exc: BaseException) -> None:
+    if not fut.done():
+        fut.set_exception(exc)
+
