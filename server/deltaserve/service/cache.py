@@ -27,7 +27,7 @@ import contextlib
 import re
 import time
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
 from typing import Protocol
@@ -160,6 +160,7 @@ class Lease:
     key: str
     version: int
     hit: bool
+    held: _Version = field(repr=False, compare=False)
 
 
 class DeltaCache:
@@ -339,13 +340,22 @@ class DeltaCache:
     @contextlib.asynccontextmanager
     async def lease(self, tenant: str) -> AsyncIterator[Lease]:
         """Hold the tenant's current version resident for the duration of the block."""
-        lease, v = await self._acquire(tenant)
+        lease = await self.acquire(tenant)
         try:
             yield lease
         finally:
-            await self._release(v)
+            await self.release(lease)
 
-    async def _acquire(self, tenant: str) -> tuple[Lease, _Version]:
+    async def release(self, lease: Lease) -> None:
+        """End a lease taken with `acquire` (exactly once)."""
+        await self._release(lease.held)
+
+    async def acquire(self, tenant: str) -> Lease:
+        """Make the tenant's current version resident and hold it; pair with `release`.
+
+        Cancelling the call (e.g. a deadline) while the delta loads leaves no reference
+        behind; the shared load itself continues for the other waiters.
+        """
         while True:
             v = self._current.get(tenant)
             if v is None:
@@ -370,7 +380,7 @@ class DeltaCache:
                 self._metrics.cache_hits.inc()
             v.last_used = time.time()
             v.last_touch = time.monotonic()
-            return Lease(tenant, v.key, v.version, hit), v
+            return Lease(tenant, v.key, v.version, hit, v)
 
     async def _release(self, v: _Version) -> None:
         v.refs -= 1

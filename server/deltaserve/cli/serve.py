@@ -1,0 +1,116 @@
+"""`deltaserve serve`: run the gRPC server (config file, flags override it; SIGTERM drains)."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", type=Path, help="config file (TOML, or YAML when named .yaml/.yml)")
+    parser.add_argument("--base", type=Path, help="base model checkpoint directory")
+    parser.add_argument(
+        "--deltas", type=Path, help="delta store: every <tenant>.delta.safetensors is registered"
+    )
+    parser.add_argument(
+        "--host", help="bind address (default: 127.0.0.1 without --keys, all interfaces with)"
+    )
+    parser.add_argument("--port", type=int, help="gRPC port (default 50051; 0 = any free port)")
+    parser.add_argument("--metrics-host", help="bind address of /metrics (default 127.0.0.1)")
+    parser.add_argument("--metrics-port", type=int, help="Prometheus /metrics port (default 9400)")
+    parser.add_argument("--no-metrics", action="store_true", help="do not serve /metrics")
+    parser.add_argument("--mode", choices=("deltas", "swap"), help="serving mode (default deltas)")
+    parser.add_argument("--device", help="torch device (default cpu)")
+    parser.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), help="compute dtype")
+    parser.add_argument("--keys", type=Path, help="API keys file (see deltaserve.service.auth)")
+    parser.add_argument("--max-slots", type=int, help="requests decoded together at most")
+    parser.add_argument("--max-queue", type=int, help="requests held at most before RESOURCE_EXHAUSTED")
+    parser.add_argument("--max-device-tenants", type=int, help="tenant deltas resident on the device at most")
+    parser.add_argument("--device-cache-bytes", help="device tier budget, e.g. 2GiB")
+    parser.add_argument("--host-cache-bytes", help="host tier budget, e.g. 4GiB")
+    parser.add_argument("--kv-blocks", type=int, help="paged KV cache blocks")
+    parser.add_argument("--max-prompt-tokens", type=int, help="longest prompt accepted")
+    parser.add_argument("--max-new-tokens", type=int, help="largest max_new_tokens accepted")
+    parser.add_argument(
+        "--drain-grace", type=float, dest="drain_grace_s", help="seconds running requests get on SIGTERM"
+    )
+    parser.add_argument("--no-warm", action="store_true", help="do not preload the delta store at start")
+    parser.add_argument("--json", action="store_true", help="print the start-up summary as one JSON line")
+
+
+def run(args: argparse.Namespace) -> int:
+    import asyncio
+    import dataclasses
+    import json
+    import logging
+    import signal
+    import sys
+
+    from deltaserve.service.config import ServerConfig
+    from deltaserve.service.server import start_server
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    config = ServerConfig.from_sources(
+        args.config,
+        base=args.base,
+        deltas=args.deltas,
+        host=args.host,
+        port=args.port,
+        metrics_host=args.metrics_host,
+        metrics_port=args.metrics_port,
+        mode=args.mode,
+        device=args.device,
+        dtype=args.dtype,
+        keys=args.keys,
+        max_slots=args.max_slots,
+        max_queue=args.max_queue,
+        max_device_tenants=args.max_device_tenants,
+        device_cache_bytes=args.device_cache_bytes,
+        host_cache_bytes=args.host_cache_bytes,
+        kv_blocks=args.kv_blocks,
+        max_prompt_tokens=args.max_prompt_tokens,
+        max_new_tokens=args.max_new_tokens,
+        drain_grace_s=args.drain_grace_s,
+        warm_deltas=False if args.no_warm else None,
+    )
+    if args.no_metrics:
+        config = dataclasses.replace(config, metrics_port=None)
+
+    async def main() -> int:
+        server = await start_server(config)
+        if args.json:
+            print(
+                json.dumps(
+                    {
+                        "target": server.target,
+                        "port": server.port,
+                        "metrics_port": server.metrics_port,
+                        "tenants": server.cache.tenants(),
+                        "fingerprint": server.facts.base_fingerprint,
+                    }
+                ),
+                flush=True,
+            )
+        else:
+            print("\n".join(server.summary()), file=sys.stderr, flush=True)
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        await stop.wait()
+        print(
+            f"draining (grace {config.drain_grace_s:.0f} s, {server.pipeline.in_flight} in flight)",
+            file=sys.stderr,
+            flush=True,
+        )
+        clean = await server.drain()
+        print(
+            "stopped"
+            if clean
+            else "stopped; requests still running at the end of the grace period were aborted",
+            file=sys.stderr,
+            flush=True,
+        )
+        return 0
+
+    return asyncio.run(main())

@@ -1,0 +1,277 @@
+"""The path of one generation request, free of protos: admit -> tokenize -> lease -> engine -> metrics.
+
+Contract of `GenerationPipeline.run`: an async iterator of the engine's
+RequestOutputs for the request. It raises UnavailableError while warming or
+draining, ResourceExhaustedError when `max_queue` requests are already in the
+server, InvalidArgumentError for bad input, NotFoundError for an unknown tenant,
+and DeadlineExceededError when `timeout` passes. However it ends (deadline,
+client cancel, error, close), an unfinished engine request is aborted, which
+frees its KV blocks, and the tenant's delta lease is released.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+import uuid
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from deltaserve.engine.stats import EngineStats
+from deltaserve.engine.types import FinishReason, GenerationRequest, RequestOutput
+from deltaserve.errors import InvalidArgumentError, ResourceExhaustedError
+from deltaserve.service.cache import DeltaCache, Lease
+from deltaserve.service.convert import GenerateInput, Usage
+from deltaserve.service.interceptor import DeadlineExceededError
+from deltaserve.service.lifecycle import Lifecycle
+from deltaserve.service.metrics import ServerMetrics
+
+
+class ServingEngine(Protocol):
+    """What the service needs from an engine (AsyncEngine, or the swap baseline)."""
+
+    tokenizer: Any
+    max_model_len: int
+
+    def generate(self, request: GenerationRequest) -> AsyncIterator[RequestOutput]: ...
+
+    async def abort(self, request_id: str) -> None: ...
+
+    async def stats(self) -> EngineStats: ...
+
+
+@dataclass(frozen=True)
+class RequestLimits:
+    max_prompt_tokens: int
+    max_new_tokens: int
+    max_queue: int
+    max_tenants_info: int  # reported as max_lora in lora_requests_info
+
+
+@dataclass
+class _Track:
+    tenant: str
+    running: bool = False
+
+
+def encode_input(tokenizer: Any, inp: GenerateInput) -> list[int]:
+    """Prompt token ids: a raw prompt as the tokenizer encodes it, or chat messages through
+    the base model's chat template with the assistant generation prompt appended."""
+    if inp.messages is not None:
+        if not getattr(tokenizer, "chat_template", None):
+            raise InvalidArgumentError("the base model has no chat template; send a raw prompt instead")
+        msgs = [{"role": r, "content": c} for r, c in inp.messages]
+        ids = tokenizer.apply_chat_template(msgs, add_generation_prompt=True, tokenize=True)
+        if isinstance(ids, dict):  # transformers >= 5 returns a BatchEncoding
+            ids = ids["input_ids"]
+        return list(ids)
+    return list(tokenizer.encode(inp.prompt or ""))
+
+
+class GenerationPipeline:
+    def __init__(
+        self,
+        engine: ServingEngine,
+        cache: DeltaCache,
+        lifecycle: Lifecycle,
+        limits: RequestLimits,
+        metrics: ServerMetrics | None = None,
+    ) -> None:
+        self._engine = engine
+        self._cache = cache
+        self._lifecycle = lifecycle
+        self._limits = limits
+        self._metrics = metrics
+        self._inflight: dict[str, _Track] = {}
+        self._idle = asyncio.Event()
+        self._idle.set()
+
+    @property
+    def in_flight(self) -> int:
+        return len(self._inflight)
+
+    async def wait_idle(self, timeout: float | None) -> bool:
+        """Wait until no request is in flight; False if `timeout` passed first."""
+        try:
+            await asyncio.wait_for(self._idle.wait(), timeout)
+        except TimeoutError:
+            return False
+        return True
+
+    def prepare(self, inp: GenerateInput) -> GenerationRequest:
+        """Tokenize and validate (InvalidArgumentError naming what to fix); tenant not yet resolved."""
+        inp.sampling.validate(self._limits.max_new_tokens)
+        ids = encode_input(self._engine.tokenizer, inp)
+        if not ids:
+            raise InvalidArgumentError("the prompt is empty after tokenization")
+        limit = min(self._limits.max_prompt_tokens, self._engine.max_model_len - 1)
+        if len(ids) > limit:
+            raise InvalidArgumentError(f"prompt has {len(ids)} tokens; the limit is {limit}")
+        req = GenerationRequest(
+            request_id=inp.request_id or uuid.uuid4().hex,
+            prompt_token_ids=tuple(ids),
+            sampling=inp.sampling,
+            tenant=inp.tenant,
+            alpha=inp.alpha,
+        )
+        req.validate()
+        return req
+
+    async def run(self, inp: GenerateInput, timeout: float | None = None) -> AsyncIterator[RequestOutput]:
+        """See the module doc. `timeout`: seconds left before the caller's deadline (None = none)."""
+        arrival = time.monotonic()
+        deadline = None if timeout is None else arrival + timeout
+        self._lifecycle.check_accepting()
+        if len(self._inflight) >= self._limits.max_queue:
+            raise ResourceExhaustedError(
+                f"the server holds {len(self._inflight)} requests (limit {self._limits.max_queue}); "
+                "retry later"
+            )
+        req = self.prepare(inp)
+        if req.request_id in self._inflight:
+            raise InvalidArgumentError(f"request id {req.request_id!r} is already in flight")
+        self._track(req.request_id, _Track(inp.tenant or ""))
+        lease: Lease | None = None
+        finished = False
+        try:
+            if inp.tenant:
+                try:
+                    lease = await asyncio.wait_for(self._cache.acquire(inp.tenant), _left(deadline))
+                except TimeoutError:
+                    raise DeadlineExceededError(
+                        "deadline passed while the tenant's delta was loading"
+                    ) from None
+                req = GenerationRequest(
+                    req.request_id, req.prompt_token_ids, req.sampling, lease.key, req.alpha
+                )
+            stream = self._engine.generate(req)
+            async with contextlib.aclosing(stream):
+                prev = arrival
+                while True:
+                    try:
+                        out = await asyncio.wait_for(anext(stream), _left(deadline))
+                    except StopAsyncIteration:
+                        break
+                    except TimeoutError:
+                        raise DeadlineExceededError(
+                            "deadline passed before generation finished; the request was aborted"
+                        ) from None
+                    now = time.monotonic()
+                    self._observe_chunk(req, inp.tenant, out, arrival, prev, now)
+                    prev = now
+                    finished = out.finished
+                    yield out
+                    if finished:
+                        break
+        finally:
+            # a task of its own, so that a cancelled caller cannot cut the clean-up short
+            cleanup = asyncio.ensure_future(self._cleanup(req.request_id, finished, lease))
+            await asyncio.shield(cleanup)
+
+    async def _cleanup(self, rid: str, finished: bool, lease: Lease | None) -> None:
+        try:
+            if not finished:
+                with contextlib.suppress(Exception):  # the engine may already be stopped
+                    await self._engine.abort(rid)
+                    self._observe_kv(await self._engine.stats())
+        finally:
+            if lease is not None:
+                await self._cache.release(lease)
+            self._untrack(rid)
+
+    # ----- bookkeeping and metrics -------------------------------------------------
+
+    def _track(self, rid: str, track: _Track) -> None:
+        self._inflight[rid] = track
+        self._idle.clear()
+        self._publish()
+
+    def _untrack(self, rid: str) -> None:
+        self._inflight.pop(rid, None)
+        if not self._inflight:
+            self._idle.set()
+        self._publish()
+
+    def _publish(self) -> None:
+        m = self._metrics
+        if m is None:
+            return
+        running = [t.tenant for t in self._inflight.values() if t.running]
+        waiting = [t.tenant for t in self._inflight.values() if not t.running]
+        m.running.set(len(running))
+        m.waiting.set(len(waiting))
+        m.set_tenants_info(
+            [t for t in running if t], [t for t in waiting if t], self._limits.max_tenants_info
+        )
+
+    def _observe_chunk(
+        self,
+        req: GenerationRequest,
+        tenant: str | None,
+        out: RequestOutput,
+        arrival: float,
+        prev: float,
+        now: float,
+    ) -> None:
+        track = self._inflight.get(req.request_id)
+        if track is not None and not track.running and out.new_token_ids:
+            track.running = True
+            self._publish()
+        m = self._metrics
+        if m is None:
+            return
+        label = m.tenant_label(tenant)
+        n = len(out.new_token_ids)
+        if n:
+            m.generation_tokens.labels(label).inc(n)
+            if prev == arrival:
+                m.ttft.observe(now - arrival)
+                m.prompt_tokens.labels(label).inc(out.prompt_tokens)
+                m.queue_time.observe(_queue_time(out, arrival, now))
+            else:
+                m.itl.observe((now - prev) / n)
+        if out.finished:
+            m.e2e.observe(now - arrival)
+
+    def observe_step(self, stats: EngineStats, outputs: Sequence[RequestOutput], seconds: float) -> None:
+        """Engine step observer: batch shape, step time and KV usage."""
+        m = self._metrics
+        if m is None:
+            return
+        if stats.last_step_seqs:
+            m.batch_size.observe(stats.last_step_seqs)
+            m.batch_tokens.observe(stats.last_step_tokens)
+            m.batch_tenants.observe(stats.last_step_tenants)
+            m.step_seconds.observe(seconds)
+        self._observe_kv(stats)
+
+    def _observe_kv(self, stats: EngineStats) -> None:
+        if self._metrics is not None:
+            self._metrics.kv_blocks_used.set(stats.kv_blocks_used)
+            self._metrics.kv_blocks_total.set(stats.kv_blocks_total)
+
+
+def _left(deadline: float | None) -> float | None:
+    return None if deadline is None else max(0.0, deadline - time.monotonic())
+
+
+def _queue_time(out: RequestOutput, arrival: float, now: float) -> float:
+    t = out.first_scheduled_time
+    return (t - arrival) if t is not None and t >= arrival else now - arrival
+
+
+def usage_of(out: RequestOutput, arrival: float, first_token: float | None, now: float) -> Usage:
+    """Usage of a finished request, with times measured from the RPC's arrival."""
+    return Usage(
+        prompt_tokens=out.prompt_tokens,
+        completion_tokens=out.completion_tokens,
+        queue_time=_queue_time(out, arrival, now),
+        ttft=(first_token - arrival) if first_token is not None else 0.0,
+        total_time=now - arrival,
+    )
+
+
+def is_abort(out: RequestOutput) -> bool:
+    return out.finish_reason is FinishReason.ABORT

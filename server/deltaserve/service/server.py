@@ -1,0 +1,257 @@
+"""Build, start and drain the gRPC server (grpc.aio) around an engine.
+
+`start_server(config, engine)` wires: metrics (own registry and port), lifecycle
++ health, API keys, the delta cache over the engine, the generation pipeline, the
+two servicers behind one interceptor, and reflection. It registers the delta
+store, warms what fits while health says NOT_SERVING, then flips to SERVING.
+`RunningServer.drain(grace)` is what SIGTERM triggers: NOT_SERVING, new requests
+get UNAVAILABLE, running ones finish within `grace` seconds, then the port closes.
+
+The engine is any `ServingEngine` + `DeltaSink` (the seam for baselines such as
+the "swap" mode): `make_engine(config)` builds the default one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import grpc
+from deltaserve_client._proto.deltaserve.v1 import (
+    deltas_pb2,
+    deltas_pb2_grpc,
+    generation_pb2,
+    generation_pb2_grpc,
+)
+from grpc_health.v1 import health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from deltaserve.errors import InvalidArgumentError
+from deltaserve.service.auth import Authenticator
+from deltaserve.service.cache import CacheConfig, DeltaCache, DeltaSource
+from deltaserve.service.config import ServerConfig
+from deltaserve.service.deltas_admin import DeltasServicer, ServerFacts
+from deltaserve.service.generation import GenerationServicer
+from deltaserve.service.interceptor import ServiceInterceptor
+from deltaserve.service.lifecycle import Lifecycle, Phase
+from deltaserve.service.metrics import ServerMetrics
+from deltaserve.service.pipeline import GenerationPipeline, RequestLimits
+
+log = logging.getLogger("deltaserve.serve")
+
+
+@dataclass(frozen=True)
+class BaseFacts:
+    """What the server knows about its base model (for ServerInfo and delta checks)."""
+
+    fingerprint: str
+    config: dict
+    architecture: str
+
+
+def read_base_facts(base: Path) -> BaseFacts:
+    from deltaserve.deltas.fingerprint import base_fingerprint
+
+    cfg = json.loads((base / "config.json").read_text())
+    return BaseFacts(base_fingerprint(base), cfg, (cfg.get("architectures") or ["?"])[0])
+
+
+def file_source(base: BaseFacts, dtype: str) -> DeltaSource:
+    """Delta files checked against this base; packed host copies on the CPU in the serving dtype."""
+    import torch
+
+    from deltaserve.deltas.format import read_delta_header
+    from deltaserve.deltas.load import check_fingerprint, load_tenant_delta
+
+    torch_dtype = getattr(torch, dtype)
+
+    def read_meta(path: Path):
+        check_fingerprint(path, base.fingerprint)
+        return read_delta_header(path)
+
+    def load(path: Path):
+        return load_tenant_delta(
+            path, base_fingerprint=base.fingerprint, base_config=base.config, device="cpu", dtype=torch_dtype
+        )
+
+    return DeltaSource(read_meta, load)
+
+
+def make_engine(config: ServerConfig):
+    """The default engine for `config.mode`: one resident base serving every tenant's delta."""
+    from deltaserve.engine.config import EngineConfig
+    from deltaserve.engine.llm_engine import LLMEngine
+    from deltaserve.service.engine_handle import EngineHandle
+
+    if config.mode != "deltas":
+        raise InvalidArgumentError(f"mode {config.mode!r} needs its own engine factory")
+    kw = {}
+    if config.max_tokens_per_step is not None:
+        kw["max_num_batched_tokens"] = config.max_tokens_per_step
+    if config.kv_blocks is not None:
+        kw["num_kv_blocks"] = config.kv_blocks
+    if config.block_size is not None:
+        kw["block_size"] = config.block_size
+    engine_config = EngineConfig(
+        model=config.base,
+        device=config.device,
+        dtype=config.dtype,
+        max_num_seqs=config.max_slots,
+        max_slots=config.max_device_tenants or 8,
+        max_waiting=config.max_queue,
+        **kw,
+    )
+    return EngineHandle(LLMEngine(engine_config))
+
+
+EngineFactory = Callable[[ServerConfig], object]
+
+
+@dataclass
+class RunningServer:
+    config: ServerConfig
+    grpc_server: grpc.aio.Server
+    port: int
+    metrics_port: int | None
+    engine: object
+    cache: DeltaCache
+    pipeline: GenerationPipeline
+    lifecycle: Lifecycle
+    metrics: ServerMetrics
+    auth: Authenticator
+    facts: ServerFacts
+    problems: list[str] = field(default_factory=list)
+
+    @property
+    def target(self) -> str:
+        host = self.config.bind_host
+        host = "127.0.0.1" if host in ("[::]", "0.0.0.0") else host
+        return f"{host}:{self.port}"
+
+    async def drain(self, grace: float | None = None) -> bool:
+        """Stop accepting, let running requests finish (up to `grace` s), then close. True if all finished."""
+        grace = self.config.drain_grace_s if grace is None else grace
+        await self.lifecycle.set(Phase.DRAINING)
+        done = await self.pipeline.wait_idle(grace)
+        await self.grpc_server.stop(0.5)
+        self.metrics.stop_http()
+        await self.engine.shutdown()
+        return done
+
+    def summary(self) -> list[str]:
+        c, f = self.config, self.facts
+        tiers = self.cache.tier_entries()
+        lines = [
+            f"deltaserve {f.version} serving {f.base_model}",
+            f"  model       {f.architecture}, {f.dtype} on {f.device}, mode {c.mode}",
+            f"  gRPC        {c.bind_host}:{self.port}  (Generation, Deltas, health, reflection)",
+            "  metrics     "
+            + (
+                f"http://{c.metrics_host or '127.0.0.1'}:{self.metrics_port}/metrics"
+                if self.metrics_port
+                else "off"
+            ),
+            "  auth        "
+            + (
+                f"{self.auth.key_count} API keys from {c.keys}"
+                if self.auth.enabled
+                else "none (no keys file): anyone who can connect is admin; bound to loopback by default"
+            ),
+            f"  fingerprint {f.base_fingerprint}",
+            f"  deltas      {c.deltas or '(no store)'}: {tiers['disk']} registered, "
+            f"{tiers['device']} on device, {tiers['host']} in host memory",
+            f"  budgets     device {_mib(c.device_cache_bytes)}, host {_mib(c.host_cache_bytes)}; "
+            f"max running {c.max_slots}, queue {c.max_queue}",
+            f"  limits      prompt {f.max_prompt_tokens} tokens, new {f.max_new_tokens}, context "
+            f"{f.max_context_tokens}, message {_mib(c.max_message_bytes)}",
+        ]
+        lines += [f"  skipped     {p}" for p in self.problems]
+        return lines
+
+
+def _mib(n: int) -> str:
+    return f"{n / 2**20:.0f} MiB"
+
+
+async def start_server(config: ServerConfig, engine: object | None = None) -> RunningServer:
+    """Start serving `config` (building the engine with `make_engine` unless one is given)."""
+    from deltaserve import __version__
+
+    metrics = ServerMetrics(config.metrics_max_tenants)
+    lifecycle = Lifecycle(metrics)
+    await lifecycle.set(Phase.WARMING)
+    auth = Authenticator.from_file(config.keys)
+    if config.deltas is not None and not config.deltas.is_dir():
+        raise InvalidArgumentError(f"delta store {config.deltas} is not a directory")
+    base = await asyncio.to_thread(read_base_facts, config.base)
+    if engine is None:
+        engine = await asyncio.to_thread(make_engine, config)
+    await engine.start()
+    max_tenants = min(config.max_device_tenants or engine.max_slots, engine.max_slots)
+    max_len = int(engine.max_model_len)
+    facts = ServerFacts(
+        base_model=str(config.base),
+        architecture=base.architecture,
+        base_fingerprint=base.fingerprint,
+        codecs=_codecs(),
+        version=__version__,
+        device=config.device,
+        dtype=config.dtype,
+        max_prompt_tokens=min(config.max_prompt_tokens, max_len - 1),
+        max_new_tokens=config.max_new_tokens,
+        max_context_tokens=max_len,
+        max_queued_requests=config.max_queue,
+        max_batch_requests=config.max_slots,
+        max_message_bytes=config.max_message_bytes,
+    )
+    cache = DeltaCache(
+        CacheConfig(config.deltas, config.device_cache_bytes, config.host_cache_bytes, max_tenants),
+        engine,
+        file_source(base, config.dtype),
+        metrics,
+    )
+    limits = RequestLimits(config.max_prompt_tokens, config.max_new_tokens, config.max_queue, max_tenants)
+    pipeline = GenerationPipeline(engine, cache, lifecycle, limits, metrics)
+    engine.add_step_observer(pipeline.observe_step)
+
+    server = grpc.aio.server(
+        interceptors=[ServiceInterceptor(auth, metrics)],
+        options=[
+            ("grpc.max_receive_message_length", config.max_message_bytes),
+            ("grpc.max_send_message_length", config.max_message_bytes),
+        ],
+    )
+    generation_pb2_grpc.add_GenerationServicer_to_server(GenerationServicer(pipeline), server)
+    deltas_pb2_grpc.add_DeltasServicer_to_server(DeltasServicer(cache, facts), server)
+    health_pb2_grpc.add_HealthServicer_to_server(lifecycle.health, server)
+    names = (
+        generation_pb2.DESCRIPTOR.services_by_name["Generation"].full_name,
+        deltas_pb2.DESCRIPTOR.services_by_name["Deltas"].full_name,
+        "grpc.health.v1.Health",
+        reflection.SERVICE_NAME,
+    )
+    reflection.enable_server_reflection(names, server)
+    port = server.add_insecure_port(f"{config.bind_host}:{config.port}")
+    await server.start()
+    metrics_port = None
+    if config.metrics_port is not None:
+        metrics_port = metrics.start_http(config.metrics_port, config.metrics_host or "127.0.0.1")
+
+    running = RunningServer(
+        config, server, port, metrics_port, engine, cache, pipeline, lifecycle, metrics, auth, facts
+    )
+    running.problems = cache.scan_store()
+    if config.warm_deltas:
+        await cache.warm()
+    await lifecycle.set(Phase.SERVING)
+    return running
+
+
+def _codecs() -> tuple[str, ...]:
+    from deltaserve.deltas.codecs import CODECS
+
+    return tuple(sorted(CODECS))
