@@ -34,13 +34,14 @@ TOKEN_DELAY = 0.002
 class FakeServicer(generation_pb2_grpc.GenerationServicer, deltas_pb2_grpc.DeltasServicer):
     def __init__(self) -> None:
         self.headers: list[tuple[str, str]] = []
+        self.known: set[str] = set(KNOWN)
 
     async def _check(self, request, context) -> None:
         md = dict(context.invocation_metadata())
         self.headers.append((request.tenant, md.get(TENANT_HEADER, "")))
         if request.tenant == "busy":
             await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, "queue full")
-        if request.tenant not in KNOWN and request.tenant != "":
+        if request.tenant not in self.known and request.tenant != "":
             await context.abort(grpc.StatusCode.NOT_FOUND, f"unknown tenant {request.tenant}")
         if request.tenant == "slow":
             await asyncio.sleep(5.0)

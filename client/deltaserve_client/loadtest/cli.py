@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -16,13 +17,21 @@ from deltaserve_client.loadtest.stats import LoadReport
 from deltaserve_client.loadtest.transport import CallError, Transport
 from deltaserve_client.loadtest.workload import Workload, WorkloadConfig, read_prompts_jsonl
 
+DEFAULT_TARGET = "127.0.0.1:50051"
+API_KEY_ENV = "DELTASERVE_API_KEY"
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """Options of the loadtest command. --target / --api-key may also come from the parent parser."""
-    if not any(a.dest == "target" for a in parser._actions):
-        parser.add_argument("--target", default="127.0.0.1:50051", help="host:port of a server or proxy")
-    if not any(a.dest == "api_key" for a in parser._actions):
-        parser.add_argument("--api-key", default=None, help="API key sent as 'authorization: Bearer KEY'")
+    """Options of the loadtest command.
+
+    --target, --api-key, --timeout and --json default to SUPPRESS, so that when this parser is
+    a sub-command of `deltaserve-client` the values given before `loadtest` are kept.
+    """
+    keep = argparse.SUPPRESS
+    parser.add_argument("--target", default=keep, help=f"host:port of a server or proxy ({DEFAULT_TARGET})")
+    parser.add_argument("--api-key", default=keep, help=f"bearer API key (default: ${API_KEY_ENV})")
+    parser.add_argument("--timeout", type=float, default=keep, help="per-request deadline in seconds (60)")
+    parser.add_argument("--json", action="store_true", default=keep, help="print the report as JSON")
     loop = parser.add_mutually_exclusive_group()
     loop.add_argument("--concurrency", type=int, help="closed loop: N requests outstanding (default 4)")
     loop.add_argument("--rate", type=float, help="open loop: Poisson arrivals at R requests/s")
@@ -43,11 +52,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--stream", action=argparse.BooleanOptionalAction, default=True, help="streaming calls (default on)"
     )
-    parser.add_argument("--timeout", type=float, default=60.0, help="per-request deadline in seconds")
     parser.add_argument("--max-inflight", type=int, default=1024, help="open loop: max outstanding requests")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--no-progress", action="store_true", help="no live progress line on stderr")
-    parser.add_argument("--json", action="store_true", help="print the report as JSON")
 
 
 def _tenants(raw: str) -> list[str]:
@@ -85,12 +92,12 @@ async def run_load(args: argparse.Namespace, transport: Transport) -> LoadReport
         requests=args.requests,
         warmup=args.warmup,
         stream=args.stream,
-        timeout=args.timeout,
+        timeout=getattr(args, "timeout", 60.0),
         max_inflight=args.max_inflight,
         seed=args.seed,
     )
     describe = {
-        "target": getattr(args, "target", "?"),
+        "target": getattr(args, "target", DEFAULT_TARGET),
         "prompt_len": args.prompt_len if not prompts else f"{args.prompts}",
         "max_new_tokens": args.max_new_tokens,
     }
@@ -101,7 +108,8 @@ async def run_load(args: argparse.Namespace, transport: Transport) -> LoadReport
 async def _main(args: argparse.Namespace) -> LoadReport:
     from deltaserve_client.loadtest.grpc_transport import GrpcTransport
 
-    transport = GrpcTransport(args.target, args.api_key)
+    api_key = getattr(args, "api_key", None) or os.environ.get(API_KEY_ENV) or None
+    transport = GrpcTransport(getattr(args, "target", DEFAULT_TARGET), api_key)
     try:
         return await run_load(args, transport)
     finally:
@@ -121,7 +129,7 @@ def run(args: argparse.Namespace) -> int:
     except CallError as exc:
         print(f"loadtest: error: {exc.code}: {exc.message}", file=sys.stderr)
         return 2
-    if args.json:
+    if getattr(args, "json", False):
         print(json.dumps(report.to_dict(), indent=2))
     else:
         print(render(report))

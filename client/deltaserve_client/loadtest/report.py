@@ -67,4 +67,7 @@ def render(report: LoadReport) -> str:
         )
     cols = ["tenant", "sent", "ok", "failed", "tok/s", "TTFT p50", "TTFT p99", "e2e p50", "e2e p99"]
     per = _table(cols, rows)
-    return "\n".join(head) + lat + "\n\nper tenant (ms):\n" + per + "\n"
+    errors = "".join(f"  {code}: {msg}\n" for code, msg in sorted(report.errors.items()))
+    if errors:
+        errors = "\nfailures (one example per status):\n" + errors
+    return "\n".join(head) + lat + "\n\nper tenant (ms):\n" + per + "\n" + errors

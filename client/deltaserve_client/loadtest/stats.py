@@ -107,6 +107,8 @@ class LoadReport:
     skipped: int
     total: GroupStats
     per_tenant: dict[str, GroupStats]
+    # one example message per failure status, to say what went wrong
+    errors: dict[str, str]
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -130,4 +132,5 @@ def build_report(
         skipped=skipped,
         total=group_stats(measured, window),
         per_tenant={t: group_stats([r for r in measured if r.tenant == t], window) for t in tenants},
+        errors={r.status: r.message for r in reversed(records) if not r.ok},
     )
