@@ -14,9 +14,6 @@ from dataclasses import dataclass, field
 
 import grpc
 import pytest
-from google.protobuf import timestamp_pb2
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-
 from deltaserve_client import (
     AsyncDeltaServeClient,
     ChatMessage,
@@ -34,6 +31,8 @@ from deltaserve_client._proto.deltaserve.v1 import (
     generation_pb2,
     generation_pb2_grpc,
 )
+from google.protobuf import timestamp_pb2
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 SLOW = "slow"  # tenant whose requests take SLOW_SECONDS (deadline tests)
 SLOW_SECONDS = 5.0
@@ -105,7 +104,9 @@ class FakeGeneration(generation_pb2_grpc.GenerationServicer):
         if fail:
             context.abort(grpc.StatusCode.UNAVAILABLE, "server is draining; retry on another replica")
         if request.tenant == GHOST:
-            context.abort(grpc.StatusCode.NOT_FOUND, f"unknown tenant '{GHOST}': load it with LoadDelta first")
+            context.abort(
+                grpc.StatusCode.NOT_FOUND, f"unknown tenant '{GHOST}': load it with LoadDelta first"
+            )
         return completed
 
     def _wait(self, context: grpc.ServicerContext, seconds: float) -> None:
@@ -124,9 +125,13 @@ class FakeGeneration(generation_pb2_grpc.GenerationServicer):
             text=text,
             token_ids=[ord(c) for c in text],
             finish_reason=generation_pb2.FINISH_REASON_LENGTH if cut else generation_pb2.FINISH_REASON_STOP,
-            usage=generation_pb2.Usage(prompt_tokens=len(request.prompt), completion_tokens=len(text),
-                                       queue_time_seconds=0.25, time_to_first_token_seconds=0.5,
-                                       total_time_seconds=1.0),
+            usage=generation_pb2.Usage(
+                prompt_tokens=len(request.prompt),
+                completion_tokens=len(text),
+                queue_time_seconds=0.25,
+                time_to_first_token_seconds=0.5,
+                total_time_seconds=1.0,
+            ),
         )
 
     def GenerateStream(self, request, context):
@@ -137,7 +142,9 @@ class FakeGeneration(generation_pb2_grpc.GenerationServicer):
             if request.tenant in (SLOW, PACED):
                 self._wait(context, SLOW_SECONDS if request.tenant == SLOW else 0.05)
             piece = text[i : i + 3]
-            yield generation_pb2.GenerateStreamResponse(request_id=rid, text=piece, token_ids=[ord(c) for c in piece])
+            yield generation_pb2.GenerateStreamResponse(
+                request_id=rid, text=piece, token_ids=[ord(c) for c in piece]
+            )
         completed[0] = True
         yield generation_pb2.GenerateStreamResponse(
             request_id=rid,
@@ -157,11 +164,18 @@ class FakeDeltas(deltas_pb2_grpc.DeltasServicer):
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"path {request.path!r} leaves the delta store")
         old = self.state.deltas.get(request.tenant)
         if old is not None and not request.replace:
-            context.abort(grpc.StatusCode.FAILED_PRECONDITION,
-                          f"tenant {request.tenant!r} is already loaded; pass replace=true to hot-swap")
+            context.abort(
+                grpc.StatusCode.FAILED_PRECONDITION,
+                f"tenant {request.tenant!r} is already loaded; pass replace=true to hot-swap",
+            )
         info = deltas_pb2.DeltaInfo(
-            tenant=request.tenant, tier=deltas_pb2.TIER_DEVICE, bytes=3 * 1024 * 1024, pinned=request.pin,
-            load_seconds=0.125, path=request.path or f"{request.tenant}.delta.safetensors", codec="bitdelta",
+            tenant=request.tenant,
+            tier=deltas_pb2.TIER_DEVICE,
+            bytes=3 * 1024 * 1024,
+            pinned=request.pin,
+            load_seconds=0.125,
+            path=request.path or f"{request.tenant}.delta.safetensors",
+            codec="bitdelta",
             version=old.version + 1 if old else 1,
         )
         self.state.deltas[request.tenant] = info
@@ -177,8 +191,14 @@ class FakeDeltas(deltas_pb2_grpc.DeltasServicer):
     def ListDeltas(self, request, context):
         _check(self.state, context)
         used = deltas_pb2.DeltaInfo(
-            tenant="zeta", tier=deltas_pb2.TIER_HOST, bytes=1000, in_flight=2, hits=7,
-            last_used=timestamp_pb2.Timestamp(seconds=1_700_000_000), codec="bitdelta", version=1,
+            tenant="zeta",
+            tier=deltas_pb2.TIER_HOST,
+            bytes=1000,
+            in_flight=2,
+            hits=7,
+            last_used=timestamp_pb2.Timestamp(seconds=1_700_000_000),
+            codec="bitdelta",
+            version=1,
         )
         infos = sorted([*self.state.deltas.values(), used], key=lambda d: d.tenant)
         return deltas_pb2.ListDeltasResponse(deltas=[d for d in infos if request.tenant in ("", d.tenant)])
@@ -186,10 +206,21 @@ class FakeDeltas(deltas_pb2_grpc.DeltasServicer):
     def ServerInfo(self, request, context):
         _check(self.state, context)
         return deltas_pb2.ServerInfoResponse(
-            base_model="tiny-llama", architecture="LlamaForCausalLM", base_fingerprint="sha256:abc",
-            codecs=["bitdelta"], version="0.1.0", device="cpu", dtype="float32",
-            limits=deltas_pb2.Limits(max_prompt_tokens=512, max_new_tokens=256, max_context_tokens=1024,
-                                     max_queued_requests=64, max_batch_requests=16, max_message_bytes=4 << 20),
+            base_model="tiny-llama",
+            architecture="LlamaForCausalLM",
+            base_fingerprint="sha256:abc",
+            codecs=["bitdelta"],
+            version="0.1.0",
+            device="cpu",
+            dtype="float32",
+            limits=deltas_pb2.Limits(
+                max_prompt_tokens=512,
+                max_new_tokens=256,
+                max_context_tokens=1024,
+                max_queued_requests=64,
+                max_batch_requests=16,
+                max_message_bytes=4 << 20,
+            ),
         )
 
 
@@ -234,8 +265,18 @@ def _client(fake: FakeServer, **kwargs) -> DeltaServeClient:
 
 
 def test_generate_sends_every_field_and_types_the_result(fake):
-    sampling = SamplingOptions(max_new_tokens=12, temperature=0.7, top_k=5, top_p=0.9, repetition_penalty=1.1,
-                               seed=1234, stop=("\n", "END"), stop_token_ids=(2, 7), ignore_eos=True, logprobs=3)
+    sampling = SamplingOptions(
+        max_new_tokens=12,
+        temperature=0.7,
+        top_k=5,
+        top_p=0.9,
+        repetition_penalty=1.1,
+        seed=1234,
+        stop=("\n", "END"),
+        stop_token_ids=(2, 7),
+        ignore_eos=True,
+        logprobs=3,
+    )
     with _client(fake) as client:
         result = client.generate("hello world", tenant="acme", sampling=sampling, alpha=0.0, request_id="r-9")
         default = client.generate("abc")
@@ -355,7 +396,9 @@ def test_admin_calls_and_health(fake):
         assert not loaded.replaced and loaded.delta.tier is Tier.DEVICE and loaded.delta.pinned
         assert loaded.delta.version == 1 and loaded.delta.bytes == 3 * 1024 * 1024
         swapped = client.load_delta("acme", replace=True)
-        assert swapped.replaced and swapped.delta.version == 2 and swapped.delta.path == "acme.delta.safetensors"
+        assert (
+            swapped.replaced and swapped.delta.version == 2 and swapped.delta.path == "acme.delta.safetensors"
+        )
         with pytest.raises(DeltaServeClientError) as err:
             client.load_delta("acme")
         assert err.value.code == "FAILED_PRECONDITION"

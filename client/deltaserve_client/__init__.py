@@ -1,8 +1,8 @@
 """deltaserve client: torch-free gRPC client, CLI and load generator.
 
-    from deltaserve_client import ClientConfig, DeltaServeClient
-    with DeltaServeClient(ClientConfig("127.0.0.1:50051")) as client:
-        print(client.generate("Hello", tenant="acme").text)
+from deltaserve_client import ClientConfig, DeltaServeClient
+with DeltaServeClient(ClientConfig("127.0.0.1:50051")) as client:
+    print(client.generate("Hello", tenant="acme").text)
 """
 
 from .aio import AsyncDeltaServeClient

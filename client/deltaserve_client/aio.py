@@ -98,7 +98,12 @@ class AsyncDeltaServeClient:
         return _iterate(call)
 
     async def load_delta(
-        self, tenant: str, path: str = "", *, pin: bool = False, replace: bool = False,
+        self,
+        tenant: str,
+        path: str = "",
+        *,
+        pin: bool = False,
+        replace: bool = False,
         timeout: float | None = None,
     ) -> LoadResult:
         """Load tenant's delta from path inside the server's delta store (admin)."""

@@ -35,13 +35,16 @@ EXIT_INTERRUPTED = 130
 def _loadtest_available() -> bool:
     # find_spec of a submodule imports its parent package, so check the parent first.
     parent = LOADTEST_MODULE.rsplit(".", 1)[0]
-    return importlib.util.find_spec(parent) is not None and importlib.util.find_spec(LOADTEST_MODULE) is not None
+    return (
+        importlib.util.find_spec(parent) is not None and importlib.util.find_spec(LOADTEST_MODULE) is not None
+    )
 
 
 def _add_generation_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("prompt", nargs="?", help="prompt text ('-' reads stdin); or use --messages")
-    p.add_argument("--messages", type=Path, metavar="FILE",
-                   help="JSON file with a list of {role, content} chat messages")
+    p.add_argument(
+        "--messages", type=Path, metavar="FILE", help="JSON file with a list of {role, content} chat messages"
+    )
     p.add_argument("--tenant", default="", help="tenant id (default: the base model)")
     p.add_argument("--max-new-tokens", type=int, help="tokens to generate (server default 64)")
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
@@ -57,7 +60,9 @@ def _add_generation_arguments(p: argparse.ArgumentParser) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="deltaserve-client", description=__doc__.splitlines()[0])
-    parser.add_argument("--target", default=DEFAULT_TARGET, help=f"server HOST:PORT (default {DEFAULT_TARGET})")
+    parser.add_argument(
+        "--target", default=DEFAULT_TARGET, help=f"server HOST:PORT (default {DEFAULT_TARGET})"
+    )
     parser.add_argument("--api-key", help=f"API key sent as a bearer token (default: ${API_KEY_ENV})")
     parser.add_argument("--timeout", type=float, default=60.0, help="deadline of each call in seconds")
     parser.add_argument("--json", action="store_true", help="print results as JSON (one object per line)")
@@ -69,8 +74,12 @@ def build_parser() -> argparse.ArgumentParser:
     _add_generation_arguments(p)
     p = sub.add_parser("load", help="load (or hot-swap) a tenant's delta from the delta store (admin)")
     p.add_argument("tenant", help="tenant id")
-    p.add_argument("path", nargs="?", default="",
-                   help="file relative to the delta store (default <tenant>.delta.safetensors)")
+    p.add_argument(
+        "path",
+        nargs="?",
+        default="",
+        help="file relative to the delta store (default <tenant>.delta.safetensors)",
+    )
     p.add_argument("--pin", action="store_true", help="never evict it from the device")
     p.add_argument("--replace", action="store_true", help="hot-swap a tenant already loaded")
     p = sub.add_parser("unload", help="unload a tenant and free its memory (admin)")
@@ -103,13 +112,18 @@ def _read_messages(path: Path) -> list[ChatMessage]:
     try:
         data = json.loads(path.read_text())
     except (OSError, json.JSONDecodeError) as error:
-        raise DeltaServeClientError("INVALID_ARGUMENT", f"cannot read messages file {path}: {error}") from None
+        raise DeltaServeClientError(
+            "INVALID_ARGUMENT", f"cannot read messages file {path}: {error}"
+        ) from None
     if not isinstance(data, list) or not all(
-        isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str) and m["role"]
+        isinstance(m, dict)
+        and isinstance(m.get("role"), str)
+        and isinstance(m.get("content"), str)
+        and m["role"]
         for m in data
     ):
         raise DeltaServeClientError(
-            "INVALID_ARGUMENT", f"{path} must hold a JSON list of {{\"role\": str, \"content\": str}} objects"
+            "INVALID_ARGUMENT", f'{path} must hold a JSON list of {{"role": str, "content": str}} objects'
         )
     return [ChatMessage(role=m["role"], content=m["content"]) for m in data]
 
@@ -140,7 +154,11 @@ def _sampling(args: argparse.Namespace) -> SamplingOptions:
 
 def _generate(client: DeltaServeClient, args: argparse.Namespace) -> int:
     result = client.generate(
-        _prompt(args), tenant=args.tenant, sampling=_sampling(args), alpha=args.alpha, request_id=args.request_id
+        _prompt(args),
+        tenant=args.tenant,
+        sampling=_sampling(args),
+        alpha=args.alpha,
+        request_id=args.request_id,
     )
     print(output.to_json(result) if args.json else result.text)
     return 0
@@ -148,7 +166,11 @@ def _generate(client: DeltaServeClient, args: argparse.Namespace) -> int:
 
 def _stream(client: DeltaServeClient, args: argparse.Namespace) -> int:
     chunks = client.generate_stream(
-        _prompt(args), tenant=args.tenant, sampling=_sampling(args), alpha=args.alpha, request_id=args.request_id
+        _prompt(args),
+        tenant=args.tenant,
+        sampling=_sampling(args),
+        alpha=args.alpha,
+        request_id=args.request_id,
     )
     for chunk in chunks:
         if args.json:

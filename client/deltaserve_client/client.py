@@ -99,7 +99,12 @@ class DeltaServeClient:
         return _iterate(call)
 
     def load_delta(
-        self, tenant: str, path: str = "", *, pin: bool = False, replace: bool = False,
+        self,
+        tenant: str,
+        path: str = "",
+        *,
+        pin: bool = False,
+        replace: bool = False,
         timeout: float | None = None,
     ) -> LoadResult:
         """Load tenant's delta from path inside the server's delta store (admin)."""

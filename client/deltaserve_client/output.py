@@ -37,7 +37,9 @@ def human_bytes(n: int) -> str:
 def delta_line(d: DeltaInfo) -> str:
     """One-line summary of a delta, for load results."""
     pinned = ", pinned" if d.pinned else ""
-    return f"{d.tenant} v{d.version}: {d.tier}, {human_bytes(d.bytes)}{pinned}, loaded in {d.load_seconds:.3f} s"
+    return (
+        f"{d.tenant} v{d.version}: {d.tier}, {human_bytes(d.bytes)}{pinned}, loaded in {d.load_seconds:.3f} s"
+    )
 
 
 def delta_table(deltas: list[DeltaInfo]) -> str:
@@ -48,8 +50,16 @@ def delta_table(deltas: list[DeltaInfo]) -> str:
         last = d.last_used.strftime("%Y-%m-%d %H:%M:%S") if d.last_used else "-"
         rows.append(
             (
-                d.tenant, str(d.tier), human_bytes(d.bytes), "yes" if d.pinned else "no", str(d.in_flight),
-                str(d.hits), last, f"{d.load_seconds:.3f}", str(d.version), d.path,
+                d.tenant,
+                str(d.tier),
+                human_bytes(d.bytes),
+                "yes" if d.pinned else "no",
+                str(d.in_flight),
+                str(d.hits),
+                last,
+                f"{d.load_seconds:.3f}",
+                str(d.version),
+                d.path,
             )
         )
     widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
