@@ -1,0 +1,156 @@
+"""Tenant deltas in the engine: alpha, codecs, slot management, typed errors."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from deltaserve.deltas.merge import merge_state_dict
+from deltaserve.deltas.types import LowRankDelta, SignDelta, TenantDelta
+from deltaserve.engine.types import GenerationRequest, SamplingParams
+from deltaserve.errors import (
+    FailedPreconditionError,
+    InvalidArgumentError,
+    NotFoundError,
+    ResourceExhaustedError,
+)
+from deltaserve.models.checkpoint import load_state_dict, read_config_dict, save_checkpoint
+from test_engine_support import (
+    engine,
+    greedy,
+    hf_greedy,
+    load_delta,
+    make_delta,
+    merged_dir,
+    random_prompts,
+    run,
+    token_ids,
+)
+
+NEW = 8
+
+
+def test_alpha_zero_is_base_and_alpha_two_is_merge_alpha_two(tiny_dir, tmp_path):
+    base, ft = tiny_dir("llama", dense=True)  # embedding / norm / lm_head deltas too
+    path = make_delta(base, ft, tmp_path / "d.delta")
+    eng = engine(base)
+    eng.load_delta("t", load_delta(base, path))
+    prompts = random_prompts([6, 10, 3], seed=5)
+    reqs = []
+    for alpha in (0.0, 1.0, 2.0):
+        reqs += [
+            GenerationRequest(f"{alpha}-{i}", tuple(p), greedy(NEW), tenant="t", alpha=alpha)
+            for i, p in enumerate(prompts)
+        ]
+    outs = run(eng, reqs)  # the three alphas of one tenant share every batch
+    refs = {
+        0.0: hf_greedy(base, prompts, NEW),
+        1.0: hf_greedy(merged_dir(base, path, tmp_path / "m1"), prompts, NEW),
+        2.0: hf_greedy(merged_dir(base, path, tmp_path / "m2", alpha=2.0), prompts, NEW),
+    }
+    assert refs[0.0] != refs[1.0] != refs[2.0]
+    for alpha, ref in refs.items():
+        for i in range(len(prompts)):
+            assert token_ids(outs[f"{alpha}-{i}"]) == ref[i], (alpha, i)
+
+
+def test_raw_and_lowrank_deltas_equal_their_merges(tiny_dir, tmp_path):
+    base, ft = tiny_dir("qwen2")
+    raw = load_delta(base, make_delta(base, ft, tmp_path / "raw.delta", codec="raw"))
+    low = TenantDelta(meta=raw.meta)
+    for name, d in raw.linears.items():
+        u, s, vh = torch.linalg.svd(d.decode(), full_matrices=False)
+        low.linears[name] = LowRankDelta(vh[:8], u[:, :8] * s[:8], d.out_features, d.in_features)
+    low_dir = tmp_path / "m-low"
+    save_checkpoint(merge_state_dict(load_state_dict(base), low), read_config_dict(base), low_dir, base)
+    eng = engine(base)
+    eng.load_delta("raw", raw)
+    eng.load_delta("low", low)
+    assert eng.delta_bytes("raw") > eng.delta_bytes("low") > 0
+    prompts = random_prompts([7, 4], seed=8)
+    reqs = [GenerationRequest(f"{t}{i}", tuple(p), greedy(NEW), tenant=t) for t in ("raw", "low")
+            for i, p in enumerate(prompts)]
+    outs = run(eng, reqs)
+    for tenant, ref_dir in (("raw", ft), ("low", low_dir)):
+        for i, ref in enumerate(hf_greedy(ref_dir, prompts, NEW)):
+            assert token_ids(outs[f"{tenant}{i}"]) == ref, (tenant, i)
+
+
+def test_slot_lifecycle_and_errors(tiny_dir, tmp_path):
+    base, ft = tiny_dir("llama")
+    delta = load_delta(base, make_delta(base, ft, tmp_path / "d.delta"))
+    eng = engine(base, max_slots=2)
+    eng.load_delta("a", delta)
+    eng.load_delta("b", delta)
+    with pytest.raises(ResourceExhaustedError):
+        eng.load_delta("c", delta)
+    with pytest.raises(FailedPreconditionError):
+        eng.load_delta("a", delta)
+    assert eng.resident_tenants() == ["a", "b"]
+    assert eng.delta_bytes("a") == delta.nbytes()
+    lin = eng.model.delta_linears()["model.layers.0.self_attn.q_proj"]
+    assert lin.packed.shape[0] == 2
+    eng.add_request(GenerationRequest("r", (5, 6, 7), greedy(4), tenant="b"))
+    with pytest.raises(FailedPreconditionError):
+        eng.unload_delta("b")
+    eng.unload_delta("a")
+    assert eng.resident_tenants() == ["b"]
+    with pytest.raises(NotFoundError):
+        eng.add_request(GenerationRequest("r2", (5, 6, 7), greedy(4), tenant="a"))
+    with pytest.raises(NotFoundError):
+        eng.delta_bytes("a")
+    while eng.has_unfinished():
+        eng.step()
+    eng.unload_delta("b")
+    assert lin.packed is None and lin.scales is None  # unload really frees the stacked buffers
+    bad = TenantDelta(meta=delta.meta, linears={
+        "model.layers.0.self_attn.q_proj": SignDelta(
+            torch.zeros(32, 1, dtype=torch.int32), torch.tensor(0.1), 32, 32
+        )
+    })
+    with pytest.raises(FailedPreconditionError):
+        eng.load_delta("bad", bad)
+    unknown = TenantDelta(meta=delta.meta, dense={"model.nope.weight": torch.ones(3)})
+    with pytest.raises(FailedPreconditionError):
+        eng.load_delta("bad", unknown)
+    assert eng.resident_tenants() == []
+
+
+def test_request_validation_errors(tiny_dir):
+    base, _ = tiny_dir("llama")
+    eng = engine(base, max_model_len=32, max_waiting=2)
+    cases = [
+        GenerationRequest("long", tuple(range(4, 36)), greedy(4)),
+        GenerationRequest("empty", (), greedy(4)),
+        GenerationRequest("vocab", (5, 999), greedy(4)),
+        GenerationRequest("temp", (5, 6), SamplingParams(temperature=-1.0)),
+        GenerationRequest("topp", (5, 6), SamplingParams(top_p=0.0)),
+        GenerationRequest("alpha", (5, 6), greedy(4), alpha=float("nan")),
+    ]
+    for req in cases:
+        with pytest.raises(InvalidArgumentError):
+            eng.add_request(req)
+    with pytest.raises(NotFoundError):
+        eng.add_request(GenerationRequest("who", (5, 6), greedy(4), tenant="ghost"))
+    eng.add_request(GenerationRequest("q1", (5, 6), greedy(4)))
+    with pytest.raises(InvalidArgumentError):
+        eng.add_request(GenerationRequest("q1", (5, 6), greedy(4)))
+    eng.add_request(GenerationRequest("q2", (5, 6), greedy(4)))
+    with pytest.raises(ResourceExhaustedError):
+        eng.add_request(GenerationRequest("q3", (5, 6), greedy(4)))
+    assert eng.stats().num_waiting == 2
+
+
+def test_swap_base_weights_runs_the_other_checkpoint(tiny_dir):
+    base, ft = tiny_dir("mistral")
+    eng = engine(base)
+    prompts = random_prompts([5, 9], seed=2)
+    eng.add_request(GenerationRequest("busy", tuple(prompts[0]), greedy(3)))
+    eng.step()
+    with pytest.raises(FailedPreconditionError):
+        eng.swap_base_weights(ft)
+    while eng.has_unfinished():
+        eng.step()
+    eng.swap_base_weights(ft)
+    outs = run(eng, [GenerationRequest(f"r{i}", tuple(p), greedy(NEW)) for i, p in enumerate(prompts)])
+    for i, ref in enumerate(hf_greedy(ft, prompts, NEW)):
+        assert token_ids(outs[f"r{i}"]) == ref
