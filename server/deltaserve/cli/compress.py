@@ -85,7 +85,7 @@ def run(args: argparse.Namespace) -> int:
     print(f"  codec {report.codec} {json.dumps(report.codec_params)}; base {report.base_architecture}")
     print(f"  base fingerprint {report.base_fingerprint}")
     print(f"  {report.linears} block linears compressed; {len(report.dense)} dense tensors differ")
-    print(f"  {fp16_total / max(report.file_bytes, 1):.1f}x smaller than the fine-tune in fp16")
+    print(f"  compression {fp16_total / max(report.file_bytes, 1):.1f}x vs the whole fine-tune in fp16")
     if report.distill:
         d = report.distill
         print(f"  scale distillation: logit MSE {d['mse_before']:.6g} -> {d['mse_after']:.6g}")

@@ -107,10 +107,10 @@ def _print_human(r: dict) -> None:
     if f["linear_fp16_bytes"]:
         sign_ratio = q["sign_bits_vs_linear_fp16"]
         print(f"  vs fine-tune     linears in fp16 {human_bytes(f['linear_fp16_bytes'])}: "
-              f"{q['linear_fp16_over_linear_part']:.1f}x smaller"
+              f"compression {q['linear_fp16_over_linear_part']:.1f}x"
               + (f" (sign bits = 1/{1 / sign_ratio:.1f} of it)" if sign_ratio else ""))
         print(f"                   whole model in fp16 {human_bytes(f['model_fp16_bytes'])}: "
-              f"{q['model_fp16_over_file']:.1f}x smaller than the file")
+              f"compression {q['model_fp16_over_file']:.1f}x (whole file)")
     distill = r["stats"].get("distill")
     if distill:
         print(f"  distilled        logit MSE {distill['mse_before']:.6g} -> {distill['mse_after']:.6g}")

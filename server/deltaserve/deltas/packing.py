@@ -11,17 +11,26 @@ def pack_signs(delta: torch.Tensor) -> torch.Tensor:
     """Signs of delta [N, K] -> int32 [N, ceil(K/32)]; bit set means delta >= 0 (+1)."""
     if delta.dim() != 2:
         raise ValueError(f"pack_signs expects a 2-D matrix, got shape {tuple(delta.shape)}")
-    n, k = delta.shape
+    return pack_bits(delta >= 0)
+
+
+def pack_bits(mask: torch.Tensor) -> torch.Tensor:
+    """bool [N, K] -> int32 [N, ceil(K/32)] in the sign layout (bit j of word w = column 32w + j)."""
+    if mask.dim() != 2 or mask.dtype != torch.bool:
+        raise ValueError(f"pack_bits expects a 2-D bool matrix, got {mask.dtype} {tuple(mask.shape)}")
+    n, k = mask.shape
     words = (k + PACK_WIDTH - 1) // PACK_WIDTH
-    bits = (delta >= 0).to(torch.int64)
-    pad = words * PACK_WIDTH - k
-    if pad:
-        bits = torch.nn.functional.pad(bits, (0, pad))
-    bits = bits.view(n, words, PACK_WIDTH)
-    shifts = torch.arange(PACK_WIDTH, dtype=torch.int64, device=delta.device)
-    packed = (bits << shifts).sum(dim=-1)  # values in [0, 2^32)
-    packed = torch.where(packed >= 2**31, packed - 2**32, packed)
-    return packed.to(torch.int32)
+    out = torch.empty(n, words, dtype=torch.int32, device=mask.device)
+    shifts = torch.arange(PACK_WIDTH, dtype=torch.int64, device=mask.device)
+    rows = max(1, (1 << 22) // max(k, 1))  # bound the int64 temporaries to ~32 MiB
+    for r in range(0, n, rows):
+        bits = mask[r : r + rows].to(torch.int64)
+        pad = words * PACK_WIDTH - k
+        if pad:
+            bits = torch.nn.functional.pad(bits, (0, pad))
+        packed = (bits.view(-1, words, PACK_WIDTH) << shifts).sum(dim=-1)  # values in [0, 2^32)
+        out[r : r + rows] = torch.where(packed >= 2**31, packed - 2**32, packed).to(torch.int32)
+    return out
 
 
 def unpack_signs(packed: torch.Tensor, k: int) -> torch.Tensor:
@@ -35,3 +44,8 @@ def unpack_signs(packed: torch.Tensor, k: int) -> torch.Tensor:
     bits = (packed.unsqueeze(-1) >> shifts) & 1  # [N, W, 32]
     signs = bits.view(n, words * PACK_WIDTH)[:, :k].to(torch.int8) * 2 - 1
     return signs
+
+
+def unpack_bits(packed: torch.Tensor, k: int) -> torch.Tensor:
+    """int32 [N, W] -> bool [N, k] (inverse of pack_bits)."""
+    return unpack_signs(packed, k) > 0

@@ -11,11 +11,17 @@ import json
 
 from deltaserve.deltas.codecs.base import Codec
 from deltaserve.deltas.codecs.bitdelta import BitDeltaCodec
+from deltaserve.deltas.codecs.bitdelta_mb import MultiBitDeltaCodec
+from deltaserve.deltas.codecs.dare import DareCodec
+from deltaserve.deltas.codecs.lowrank import LowRankCodec
 from deltaserve.deltas.codecs.raw import RawCodec
 from deltaserve.errors import DeltaFormatError, InvalidArgumentError
 
 CODECS: dict[str, type[Codec]] = {
     BitDeltaCodec.name: BitDeltaCodec,
+    MultiBitDeltaCodec.name: MultiBitDeltaCodec,
+    DareCodec.name: DareCodec,
+    LowRankCodec.name: LowRankCodec,
     RawCodec.name: RawCodec,
 }
 
