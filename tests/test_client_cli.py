@@ -30,12 +30,15 @@ def test_generate_prints_text_and_passes_options(fake, capsys):
         capsys, "--target", fake.target, "generate", "hello there", "--tenant", "acme",
         "--max-new-tokens", "9", "--temperature", "0.5", "--top-p", "0.8", "--top-k", "4",
         "--seed", "7", "--alpha", "0", "--stop", "END", "--stop", "\n",
+        "--repetition-penalty", "1.2", "--ignore-eos", "--logprobs", "2",
     )  # fmt: skip
     assert (code, out, err) == (0, "[acme] er\n", "")
     req = fake.state.requests[-1]
     assert req.sampling.max_new_tokens == 9 and req.sampling.seed == 7 and req.sampling.top_k == 4
     assert req.sampling.top_p == pytest.approx(0.8) and req.sampling.temperature == pytest.approx(0.5)
     assert list(req.sampling.stop) == ["END", "\n"]
+    assert req.sampling.repetition_penalty == pytest.approx(1.2) and req.sampling.ignore_eos
+    assert req.sampling.logprobs == 2
     assert req.HasField("alpha") and req.alpha == 0.0
     code, out, _ = run_cli(capsys, "--target", fake.target, "generate", "abc")
     assert out == "[base] cba\n" and not fake.state.requests[-1].HasField("alpha")

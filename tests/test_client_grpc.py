@@ -51,6 +51,20 @@ def fake_completion(req: generation_pb2.GenerateRequest) -> tuple[str, bool]:
     return text[:limit], len(text) > limit
 
 
+def fake_logprobs(text: str, top: int) -> list[generation_pb2.TokenLogprob]:
+    """Canned log-probabilities: token ord(c) at -0.5, then `top` candidates ord(c)+k at -0.5-k."""
+    if top == 0:
+        return []
+    return [
+        generation_pb2.TokenLogprob(
+            token_id=ord(c),
+            logprob=-0.5,
+            top=[generation_pb2.TopLogprob(token_id=ord(c) + k, logprob=-0.5 - k) for k in range(top)],
+        )
+        for c in text
+    ]
+
+
 @dataclass
 class FakeState:
     """What the fake server saw and how it should misbehave."""
@@ -132,6 +146,7 @@ class FakeGeneration(generation_pb2_grpc.GenerationServicer):
                 time_to_first_token_seconds=0.5,
                 total_time_seconds=1.0,
             ),
+            logprobs=fake_logprobs(text, request.sampling.logprobs),
         )
 
     def GenerateStream(self, request, context):
@@ -294,6 +309,9 @@ def test_generate_sends_every_field_and_types_the_result(fake):
     assert result.text == "[acme] dlrow olleh"[:12] and result.finish_reason is FinishReason.LENGTH
     assert result.token_ids == tuple(ord(c) for c in result.text) and result.request_id == "r-9"
     assert result.usage is not None and result.usage.queue_time_seconds == 0.25
+    assert len(result.logprobs) == len(result.text) and result.logprobs[0].token_id == ord("[")
+    assert result.logprobs[1].top == ((ord("a"), -0.5), (ord("a") + 1, -1.5), (ord("a") + 2, -2.5))
+    assert default.logprobs == ()
     assert default.text == "[base] cba" and default.finish_reason is FinishReason.STOP
 
 

@@ -55,6 +55,13 @@ def _add_generation_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--alpha", type=float, help="delta strength (default 1: the fine-tune; 0: base)")
     p.add_argument("--stop", action="append", default=[], metavar="TEXT", help="stop string (repeatable)")
     p.add_argument("--ignore-eos", action="store_true", help="keep generating past end-of-sequence")
+    p.add_argument(
+        "--logprobs",
+        type=int,
+        default=0,
+        metavar="N",
+        help="return the N most likely tokens' log-probabilities per token (see --json)",
+    )
     p.add_argument("--request-id", help="request id echoed in responses and server logs")
 
 
@@ -147,6 +154,7 @@ def _sampling(args: argparse.Namespace) -> SamplingOptions:
             seed=args.seed,
             stop=tuple(args.stop),
             ignore_eos=args.ignore_eos,
+            logprobs=args.logprobs,
         )
     except ValueError as error:
         raise DeltaServeClientError("INVALID_ARGUMENT", str(error)) from None
