@@ -1,0 +1,90 @@
+"""Continuous batching: batch invariance, chunked prefill, preemption, aborts, block accounting."""
+
+from __future__ import annotations
+
+from deltaserve.engine.types import FinishReason, GenerationRequest, SamplingParams
+from test_engine_support import engine, greedy, load_delta, make_delta, random_prompts, run, token_ids
+
+NEW = 10
+
+
+def _crowd(prefix, prompts, tenants, sampling):
+    return [
+        GenerationRequest(f"{prefix}{i}", tuple(p), sampling, tenant=t)
+        for i, (p, t) in enumerate(zip(prompts, tenants, strict=True))
+    ]
+
+
+def test_batch_invariance_greedy_and_seeded(tiny_dir, tmp_path):
+    base, ft = tiny_dir("llama")
+    delta = load_delta(base, make_delta(base, ft, tmp_path / "d.delta"))
+    eng = engine(base)
+    eng.load_delta("a", delta)
+    target = random_prompts([9], seed=21)[0]
+    seeded = SamplingParams(
+        max_new_tokens=NEW, temperature=0.9, top_k=40, top_p=0.95, seed=1234, ignore_eos=True
+    )
+    probes = [
+        GenerationRequest("g", tuple(target), greedy(NEW), tenant="a"),
+        GenerationRequest("s", tuple(target), seeded, tenant="a"),
+    ]
+    alone = {r.request_id: token_ids(run(eng, [r])[r.request_id]) for r in probes}
+    crowd_prompts = random_prompts([3, 14, 6, 1, 11, 8], seed=22)
+    crowd = _crowd("c", crowd_prompts, [None, "a", "a", None, "a", None], greedy(NEW))
+    crowd += _crowd("d", random_prompts([5, 7], seed=23), ["a", None],
+                    SamplingParams(max_new_tokens=NEW, temperature=1.0, seed=9, ignore_eos=True))
+    outs = run(eng, crowd + probes, join_at={"g": 2, "s": 3})
+    for r in probes:
+        assert token_ids(outs[r.request_id]) == alone[r.request_id], r.request_id
+    other_seed = GenerationRequest("s2", tuple(target), SamplingParams(
+        max_new_tokens=NEW, temperature=0.9, top_k=40, top_p=0.95, seed=99, ignore_eos=True), tenant="a")
+    assert token_ids(run(eng, [other_seed])["s2"]) != alone["s"]
+
+
+def test_preemption_and_chunked_prefill_keep_outputs(tiny_dir):
+    base, _ = tiny_dir("qwen2")
+    prompts = random_prompts([13, 5, 9, 17, 2, 7], seed=31)
+    reqs = [GenerationRequest(f"r{i}", tuple(p), greedy(12)) for i, p in enumerate(prompts)]
+    roomy = {k: token_ids(v) for k, v in run(engine(base), reqs).items()}
+    tight = engine(base, num_kv_blocks=10, max_num_batched_tokens=6)  # 40 token rows for 6 requests
+    outs = run(tight, reqs)
+    assert {k: token_ids(v) for k, v in outs.items()} == roomy
+    assert tight.stats().num_preemptions > 0
+    assert tight.stats().kv_blocks_used == 0
+    assert all(v[-1].finish_reason == FinishReason.LENGTH for v in outs.values())
+
+
+def test_abort_frees_blocks_and_reports(tiny_dir):
+    base, _ = tiny_dir("llama")
+    eng = engine(base, max_num_seqs=2)
+    prompts = random_prompts([6, 8, 4], seed=41)
+    for i, p in enumerate(prompts):
+        eng.add_request(GenerationRequest(f"r{i}", tuple(p), greedy(50)))
+    for _ in range(3):
+        eng.step()
+    stats = eng.stats()
+    assert stats.num_running == 2 and stats.num_waiting == 1 and stats.kv_blocks_used > 0
+    assert stats.last_step_seqs == 2 and stats.running_tenants == ("", "")
+    finals = [eng.abort(f"r{i}") for i in range(3)]
+    assert all(f.finished and f.finish_reason == FinishReason.ABORT for f in finals)
+    assert eng.abort("r0") is None
+    assert not eng.has_unfinished()
+    assert eng.stats().kv_blocks_used == 0
+    assert eng.step() == []
+
+
+def test_step_groups_tenants_into_segments(tiny_dir, tmp_path):
+    base, ft = tiny_dir("llama")
+    delta = load_delta(base, make_delta(base, ft, tmp_path / "d.delta"))
+    eng = engine(base)
+    eng.load_delta("a", delta)
+    eng.load_delta("b", delta)
+    prompts = random_prompts([3, 4, 5, 6, 7], seed=51)
+    for i, (p, t) in enumerate(zip(prompts, ["a", None, "b", "a", "b"], strict=True)):
+        eng.add_request(GenerationRequest(f"r{i}", tuple(p), greedy(2), tenant=t))
+    scheduled = eng.scheduler.schedule().scheduled
+    batch, _ = eng.runner.build(scheduled)
+    seg = batch.delta_segments
+    assert len(seg) == 2 and seg.lengths_list == (3 + 6, 5 + 7)
+    assert seg.starts_list == (4, 13)  # base tokens first, then each tenant contiguous
+    assert batch.sign_segments.starts_list == seg.starts_list
