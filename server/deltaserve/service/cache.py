@@ -14,6 +14,8 @@ Contract:
 - Host tier: packed copies kept in RAM (up to `host_bytes`, LRU) so that a
   version evicted from the device comes back without a disk read. The host tier
   is inclusive: a device-resident version may also hold a host copy.
+- `load` of a registered tenant from the same file warms (and optionally pins) it;
+  from another file it needs replace=True.
 - Hot swap: `load(..., replace=True)` makes the new version resident first, then
   switches the current pointer; leases taken before the switch keep the old
   engine key, which is unloaded when its last lease ends. Engine keys are
@@ -299,6 +301,15 @@ class DeltaCache:
         rel = str(path.relative_to(self.config.store.resolve()))
         async with self._admin_lock:
             old = self._current.get(tenant)
+            if old is not None and not replace and old.path == path:
+                # the same file again (e.g. a tenant registered from the store): warm it, maybe pin it
+                old.pinned = old.pinned or pin
+                old.refs += 1
+                try:
+                    await self._ensure_device(old)
+                finally:
+                    await self._release(old)
+                return self.status(tenant)[0], False
             if old is not None and not replace:
                 raise FailedPreconditionError(
                     f"tenant {tenant!r} is already loaded (version {old.version}); "
@@ -453,10 +464,24 @@ class DeltaCache:
         candidates = [o for o in self._all if o.on_device and o.refs == 0 and not o.pinned]
         return min(candidates, key=lambda o: o.last_touch, default=None)
 
-    async def _evict_device(self, v: _Version) -> None:
-        await self._sink.unload_delta(v.key)
+    async def _unload_device(self, v: _Version) -> None:
+        """Take `v` off the device. It stops counting as resident *before* the await, so no new
+        lease can pick it up mid-unload, while its bytes and slot stay reserved until the engine
+        has let go."""
+        if not v.on_device:
+            return
         v.on_device = False
-        v.device_bytes = 0
+        freed, v.device_bytes = v.device_bytes, 0
+        self._device_reserved += freed
+        self._reserved_entries += 1
+        try:
+            await self._sink.unload_delta(v.key)
+        finally:
+            self._device_reserved -= freed
+            self._reserved_entries -= 1
+
+    async def _evict_device(self, v: _Version) -> None:
+        await self._unload_device(v)
         if self._metrics is not None:
             self._metrics.cache_evictions.labels("device").inc()
         self._publish()
@@ -492,10 +517,7 @@ class DeltaCache:
         return True
 
     async def _drop(self, v: _Version) -> None:
-        if v.on_device:
-            await self._sink.unload_delta(v.key)
-            v.on_device = False
-            v.device_bytes = 0
+        await self._unload_device(v)
         v.host = None
         v.host_bytes = 0
         self._all.discard(v)

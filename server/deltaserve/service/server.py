@@ -177,8 +177,11 @@ def _mib(n: int) -> str:
     return f"{n / 2**20:.0f} MiB"
 
 
-async def start_server(config: ServerConfig, engine: object | None = None) -> RunningServer:
-    """Start serving `config` (building the engine with `make_engine` unless one is given)."""
+async def start_server(
+    config: ServerConfig, engine: object | None = None, source: DeltaSource | None = None
+) -> RunningServer:
+    """Start serving `config`. `engine` defaults to `make_engine(config)`; `source` (how delta
+    files are read) to `file_source` checked against the base's fingerprint and config."""
     from deltaserve import __version__
 
     metrics = ServerMetrics(config.metrics_max_tenants)
@@ -211,7 +214,7 @@ async def start_server(config: ServerConfig, engine: object | None = None) -> Ru
     cache = DeltaCache(
         CacheConfig(config.deltas, config.device_cache_bytes, config.host_cache_bytes, max_tenants),
         engine,
-        file_source(base, config.dtype),
+        source or file_source(base, config.dtype),
         metrics,
     )
     limits = RequestLimits(config.max_prompt_tokens, config.max_new_tokens, config.max_queue, max_tenants)
