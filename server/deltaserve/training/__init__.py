@@ -1,0 +1,1 @@
+"""Full-parameter fine-tuning on the CPU (see `trainer.finetune`)."""
