@@ -37,7 +37,7 @@ class CpuKernelConfig:
     """
 
     gemm_min_tokens: int = 16
-    row_tile: int = 128
+    row_tile: int = 64
     isa_cap: int = ISA_AVX512
 
     def __post_init__(self) -> None:

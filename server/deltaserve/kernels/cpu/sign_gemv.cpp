@@ -154,7 +154,7 @@ void row_dot_any(Isa isa, int tb, const float* const* xs, const uint32_t* words,
 }
 
 // Unpack rows of signs into +-1 fp32: out [rows, 32 * W].
-void unpack_rows(const uint32_t* words, int64_t rows, int64_t W, float* out) {
+void unpack_rows_scalar(const uint32_t* words, int64_t rows, int64_t W, float* out) {
   const uint32_t one = 0x3f800000u;  // 1.0f
   for (int64_t r = 0; r < rows; ++r) {
     const uint32_t* wr = words + r * W;
@@ -166,6 +166,32 @@ void unpack_rows(const uint32_t* words, int64_t rows, int64_t W, float* out) {
         std::memcpy(o + 32 * w + j, &u, 4);
       }
     }
+  }
+}
+
+__attribute__((target("avx2"))) void unpack_rows_avx2(const uint32_t* words, int64_t rows, int64_t W,
+                                                      float* out) {
+  const __m256i sh0 = _mm256_setr_epi32(31, 30, 29, 28, 27, 26, 25, 24);
+  const __m256i eight = _mm256_set1_epi32(8);
+  const __m256i sign = _mm256_set1_epi32(static_cast<int>(0x80000000u));
+  const __m256i one = _mm256_set1_epi32(0x3f800000);
+  const int64_t total = rows * W;
+  for (int64_t i = 0; i < total; ++i) {
+    const __m256i wv = _mm256_set1_epi32(static_cast<int>(words[i]));
+    __m256i sh = sh0;
+    for (int c = 0; c < 4; ++c) {
+      const __m256i m = _mm256_andnot_si256(_mm256_sllv_epi32(wv, sh), sign);
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + 32 * i + 8 * c), _mm256_or_si256(m, one));
+      sh = _mm256_sub_epi32(sh, eight);
+    }
+  }
+}
+
+void unpack_rows(Isa isa, const uint32_t* words, int64_t rows, int64_t W, float* out) {
+  if (isa == Isa::kScalar) {
+    unpack_rows_scalar(words, rows, W, out);
+  } else {
+    unpack_rows_avx2(words, rows, W, out);
   }
 }
 
@@ -214,26 +240,29 @@ void run_gemv_segments(Isa isa, const std::vector<Segment>& segs, const float* x
 }
 
 template <typename T>
-void run_gemm_segment(const Segment& sg, const at::Tensor& xpad, const uint32_t* packed, int64_t N,
+void run_gemm_segment(Isa isa, const Segment& sg, const at::Tensor& xpad, const uint32_t* packed, int64_t N,
                       int64_t W, T* y, int64_t y_stride, int64_t row_tile) {
   const int64_t Kp = 32 * W;
   const at::Tensor xs = xpad.narrow(0, sg.start, sg.length);  // [L, Kp] fp32
   const uint32_t* base = packed + sg.slot * N * W;
-  at::Tensor tile = at::empty({row_tile, Kp}, xpad.options());
-  at::Tensor out = at::empty({sg.length, row_tile}, xpad.options());
-  for (int64_t r0 = 0; r0 < N; r0 += row_tile) {
-    const int64_t rows = std::min(row_tile, N - r0);
-    // unpack in parallel (rows split over threads), then one BLAS GEMM
-    at::parallel_for(0, rows, 8, [&](int64_t b, int64_t e) {
-      unpack_rows(base + (r0 + b) * W, e - b, W, tile.data_ptr<float>() + b * Kp);
-    });
-    at::Tensor o = out.narrow(1, 0, rows);
-    at::mm_out(o, xs, tile.narrow(0, 0, rows).t());
-    const float* op = out.data_ptr<float>();
-    for (int64_t t = 0; t < sg.length; ++t)
-      for (int64_t r = 0; r < rows; ++r)
-        emit<T>(y + (sg.start + t) * y_stride + r0 + r, sg.factor, op[t * row_tile + r]);
-  }
+  const int64_t tiles = (N + row_tile - 1) / row_tile;
+  // one parallel region: each thread unpacks its own tile of rows to +-1 and runs a
+  // single-threaded GEMM on it (nested parallelism is off inside at::parallel_for)
+  at::parallel_for(0, tiles, 1, [&](int64_t begin, int64_t end) {
+    at::Tensor tile = at::empty({row_tile, Kp}, xpad.options());
+    at::Tensor out = at::empty({sg.length, row_tile}, xpad.options());
+    for (int64_t it = begin; it < end; ++it) {
+      const int64_t r0 = it * row_tile;
+      const int64_t rows = std::min(row_tile, N - r0);
+      unpack_rows(isa, base + r0 * W, rows, W, tile.data_ptr<float>());
+      at::Tensor o = out.narrow(1, 0, rows);
+      at::mm_out(o, xs, tile.narrow(0, 0, rows).t());
+      const float* op = out.data_ptr<float>();
+      for (int64_t t = 0; t < sg.length; ++t)
+        for (int64_t r = 0; r < rows; ++r)
+          emit<T>(y + (sg.start + t) * y_stride + r0 + r, sg.factor, op[t * row_tile + r]);
+    }
+  });
 }
 
 template <typename T>
@@ -243,7 +272,7 @@ void dispatch_typed(Isa isa, const std::vector<Segment>& gemv, const std::vector
   T* yp = y.data_ptr<T>();
   const int64_t ys = y.stride(0);
   if (!gemv.empty()) run_gemv_segments<T>(isa, gemv, xpad.data_ptr<float>(), 32 * W, packed, N, W, yp, ys);
-  for (const Segment& sg : gemm) run_gemm_segment<T>(sg, xpad, packed, N, W, yp, ys, row_tile);
+  for (const Segment& sg : gemm) run_gemm_segment<T>(isa, sg, xpad, packed, N, W, yp, ys, row_tile);
 }
 
 }  // namespace
