@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
 import torch
@@ -16,6 +17,7 @@ from deltaserve.deltas.types import SignDelta
 from deltaserve.errors import DeltaFormatError, FingerprintMismatchError, NotFoundError
 from deltaserve.models.checkpoint import load_state_dict, read_config_dict
 from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 
 
 def _compress(tiny_dir, tmp_path, arch="llama", dense=True, codec="bitdelta", **opts):
@@ -150,3 +152,39 @@ def test_merge_loads_in_transformers_and_generates(tiny_dir, tmp_path, arch):
     for n, p in model.state_dict().items():
         if n in expected:
             assert torch.equal(p, expected[n]), n
+
+
+def _to_sharded_bf16(src, dst):
+    """A copy of checkpoint `src` in bf16, split over two safetensors shards with an index."""
+    shutil.copytree(src, dst)
+    state = {k: v.to(torch.bfloat16) for k, v in load_file(dst / "model.safetensors").items()}
+    (dst / "model.safetensors").unlink()
+    names = sorted(state)
+    weight_map = {}
+    for i, keys in enumerate((names[::2], names[1::2])):
+        fname = f"model-0000{i + 1}-of-00002.safetensors"
+        save_file({k: state[k] for k in keys}, dst / fname, metadata={"format": "pt"})
+        weight_map.update(dict.fromkeys(keys, fname))
+    (dst / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    cfg = json.loads((dst / "config.json").read_text())
+    cfg["torch_dtype"] = cfg["dtype"] = "bfloat16"
+    (dst / "config.json").write_text(json.dumps(cfg))
+    return dst
+
+
+def test_sharded_bf16_checkpoints_compress_and_merge_in_their_dtype(tiny_dir, tmp_path):
+    base32, ft32 = tiny_dir("mistral", dense=True)
+    base = _to_sharded_bf16(base32, tmp_path / "base")
+    ft = _to_sharded_bf16(ft32, tmp_path / "ft")
+    out = tmp_path / "bf16.delta.safetensors"
+    report = compress(CompressConfig(base, ft, out, make_codec("raw", {"dtype": "float32"}), progress=False))
+    assert report.linears == 14
+    merged = tmp_path / "merged"
+    merge(base, out, merged, alpha=1.0, progress=False)
+    f, m = load_state_dict(ft), load_state_dict(merged)
+    for n, t in f.items():
+        assert m[n].dtype == torch.bfloat16
+        assert torch.equal(m[n], t), n  # fp32 differences of bf16 weights are exact
+    merge(base, out, tmp_path / "m0", alpha=0.0, progress=False)
+    b, m0 = load_state_dict(base), load_state_dict(tmp_path / "m0")
+    assert all(torch.equal(b[n].view(torch.int16), m0[n].view(torch.int16)) for n in b)
