@@ -202,6 +202,7 @@ class LLMEngine:
             self._last = (0, 0, 0)
             return []
         logits, sampled = self.runner.execute(sched.scheduled)
+        logits = logits.cpu()  # sampling runs on the host with per-request CPU generators
         now = time.monotonic()
         tenants = set()
         for seq, n in sched.scheduled:
