@@ -44,7 +44,16 @@ _SCRIPT = textwrap.dedent(
             if got.dtype != dtype or not torch.allclose(got.float(), want.float(), rtol=rtol, atol=atol):
                 err = (got.float() - want.float()).abs().max().item()
                 failures.append(f"{fn.__name__} case {i}: max err {err}")
-    print(json.dumps({"failures": failures, "cases": i + 1}))
+    # every autotune config once, pinned, on a case larger than the small blocks and ragged for the big
+    case = make_case(300, 70, [3, 0, 20], 2, "uniform", torch.float16, seed=99)
+    want = sign_delta_matmul_ref(case.x, case.y.clone(), case.packed, case.scales, case.segments)
+    pinned = [(triton_sign.sign_delta_decode, c) for c in triton_sign.DECODE_CONFIGS]
+    pinned += [(triton_sign.sign_delta_prefill, c) for c in triton_sign.PREFILL_CONFIGS]
+    for fn, cfg in pinned:
+        got = fn(case.x, case.y.clone(), case.packed, case.scales, case.segments, config=cfg)
+        if not torch.allclose(got.float(), want.float(), rtol=2e-3, atol=2e-3):
+            failures.append(f"{fn.__name__} config {cfg}")
+    print(json.dumps({"failures": failures, "cases": i + 1, "configs": len(pinned)}))
     """
 )
 

@@ -37,7 +37,7 @@ from deltaserve.kernels.segments import Segments
 def _decode_kernel(
     x_ptr, y_ptr, packed_ptr, scales_ptr,
     starts_ptr, lengths_ptr, slots_ptr, alphas_ptr,
-    N, K, KW,
+    N, K, KW, G_BUCKET,
     stride_xt, stride_yt, stride_ps, stride_pn,
     BLOCK_N: tl.constexpr, BLOCK_KW: tl.constexpr,
 ):
@@ -115,12 +115,14 @@ def _prefill_kernel(
     tl.store(y_ptrs, out, mask=mask)
 
 
-_DECODE_CONFIGS = [
+DECODE_CONFIGS = [
     triton.Config({"BLOCK_N": bn, "BLOCK_KW": bkw}, num_warps=w)
-    for bn, bkw, w in ((16, 4, 4), (16, 8, 4), (32, 4, 4), (32, 8, 8), (64, 4, 8), (8, 8, 4))
+    for bn, bkw, w in (
+        (16, 4, 4), (16, 8, 4), (16, 16, 4), (32, 8, 4), (32, 16, 8), (64, 8, 8), (8, 16, 4), (8, 8, 2),
+    )
 ]
 
-_PREFILL_CONFIGS = [
+PREFILL_CONFIGS = [
     triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=s)
     for bm, bn, bk, w, s in (
         (16, 32, 32, 4, 2),
@@ -142,8 +144,8 @@ def _tuned(kernel_name: str):
     """The autotuned kernel, built at first use (reads triton's interpreter switch then, not at import)."""
     interpret = bool(triton.knobs.runtime.interpret)
     fn, configs, key = {
-        "decode": (_decode_kernel, _DECODE_CONFIGS, ["N", "K"]),
-        "prefill": (_prefill_kernel, _PREFILL_CONFIGS, ["N", "K", "M_BUCKET"]),
+        "decode": (_decode_kernel, DECODE_CONFIGS, ["N", "K", "G_BUCKET"]),
+        "prefill": (_prefill_kernel, PREFILL_CONFIGS, ["N", "K", "M_BUCKET"]),
     }[kernel_name]
     # restore_value: benchmarking runs the kernel several times; y is updated in place
     return triton.autotune(
@@ -161,10 +163,21 @@ def _common(x, y, packed, scales, segments: Segments):
     return packed, scales
 
 
+def _launcher(kernel_name: str, config: triton.Config | None):
+    """The autotuned kernel, or the plain kernel pinned to one config (kwargs) when one is given."""
+    if config is None:
+        return _tuned(kernel_name), {}
+    fn = {"decode": _decode_kernel, "prefill": _prefill_kernel}[kernel_name]
+    return fn, dict(config.all_kwargs())
+
+
 def sign_delta_decode(
-    x: torch.Tensor, y: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, segments: Segments
+    x: torch.Tensor, y: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, segments: Segments,
+    config: triton.Config | None = None,
 ) -> torch.Tensor:
-    """GEMV-shaped launch (best for a few tokens per segment); updates y in place and returns it."""
+    """GEMV-shaped launch (best for a few tokens per segment); updates y in place and returns it.
+
+    config pins one of DECODE_CONFIGS instead of autotuning (tests run every config)."""
     packed, scales = _common(x, y, packed, scales, segments)
     n, k, kw = packed.shape[1], x.shape[1], packed.shape[2]
     g = len(segments)
@@ -174,19 +187,24 @@ def sign_delta_decode(
     def grid(meta):
         return (g, triton.cdiv(n, meta["BLOCK_N"]))
 
-    _tuned("decode")[grid](
+    kernel, meta = _launcher("decode", config)
+    kernel[lambda m: grid({**m, **meta})](
         x, y, packed, scales,
         segments.starts, segments.lengths, segments.slots, segments.alphas,
-        n, k, kw,
+        n, k, kw, triton.next_power_of_2(g),
         x.stride(0), y.stride(0), packed.stride(0), packed.stride(1),
+        **meta,
     )
     return y
 
 
 def sign_delta_prefill(
-    x: torch.Tensor, y: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, segments: Segments
+    x: torch.Tensor, y: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, segments: Segments,
+    config: triton.Config | None = None,
 ) -> torch.Tensor:
-    """GEMM-shaped launch (tl.dot; many tokens per segment); updates y in place and returns it."""
+    """GEMM-shaped launch (tl.dot; many tokens per segment); updates y in place and returns it.
+
+    config pins one of PREFILL_CONFIGS instead of autotuning (tests run every config)."""
     packed, scales = _common(x, y, packed, scales, segments)
     n, k = packed.shape[1], x.shape[1]
     g = len(segments)
@@ -199,11 +217,13 @@ def sign_delta_prefill(
     def grid(meta):
         return (g, triton.cdiv(max_len, meta["BLOCK_M"]), triton.cdiv(n, meta["BLOCK_N"]))
 
-    _tuned("prefill")[grid](
+    kernel, meta = _launcher("prefill", config)
+    kernel[lambda m: grid({**m, **meta})](
         x, y, packed, scales,
         segments.starts, segments.lengths, segments.slots, segments.alphas,
         n, k, m_bucket,
         x.stride(0), y.stride(0), packed.stride(0), packed.stride(1),
         DOT_PRECISION=precision,
+        **meta,
     )
     return y
