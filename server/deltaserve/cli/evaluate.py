@@ -1,0 +1,89 @@
+"""`deltaserve eval`: every codec on every tenant, measured through the engine.
+
+Rows per tenant: base, raw (the uncompressed fine-tune), then each codec; columns:
+exact-match accuracy, logit MSE vs the fine-tune, perplexity of held-out answers,
+delta bytes, resident bytes, ratio, compress time. Plus an alpha sweep of bitdelta.
+Exact match: the greedy completion and the answer are compared after stripping,
+collapsing whitespace runs and dropping one trailing period (case-sensitive).
+"""
+
+from __future__ import annotations
+
+import argparse
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--base", required=True, help="base model: HF checkpoint directory")
+    parser.add_argument(
+        "--tenant",
+        action="append",
+        required=True,
+        metavar="NAME=DIR[:TASK]",
+        help="a fine-tune to evaluate; TASK (add, reverse, extract) gives its held-out eval set",
+    )
+    parser.add_argument(
+        "--eval-set",
+        action="append",
+        default=[],
+        metavar="NAME=FILE.jsonl",
+        help='eval set of tenant NAME: JSONL lines {"prompt" or "messages", "answer"}',
+    )
+    parser.add_argument("--codecs", help="comma-separated rows (default: all); raw is always included")
+    parser.add_argument("--n", type=int, default=64, help="eval examples per tenant (default 64)")
+    parser.add_argument("--logit-n", type=int, default=16, help="examples scored for MSE/perplexity (16)")
+    parser.add_argument("--max-new-tokens", type=int, default=32, help="greedy tokens per answer (32)")
+    parser.add_argument(
+        "--alphas",
+        default="-0.5,-0.25,0,0.25,0.5,0.75,1,1.25,1.5",
+        help="alpha sweep points for bitdelta ('' disables the sweep)",
+    )
+    parser.add_argument("--distill-steps", type=int, default=30, help="scale distillation steps (30)")
+    parser.add_argument("--distill-lr", type=float, default=1e-4, help="scale distillation Adam lr (1e-4)")
+    parser.add_argument("--out", help="write results.json, results.md and PNG plots into this directory")
+    parser.add_argument("--work-dir", help="where delta files go (default: OUT/deltas or a temp dir)")
+    parser.add_argument("--json", action="store_true", help="print JSON instead of the markdown table")
+    parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
+
+
+def run(args: argparse.Namespace) -> int:
+    import tempfile
+    from pathlib import Path
+
+    from deltaserve.errors import InvalidArgumentError
+    from deltaserve.evaluation.codecs import parse_codecs
+    from deltaserve.evaluation.evalset import parse_eval_sets, parse_tenant
+    from deltaserve.evaluation.report import plot, to_json, to_markdown
+    from deltaserve.evaluation.run import EvalConfig, evaluate
+
+    try:
+        alphas = tuple(float(a) for a in args.alphas.split(",") if a.strip())
+    except ValueError as exc:
+        raise InvalidArgumentError(f"--alphas must be comma-separated numbers: {exc}") from exc
+    out = Path(args.out) if args.out else None
+    with tempfile.TemporaryDirectory(prefix="deltaserve-eval-") as tmp:
+        work = Path(args.work_dir) if args.work_dir else (out / "deltas" if out else Path(tmp))
+        cfg = EvalConfig(
+            base=Path(args.base),
+            tenants=tuple(parse_tenant(t) for t in args.tenant),
+            codecs=tuple(parse_codecs(args.codecs)),
+            work_dir=work,
+            eval_sets=parse_eval_sets(args.eval_set),
+            n=args.n,
+            logit_n=args.logit_n,
+            max_new_tokens=args.max_new_tokens,
+            alphas=alphas,
+            distill_steps=args.distill_steps,
+            distill_lr=args.distill_lr,
+            progress=not args.no_progress,
+        )
+        result = evaluate(cfg)
+    md = to_markdown(result)
+    if out is not None:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "results.json").write_text(to_json(result))
+        (out / "results.md").write_text(md)
+        plots = plot(result, out)
+    print(to_json(result) if args.json else md)
+    if out is not None and not args.json:
+        print(f"wrote {out / 'results.json'}, {out / 'results.md'}, " + ", ".join(str(p) for p in plots))
+    return 0

@@ -1,0 +1,1 @@
+"""Fidelity evaluation of delta codecs on tenant fine-tunes, run through the engine."""
