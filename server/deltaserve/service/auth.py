@@ -9,7 +9,8 @@ Keys file (TOML, or YAML when named .yaml/.yml):
     base = true                       # may use the base model (no tenant); default true
     admin = false                     # may call the Deltas service; default false
 
-Clients send `authorization: Bearer <key>`. Without a keys file every caller is
+In YAML the same entries form a list under `keys:` (or `key:`). Clients send
+`authorization: Bearer <key>`. Without a keys file every caller is
 an anonymous admin, which is why the server then binds to loopback by default.
 """
 
@@ -124,7 +125,7 @@ def read_keys_file(path: Path) -> dict[str, Principal]:
             raw = tomllib.loads(text)
         except tomllib.TOMLDecodeError as exc:
             raise InvalidArgumentError(f"keys file {path} is not valid TOML: {exc}") from exc
-    entries = raw.get("key", []) if isinstance(raw, dict) else None
+    entries = raw.get("key", raw.get("keys", [])) if isinstance(raw, dict) else None
     if not isinstance(entries, list):
         raise InvalidArgumentError(f"keys file {path} must hold a list of [[key]] entries")
     out: dict[str, Principal] = {}

@@ -137,6 +137,8 @@ class ServerMetrics:
             self.cache_entries.labels(tier).set(0)
             self.cache_misses.labels(tier)
             self.cache_evictions.labels(tier)
+        for tier in ("host", "disk"):
+            self.delta_load.labels(tier)
 
     def start_http(self, port: int, host: str = "127.0.0.1") -> int:
         """Serve /metrics on (host, port); port 0 picks a free one. Returns the bound port."""

@@ -87,6 +87,7 @@ class GenerationPipeline:
         self._inflight: dict[str, _Track] = {}
         self._idle = asyncio.Event()
         self._idle.set()
+        self._publish()
 
     @property
     def in_flight(self) -> int:
