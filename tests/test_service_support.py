@@ -66,7 +66,7 @@ class ServerThread:
         self.loop = asyncio.new_event_loop()
         self.thread = threading.Thread(target=self.loop.run_forever, name="test-server", daemon=True)
         self.thread.start()
-        self.server = self.call(start_server(config, source=source), timeout=120)
+        self.server = self.call(start_server(config, source=source), timeout=600)  # may build kernels
         self.stopped = False
 
     def call(self, coro, timeout: float = 60):

@@ -250,8 +250,31 @@ async def start_server(
     running.problems = cache.scan_store()
     if config.warm_deltas:
         await cache.warm()
+        await warmup_request(engine, cache)
     await lifecycle.set(Phase.SERVING)
     return running
+
+
+async def warmup_request(engine, cache: DeltaCache) -> None:
+    """One 1-token generation through the engine (with a tenant when one is registered) before
+    health says SERVING, so that one-time costs (kernel builds, JIT, allocator growth) are not
+    paid by the first client."""
+    from deltaserve.engine.types import GenerationRequest, SamplingParams
+
+    tenants = cache.tenants()
+    lease = await cache.acquire(tenants[0]) if tenants else None
+    try:
+        req = GenerationRequest(
+            "deltaserve-warmup",
+            (int(engine.tokenizer.bos_token_id or 0),),
+            SamplingParams(max_new_tokens=1, ignore_eos=True),
+            tenant=lease.key if lease else None,
+        )
+        async for _ in engine.generate(req):
+            pass
+    finally:
+        if lease is not None:
+            await cache.release(lease)
 
 
 def _codecs() -> tuple[str, ...]:
