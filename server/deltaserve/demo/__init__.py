@@ -1,0 +1,1 @@
+"""`deltaserve demo`: base import, tenant fine-tunes, bitdelta compression, live multi-tenant serving."""
