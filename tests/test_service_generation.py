@@ -35,11 +35,11 @@ def test_unary_and_stream_agree(served):
         assert list(a.token_ids) == b
 
 
-def test_concurrent_mixed_tenants_equal_offline_engine(served, models):
+def test_concurrent_mixed_tenants_equal_offline_generate(served, models, tmp_path):
     reqs = [
         (t, p, 6 + 3 * (i % 4)) for i, (t, p) in enumerate((t, p) for p in PROMPTS for t in ("", *TENANTS))
     ]
-    want = offline_outputs(models, reqs)
+    want = offline_outputs(models, reqs, tmp_path)
     with served.client() as c, ThreadPoolExecutor(8) as pool:
         futures = [
             pool.submit(c.generate, p, tenant=t, sampling=SamplingOptions(max_new_tokens=n))

@@ -119,34 +119,24 @@ def served(models):
     s.stop()
 
 
-def offline_outputs(models: Models, requests: list[tuple[str, str, int]]) -> list[list[int]]:
-    """Greedy token ids of (tenant, prompt, max_new_tokens) from an LLMEngine driven directly, all
-    in one continuous batch: the reference the server must reproduce."""
-    import torch
-    from deltaserve.deltas.fingerprint import base_fingerprint
-    from deltaserve.deltas.load import load_tenant_delta
-    from deltaserve.engine.config import EngineConfig
-    from deltaserve.engine.llm_engine import LLMEngine
-    from deltaserve.engine.types import GenerationRequest, SamplingParams
-
-    engine = LLMEngine(EngineConfig(model=models.base))
-    fp = base_fingerprint(models.base)
+def offline_outputs(models: Models, requests: list[tuple[str, str, int]], tmp: Path) -> list[list[int]]:
+    """Greedy token ids of (tenant, prompt, max_new_tokens) from `deltaserve generate` (one engine,
+    one continuous batch, mixed tenants): the reference the server must reproduce."""
+    import contextlib
+    import io
     import json
 
-    cfg = json.loads((models.base / "config.json").read_text())
+    from deltaserve.cli.main import main
+
+    prompts = tmp / "prompts.jsonl"
+    prompts.write_text(
+        "".join(json.dumps({"tenant": t, "prompt": p, "max_new_tokens": n}) + "\n" for t, p, n in requests)
+    )
+    argv = ["generate", "--base", str(models.base), "--prompts", str(prompts), "--json", "--no-progress"]
     for t in sorted({t for t, _, _ in requests if t}):
-        delta = load_tenant_delta(
-            models.store / f"{t}.delta.safetensors", base_fingerprint=fp, base_config=cfg, dtype=torch.float32
-        )
-        engine.load_delta(t, delta)
-    out: dict[str, list[int]] = {}
-    for i, (tenant, prompt, n) in enumerate(requests):
-        ids = tuple(engine.tokenizer.encode(prompt))
-        engine.add_request(
-            GenerationRequest(f"r{i}", ids, SamplingParams(max_new_tokens=n), tenant=tenant or None)
-        )
-        out[f"r{i}"] = []
-    while engine.has_unfinished():
-        for o in engine.step():
-            out[o.request_id].extend(o.new_token_ids)
-    return [out[f"r{i}"] for i in range(len(requests))]
+        argv += ["--delta", f"{t}={models.store / f'{t}.delta.safetensors'}"]
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        assert main(argv) == 0
+    records = [json.loads(line) for line in out.getvalue().splitlines()]
+    return [r["token_ids"] for r in sorted(records, key=lambda r: r["index"])]

@@ -57,17 +57,15 @@ class _Track:
 
 
 def encode_input(tokenizer: Any, inp: GenerateInput) -> list[int]:
-    """Prompt token ids: a raw prompt as the tokenizer encodes it, or chat messages through
-    the base model's chat template with the assistant generation prompt appended."""
+    """Prompt token ids, exactly as `deltaserve generate` computes them: a raw prompt as the
+    tokenizer encodes it, chat messages through the base model's chat template."""
+    from deltaserve.engine.prompts import encode_prompt
+
     if inp.messages is not None:
-        if not getattr(tokenizer, "chat_template", None):
-            raise InvalidArgumentError("the base model has no chat template; send a raw prompt instead")
-        msgs = [{"role": r, "content": c} for r, c in inp.messages]
-        ids = tokenizer.apply_chat_template(msgs, add_generation_prompt=True, tokenize=True)
-        if isinstance(ids, dict):  # transformers >= 5 returns a BatchEncoding
-            ids = ids["input_ids"]
-        return list(ids)
-    return list(tokenizer.encode(inp.prompt or ""))
+        line: dict = {"messages": [{"role": r, "content": c} for r, c in inp.messages]}
+    else:
+        line = {"prompt": inp.prompt or ""}
+    return list(encode_prompt(tokenizer, line, "request"))
 
 
 class GenerationPipeline:
