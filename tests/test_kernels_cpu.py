@@ -144,3 +144,11 @@ def test_fallback_to_reference_when_build_fails(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "FALLBACK-OK" in proc.stdout
     assert proc.stderr.count("CPU 1-bit delta kernel unavailable") == 1, proc.stderr[-3000:]
+
+
+def test_autograd_callers_get_gradients(ext):
+    case = make_case(k=64, n=12, lengths=[2, 3], slots=2, seed=4)
+    scales = case.scales.clone().requires_grad_(True)
+    y = sign_delta_matmul(case.x, case.y.clone(), case.packed, scales, case.segments)
+    y.sum().backward()
+    assert scales.grad is not None and bool((scales.grad != 0).all())

@@ -103,7 +103,9 @@ def sign_delta_matmul(
     forces it ("reference" always works; "cpu"/"triton" raise RuntimeError when unavailable).
     """
     _check(x, y, packed, scales)
-    if backend == "reference":
+    needs_grad = torch.is_grad_enabled() and (x.requires_grad or scales.requires_grad or y.requires_grad)
+    if backend == "reference" or (backend == "auto" and needs_grad):
+        # the fast kernels have no backward: autograd callers get the differentiable reference
         return sign_delta_matmul_ref(x, y, packed, scales, segments)
     if not segments.lengths_list or max(segments.lengths_list) == 0:
         return y
