@@ -107,7 +107,7 @@ def finetune(
         torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
         opt.step()
         sched.step()
-        losses.append(round(float(loss), 5))
+        losses.append(round(loss.detach().item(), 5))
         bar.set_postfix(loss=f"{losses[-1]:.4f}")
     seconds = time.monotonic() - start
     model.eval()
