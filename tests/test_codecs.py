@@ -61,6 +61,24 @@ def test_bitdelta_mb_decode_is_sign_times_bucket_mean(bits):
     assert (lin.decode() - delta).norm() < (one_bit.decode() - delta).norm()
 
 
+@pytest.mark.parametrize("bits", [2, 5])
+def test_bitdelta_mb_splits_ties_like_a_stable_sort(bits):
+    """bf16-like deltas: 40% exact zeros and heavily repeated magnitudes straddle bucket edges."""
+    delta = (_delta(n=64, k=96, seed=7, zeros=0.4) * 50).round() / 50
+    codec = make_codec("bitdelta-mb", {"magnitude_bits": bits})
+    _, lin = _roundtrip(codec, delta)
+    torch.testing.assert_close(lin.decode(), _mb_oracle(delta, bits), rtol=1e-6, atol=0)
+    codes = codec.bucket_codes(delta.abs().reshape(-1))
+    assert torch.equal(torch.bincount(codes, minlength=2**bits), torch.tensor(
+        [len(c) for c in np.array_split(np.arange(delta.numel()), 2**bits)]))
+
+
+def test_bitdelta_mb_with_fewer_weights_than_buckets():
+    delta = torch.tensor([[0.3, -0.1, 0.2]])
+    _, lin = _roundtrip(make_codec("bitdelta-mb", {"magnitude_bits": 3}), delta)
+    assert torch.equal(lin.decode(), delta)
+
+
 @pytest.mark.parametrize("k_ext", [0.0, 0.5, -0.5])
 def test_dare_decode_follows_the_formula(k_ext):
     delta = _delta()
@@ -132,6 +150,18 @@ def test_lowrank_error_equals_the_tail_singular_values(rank):
     assert math.isclose(err, tail, rel_tol=1e-3, abs_tol=1e-6)
 
 
+def test_lowrank_randomized_svd_is_near_optimal():
+    gen = torch.Generator().manual_seed(4)
+    delta = torch.randn(96, 8, generator=gen) @ torch.randn(8, 128, generator=gen)  # rank 8
+    delta += 1e-3 * torch.randn(96, 128, generator=gen)
+    codec = make_codec("lowrank", {"rank": 8, "dtype": "float32", "svd": "randomized"})
+    _, lin = _roundtrip(codec, delta)
+    tail = float(torch.linalg.svdvals(delta.double())[8:].pow(2).sum().sqrt())
+    err = float((lin.decode().double() - delta.double()).norm())
+    assert tail <= err * (1 + 1e-6) and err < 1.05 * tail
+    assert torch.equal(_roundtrip(codec, delta)[1].decode(), lin.decode())  # reproducible
+
+
 def test_raw_round_trips_exactly():
     delta = _delta(zeros=0.2)
     _, lin32 = _roundtrip(make_codec("raw", {"dtype": "float32"}), delta)
@@ -154,6 +184,7 @@ def test_raw_round_trips_exactly():
         ("dare", {"k": float("inf")}, "dare-k"),
         ("dare", {"seed": -1}, "seed"),
         ("lowrank", {"rank": 0}, "rank"),
+        ("lowrank", {"svd": "fast"}, "svd"),
         ("raw", {"dtype": "int8"}, "dtype"),
     ],
 )

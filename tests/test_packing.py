@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from deltaserve.deltas import packing
 from deltaserve.deltas.packing import pack_bits, pack_signs, unpack_bits, unpack_signs
 
 
@@ -63,11 +64,14 @@ def test_pack_bits_round_trip_and_padding_is_zero(k):
         assert not np.any(last >> np.uint32(32 - pad))
 
 
-def test_pack_bits_bounds_memory_on_wide_matrices():
-    """Many rows are processed in chunks; the result must not depend on the chunking."""
-    gen = torch.Generator().manual_seed(2)
-    bits = torch.rand(300, 20000, generator=gen) < 0.5
-    assert np.array_equal(pack_bits(bits).numpy(), reference_pack(bits.numpy().astype(np.uint8)))
+@pytest.mark.parametrize("shape", [(300, 20000), (7, 45), (1, 1)])
+def test_numpy_and_torch_packing_paths_agree_with_the_reference(shape):
+    """The CPU path (numpy.packbits) and the device path (row-chunked shifts) are both exact."""
+    gen = torch.Generator().manual_seed(shape[1])
+    bits = torch.rand(*shape, generator=gen) < 0.5
+    expected = reference_pack(bits.numpy().astype(np.uint8))
+    assert np.array_equal(packing._pack_bits_numpy(bits).numpy(), expected)
+    assert np.array_equal(packing._pack_bits_torch(bits).numpy(), expected)
 
 
 def test_bad_shapes_are_rejected():

@@ -20,6 +20,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     codec.add_argument("--dare-k", type=float, help="dare: dropped entries scaled by k (0 = plain DARE)")
     codec.add_argument("--seed", type=int, help="dare: random seed of the drop masks")
     codec.add_argument("--rank", type=int, help="lowrank: rank r of the truncated SVD")
+    codec.add_argument("--svd", choices=("exact", "randomized"), help="lowrank: SVD method (exact)")
     codec.add_argument("--dtype", help="raw, dare, lowrank: stored dtype (float16, bfloat16, float32)")
     parser.add_argument(
         "--dense-dtype",
@@ -44,6 +45,7 @@ def codec_options(args: argparse.Namespace) -> dict:
         "k": args.dare_k,
         "seed": args.seed,
         "rank": args.rank,
+        "svd": args.svd,
         "dtype": args.dtype,
     }
 

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import sys
+
+import numpy as np
 import torch
 
 PACK_WIDTH = 32
@@ -18,6 +21,24 @@ def pack_bits(mask: torch.Tensor) -> torch.Tensor:
     """bool [N, K] -> int32 [N, ceil(K/32)] in the sign layout (bit j of word w = column 32w + j)."""
     if mask.dim() != 2 or mask.dtype != torch.bool:
         raise ValueError(f"pack_bits expects a 2-D bool matrix, got {mask.dtype} {tuple(mask.shape)}")
+    if mask.device.type == "cpu" and sys.byteorder == "little":
+        return _pack_bits_numpy(mask)
+    return _pack_bits_torch(mask)
+
+
+def _pack_bits_numpy(mask: torch.Tensor) -> torch.Tensor:
+    """CPU path: numpy's packbits (little bit order) writes byte b of word w = columns
+    32w+8b..+7, which read as native little-endian int32 is exactly the sign layout."""
+    n, k = mask.shape
+    words = (k + PACK_WIDTH - 1) // PACK_WIDTH
+    bits = np.zeros((n, words * PACK_WIDTH), dtype=np.bool_)
+    bits[:, :k] = mask.numpy()
+    packed = np.packbits(bits, axis=1, bitorder="little").view(np.int32)
+    return torch.from_numpy(packed.reshape(n, words))
+
+
+def _pack_bits_torch(mask: torch.Tensor) -> torch.Tensor:
+    """Device-agnostic path: shift-and-sum in int64, a bounded number of rows at a time."""
     n, k = mask.shape
     words = (k + PACK_WIDTH - 1) // PACK_WIDTH
     out = torch.empty(n, words, dtype=torch.int32, device=mask.device)
