@@ -283,3 +283,58 @@ def test_max_device_entries_and_warm(tmp_path):
             assert len(sink.resident) == 2
 
     asyncio.run(main())
+
+
+def test_cancelled_wait_leaves_no_reference_and_load_completes(tmp_path):
+    async def main():
+        cache, sink, files, _ = make_cache(make_store(tmp_path, ["a"]), device=10_000)
+        cache.scan_store()
+        task = asyncio.create_task(cache.acquire("a"))
+        await asyncio.sleep(0)  # the load has started
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        assert cache.status("a")[0].in_flight == 0
+        async with cache.lease("a") as lease:  # the shared load finished for the next caller
+            assert lease.key == "a@1"
+        assert sink.loads == ["a@1"] and files.reads == ["a.delta.safetensors"]
+        # a deadline while waiting for room: the waiter gives up, the holder is unaffected
+        cache2, _, _, _ = make_cache(make_store(tmp_path / "y", ["p", "q"]), device=ELEMS * 4)
+        cache2.scan_store()
+        async with cache2.lease("p"):
+            with pytest.raises(TimeoutError):
+                await asyncio.wait_for(cache2.acquire("q"), 0.1)
+            assert cache2.status("q")[0].in_flight == 0
+        async with cache2.lease("q") as lease:
+            assert lease.key == "q@1"
+
+    asyncio.run(main())
+
+
+def test_lease_waiting_on_old_version_moves_to_the_replacement(tmp_path):
+    async def main():
+        store = make_store(tmp_path, ["a", "b"])
+        cache, sink, _, _ = make_cache(store, device=ELEMS * 4)
+        cache.scan_store()
+        release_b = asyncio.Event()
+
+        async def hold_b():
+            async with cache.lease("b"):
+                await release_b.wait()
+
+        holder = asyncio.create_task(hold_b())
+        await asyncio.sleep(0.05)
+        waiter = asyncio.create_task(cache.acquire("a"))  # waits for room behind b
+        await asyncio.sleep(0.05)
+        load = asyncio.create_task(cache.load("a", "b.delta.safetensors", replace=True))
+        await asyncio.sleep(0.05)
+        release_b.set()
+        await holder
+        lease = await asyncio.wait_for(waiter, 2)  # whichever version won the room, no deadlock
+        await cache.release(lease)
+        await asyncio.wait_for(load, 2)
+        async with cache.lease("a") as new:
+            assert new.key == "a@2"
+        assert "a@1" not in sink.resident
+
+    asyncio.run(main())

@@ -47,6 +47,10 @@ DELTA_SUFFIX = ".delta.safetensors"
 _TENANT_RE = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]{0,127}")
 
 
+class _Retired(Exception):
+    """A version was replaced or unloaded while a load of it waited for room."""
+
+
 class Tier(StrEnum):
     DEVICE = "device"
     HOST = "host"
@@ -247,9 +251,8 @@ class DeltaCache:
     def scan_store(self) -> list[str]:
         """Register every `<tenant>.delta.safetensors` directly in the store (disk tier).
 
-        Files whose header is invalid or built for another base are skipped and
-        returned as "name: reason" strings in the result's tail, after the tenants
-        registered (the caller logs them).
+        Files whose header is invalid, built for another base or escaping the store
+        are skipped; the result lists them as "file: reason" strings for the start-up log.
         """
         store = self.config.store
         if store is None:
@@ -380,6 +383,9 @@ class DeltaCache:
                 if not hit:
                     self._count_miss(v.tier)
                 await self._ensure_device(v)
+            except _Retired:
+                await self._release(v)
+                continue  # look up the replacement
             except BaseException:
                 await self._release(v)
                 raise
@@ -444,6 +450,8 @@ class DeltaCache:
                     await self._evict_device(victim)
                     continue
                 pinned = sum(o.device_bytes for o in self._all if o.on_device and o.pinned)
+                if v.retired:
+                    raise _Retired()  # nobody needs this version any more: do not make room for it
                 if need > budget - pinned:
                     raise ResourceExhaustedError(
                         f"delta of tenant {v.tenant!r} needs {need} bytes on the device but the budget is "
