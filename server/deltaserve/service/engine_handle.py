@@ -8,7 +8,7 @@ model at a time) plugs in by providing the same methods.
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Callable
-from typing import Any
+from typing import Any, Protocol
 
 from deltaserve.deltas.types import TenantDelta
 from deltaserve.engine.async_engine import AsyncEngine
@@ -17,6 +17,37 @@ from deltaserve.engine.stats import EngineStats
 from deltaserve.engine.types import GenerationRequest, RequestOutput
 
 StepObserver = Callable[[EngineStats, list[RequestOutput], float], None]
+
+
+class ServedEngine(Protocol):
+    """Everything the server calls on an engine: the contract a baseline engine implements.
+
+    generate/abort/stats/tokenizer/max_model_len serve requests; load_delta/unload_delta/
+    delta_bytes hold tenant deltas under the cache's keys ("<tenant>@<version>");
+    max_slots caps the tenants resident at once; observers get every engine step.
+    """
+
+    tokenizer: Any
+    max_model_len: int
+    max_slots: int
+
+    def add_step_observer(self, observer: StepObserver) -> None: ...
+
+    async def start(self) -> None: ...
+
+    async def shutdown(self) -> None: ...
+
+    def generate(self, request: GenerationRequest) -> AsyncIterator[RequestOutput]: ...
+
+    async def abort(self, request_id: str) -> None: ...
+
+    async def stats(self) -> EngineStats: ...
+
+    async def load_delta(self, tenant: str, delta: TenantDelta) -> None: ...
+
+    async def unload_delta(self, tenant: str) -> None: ...
+
+    def delta_bytes(self, tenant: str) -> int: ...
 
 
 class EngineHandle:

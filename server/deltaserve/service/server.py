@@ -16,7 +16,6 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -35,6 +34,7 @@ from deltaserve.service.auth import Authenticator
 from deltaserve.service.cache import CacheConfig, DeltaCache, DeltaSource
 from deltaserve.service.config import ServerConfig
 from deltaserve.service.deltas_admin import DeltasServicer, ServerFacts
+from deltaserve.service.engine_handle import ServedEngine
 from deltaserve.service.generation import GenerationServicer
 from deltaserve.service.interceptor import ServiceInterceptor
 from deltaserve.service.lifecycle import Lifecycle, Phase
@@ -81,7 +81,7 @@ def file_source(base: BaseFacts, dtype: str) -> DeltaSource:
     return DeltaSource(read_meta, load)
 
 
-def make_engine(config: ServerConfig):
+def make_engine(config: ServerConfig) -> ServedEngine:
     """The default engine for `config.mode`: one resident base serving every tenant's delta."""
     from deltaserve.engine.config import EngineConfig
     from deltaserve.engine.llm_engine import LLMEngine
@@ -108,16 +108,13 @@ def make_engine(config: ServerConfig):
     return EngineHandle(LLMEngine(engine_config))
 
 
-EngineFactory = Callable[[ServerConfig], object]
-
-
 @dataclass
 class RunningServer:
     config: ServerConfig
     grpc_server: grpc.aio.Server
     port: int
     metrics_port: int | None
-    engine: object
+    engine: ServedEngine
     cache: DeltaCache
     pipeline: GenerationPipeline
     lifecycle: Lifecycle
@@ -169,6 +166,9 @@ class RunningServer:
             f"  limits      prompt {f.max_prompt_tokens} tokens, new {f.max_new_tokens}, context "
             f"{f.max_context_tokens}, message {_mib(c.max_message_bytes)}",
         ]
+        host = c.bind_host
+        if not self.auth.enabled and host not in ("127.0.0.1", "localhost", "::1", "[::1]"):
+            lines.append(f"  WARNING     no keys file but bound to {host}: anyone who can reach it is admin")
         lines += [f"  skipped     {p}" for p in self.problems]
         return lines
 
@@ -178,7 +178,7 @@ def _mib(n: int) -> str:
 
 
 async def start_server(
-    config: ServerConfig, engine: object | None = None, source: DeltaSource | None = None
+    config: ServerConfig, engine: ServedEngine | None = None, source: DeltaSource | None = None
 ) -> RunningServer:
     """Start serving `config`. `engine` defaults to `make_engine(config)`; `source` (how delta
     files are read) to `file_source` checked against the base's fingerprint and config."""
@@ -255,7 +255,7 @@ async def start_server(
     return running
 
 
-async def warmup_request(engine, cache: DeltaCache) -> None:
+async def warmup_request(engine: ServedEngine, cache: DeltaCache) -> None:
     """One 1-token generation through the engine (with a tenant when one is registered) before
     health says SERVING, so that one-time costs (kernel builds, JIT, allocator growth) are not
     paid by the first client."""
