@@ -84,7 +84,7 @@ def test_cold_tenant_load_while_others_stream(models):
                 threading.Thread(target=lambda: c.generate(PROMPTS[2], tenant="bob", sampling=greedy(2)))
             ]
             threads[0].start()  # a second request for the same cold tenant: one load only
-            for _ch in c.generate_stream(PROMPTS[1], tenant="alice", sampling=greedy(150)):
+            for _ch in c.generate_stream(PROMPTS[1], tenant="alice", sampling=greedy(240)):
                 arrivals.append(time.monotonic())
             th.join(30)
             threads[0].join(30)

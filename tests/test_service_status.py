@@ -166,31 +166,45 @@ def test_resource_exhausted_when_queue_full(models):
 
 
 def test_health_and_unavailable_during_drain(models):
-    srv = ServerThread(config_for(models, drain_grace_s=20))
+    import dataclasses
+
+    from deltaserve.service.server import file_source, read_base_facts
+
+    base_source = file_source(read_base_facts(models.base), "float32")
+    gate, entered = threading.Event(), threading.Event()
+
+    def gated_load(path):  # holds one request in flight (waiting for its delta) until the gate opens
+        entered.set()
+        gate.wait(30)
+        return base_source.load(path)
+
+    srv = ServerThread(
+        config_for(models, drain_grace_s=20, warm_deltas=False),
+        source=dataclasses.replace(base_source, load=gated_load),
+    )
     with srv.client() as c:
         assert c.health() == "SERVING" and c.health("deltaserve.v1.Generation") == "SERVING"
         assert srv.metric("deltaserve:server_serving") == 1
-        chunks: list = []
-        done = threading.Event()
-
-        def running_stream():
-            chunks.extend(c.generate_stream(PROMPTS[0], tenant="carol", sampling=long(180)))
-            done.set()
-
-        th = threading.Thread(target=running_stream)
+        result: dict = {}
+        th = threading.Thread(
+            target=lambda: result.update(r=c.generate(PROMPTS[0], tenant="carol", sampling=long(5)))
+        )
         th.start()
-        while not chunks:
-            time.sleep(0.01)
+        assert entered.wait(10)
         fut = asyncio.run_coroutine_threadsafe(srv.server.drain(), srv.loop)  # what SIGTERM does
-        time.sleep(0.1)
-        assert not done.is_set(), "the running request must not be cut off"
-        assert c.health() == "NOT_SERVING"
+        deadline = time.monotonic() + 5
+        while c.health() != "NOT_SERVING" and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert c.health() == "NOT_SERVING" and c.health("deltaserve.v1.Deltas") == "NOT_SERVING"
+        assert srv.metric("deltaserve:server_serving") == 0
         code, msg = code_of(c.generate, PROMPTS[0], sampling=long(2))
         assert code == "UNAVAILABLE" and "draining" in msg
+        assert not fut.done() and "r" not in result  # the admitted request is still running
+        gate.set()
         th.join(30)
         assert fut.result(30) is True
         srv.stopped = True
-    assert chunks[-1].finished and chunks[-1].usage.completion_tokens == 180
+    assert result["r"].usage.completion_tokens == 5  # it finished normally during the drain
     with pytest.raises(grpc.FutureTimeoutError), grpc.insecure_channel(srv.target) as ch:
         grpc.channel_ready_future(ch).result(timeout=0.5)
     srv.stop()
