@@ -87,3 +87,37 @@ def test_async_abort_and_stop_end_streams(tiny_dir):
     assert rest[-1].finished and rest[-1].finish_reason == FinishReason.ABORT
     assert tail[-1].finish_reason == FinishReason.ABORT
     assert eng.engine.stats().kv_blocks_used == 0
+
+
+class _FailOnce:
+    """A scheduler policy whose first call fails, as a step error would."""
+
+    def __init__(self) -> None:
+        self.failed = False
+
+    def candidates(self, waiting, running):
+        if not self.failed:
+            self.failed = True
+            raise RuntimeError("policy exploded")
+        return list(waiting)
+
+
+def test_failed_step_raises_in_stream_and_loop_survives(tiny_dir):
+    from deltaserve.engine.config import EngineConfig
+    from deltaserve.engine.llm_engine import LLMEngine
+
+    base, _ = tiny_dir("llama")
+    eng = AsyncEngine(LLMEngine(EngineConfig(model=base, block_size=4), policy=_FailOnce()))
+
+    async def main():
+        await eng.start()
+        with pytest.raises(RuntimeError, match="exploded"):
+            async for _ in eng.generate(GenerationRequest("a", (5, 6), greedy(3))):
+                pass
+        outs = [o async for o in eng.generate(GenerationRequest("b", (5, 6), greedy(3)))]
+        await eng.stop()
+        return outs
+
+    outs = asyncio.run(main())
+    assert outs[-1].finish_reason == FinishReason.LENGTH and len(token_ids(outs)) == 3
+    assert eng.engine.stats().kv_blocks_used == 0

@@ -8,6 +8,7 @@ loop.call_soon_threadsafe into one asyncio.Queue per request.
 from __future__ import annotations
 
 import asyncio
+import logging
 import queue
 import threading
 import time
@@ -19,6 +20,8 @@ from deltaserve.engine.llm_engine import LLMEngine
 from deltaserve.engine.stats import EngineStats
 from deltaserve.engine.types import GenerationRequest, RequestOutput
 from deltaserve.errors import InvalidArgumentError, UnavailableError
+
+log = logging.getLogger(__name__)
 
 StepObserver = Callable[[EngineStats, list[RequestOutput], float], None]
 
@@ -70,6 +73,20 @@ class AsyncEngine:
         if outputs and self._loop is not None:
             self._loop.call_soon_threadsafe(self._deliver, outputs)
 
+    def _fail_all(self, exc: Exception) -> None:
+        """Abort every request (freeing its blocks) and raise `exc` in each waiting stream."""
+        ids = list(self.engine.requests)
+        for rid in ids:
+            self.engine.abort(rid)
+        if self._loop is not None:
+            self._loop.call_soon_threadsafe(self._deliver_error, ids, exc)
+
+    def _deliver_error(self, ids: list[str], exc: Exception) -> None:
+        for rid in ids:
+            q = self._streams.get(rid)
+            if q is not None:
+                q.put_nowait(exc)
+
     def _run(self) -> None:
         eng = self.engine
         while not self._stopping.is_set():
@@ -87,7 +104,12 @@ class AsyncEngine:
             if self._stopping.is_set() or not eng.has_unfinished():
                 continue
             t0 = time.perf_counter()
-            outputs = eng.step()
+            try:
+                outputs = eng.step()
+            except Exception as exc:  # a failed step must not leave streams waiting forever
+                log.exception("engine step failed; failing %d requests", len(eng.requests))
+                self._fail_all(exc)
+                continue
             dt = time.perf_counter() - t0
             self._post(outputs)
             if self.on_step is not None:
@@ -124,9 +146,10 @@ class AsyncEngine:
         """Stream a request's outputs; closing or cancelling the iterator aborts the request.
 
         Raises the engine's typed errors (InvalidArgumentError, NotFoundError,
-        ResourceExhaustedError) before the first output.
+        ResourceExhaustedError) before the first output, and a step's exception if a
+        step fails (every request of that step is then aborted).
         """
-        stream: asyncio.Queue[RequestOutput] = asyncio.Queue()
+        stream: asyncio.Queue[RequestOutput | Exception] = asyncio.Queue()
         if req.request_id in self._streams:
             raise InvalidArgumentError(f"request id {req.request_id!r} is already in use")
         self._streams[req.request_id] = stream
@@ -135,6 +158,9 @@ class AsyncEngine:
             await self._call(lambda: self.engine.add_request(req))
             while True:
                 out = await stream.get()
+                if isinstance(out, Exception):
+                    finished = True
+                    raise out
                 finished = out.finished
                 yield out
                 if finished:

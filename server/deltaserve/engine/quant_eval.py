@@ -114,15 +114,22 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", required=True, type=Path)
     parser.add_argument("--prompts", type=int, default=16, help="random prompts (16)")
+    parser.add_argument("--text", type=Path, help="text prompts, one per line (instead of random ids)")
     parser.add_argument("--prompt-len", type=int, default=32)
     parser.add_argument("--new-tokens", type=int, default=16)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
-    from transformers import AutoConfig
+    from transformers import AutoConfig, AutoTokenizer
 
-    vocab = AutoConfig.from_pretrained(args.model).vocab_size
-    g = torch.Generator().manual_seed(args.seed)
-    prompts = [torch.randint(4, vocab, (args.prompt_len,), generator=g).tolist() for _ in range(args.prompts)]
+    if args.text is not None:
+        tok = AutoTokenizer.from_pretrained(args.model)
+        lines = [ln for ln in args.text.read_text().splitlines() if ln.strip()]
+        prompts = [tok(ln)["input_ids"] for ln in lines]
+    else:
+        vocab = AutoConfig.from_pretrained(args.model).vocab_size
+        g = torch.Generator().manual_seed(args.seed)
+        shape = (args.prompt_len,)
+        prompts = [torch.randint(4, vocab, shape, generator=g).tolist() for _ in range(args.prompts)]
     for r in compare_base_quant(args.model, prompts, args.new_tokens):
         print(json.dumps(asdict(r)))
     return 0
