@@ -9,6 +9,7 @@ import pytest
 import torch
 from deltaserve.deltas.codecs import make_codec
 from deltaserve.deltas.compress import CompressConfig, compress
+from deltaserve.deltas.fingerprint import base_fingerprint
 from deltaserve.deltas.merge import merge
 from deltaserve.errors import (
     DeltaFormatError,
@@ -55,15 +56,32 @@ def test_missing_and_non_checkpoint_paths(tiny_dir, tmp_path, out_dir):
     _assert_nothing_written(out_dir)
 
 
-def test_pickle_weights_are_refused(tiny_dir, tmp_path, out_dir):
+def _pickled_copy(src, dst):
+    dst.mkdir()
+    for f in src.iterdir():
+        if f.name != "model.safetensors":
+            shutil.copy(f, dst / f.name)
+    torch.save(load_file(src / "model.safetensors"), dst / "pytorch_model.bin")
+    return dst
+
+
+def test_pickle_weights_are_refused_unless_allowed(tiny_dir, tmp_path, out_dir):
     base, ft = tiny_dir("llama")
-    pickled = tmp_path / "pickled"
-    pickled.mkdir()
-    shutil.copy(ft / "config.json", pickled / "config.json")
-    torch.save(load_file(ft / "model.safetensors"), pickled / "pytorch_model.bin")
+    pickled_ft = _pickled_copy(ft, tmp_path / "pickled-ft")
     with pytest.raises(InvalidArgumentError, match="pickle"):
-        _compress(base, pickled, out_dir / "a.delta.safetensors")
+        _compress(base, pickled_ft, out_dir / "a.delta.safetensors")
     _assert_nothing_written(out_dir)
+    pickled_base = _pickled_copy(base, tmp_path / "pickled-base")
+    assert base_fingerprint(pickled_base, allow_pickle=True) == base_fingerprint(base)
+    out = out_dir / "p.delta.safetensors"
+    codec = make_codec("raw", {"dtype": "float32"})
+    compress(CompressConfig(pickled_base, pickled_ft, out, codec, progress=False, allow_pickle=True))
+    with pytest.raises(InvalidArgumentError, match="pickle"):
+        merge(pickled_base, out, tmp_path / "m", progress=False)
+    merge(pickled_base, out, tmp_path / "m", progress=False, allow_pickle=True)
+    f, m = load_file(ft / "model.safetensors"), load_file(tmp_path / "m" / "model.safetensors")
+    for n in f:
+        torch.testing.assert_close(m[n], f[n], rtol=0, atol=1e-7)
 
 
 def test_different_architectures(tiny_dir, out_dir):

@@ -33,6 +33,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     distill.add_argument("--distill-lr", type=float, default=1e-4, help="Adam learning rate (1e-4)")
     distill.add_argument("--distill-seq-len", type=int, default=128, help="tokens per sample (128)")
     distill.add_argument("--distill-batch", type=int, default=4, help="samples per step (4)")
+    parser.add_argument(
+        "--allow-pickle",
+        action="store_true",
+        help="read pickle weights (*.bin, *.pt) with torch.load(weights_only=True); refused otherwise",
+    )
     parser.add_argument("--json", action="store_true", help="print a JSON report instead of a summary")
     parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
 
@@ -77,6 +82,7 @@ def run(args: argparse.Namespace) -> int:
         dense_dtype=args.dense_dtype,
         distill=distill,
         progress=not args.no_progress,
+        allow_pickle=args.allow_pickle,
     )
     report = compress(cfg)
     if args.json:

@@ -14,6 +14,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("file", type=Path, help="delta file (.delta.safetensors)")
     parser.add_argument("--base", type=Path, help="check the delta's fingerprint against this base")
     parser.add_argument("--tensors", action="store_true", help="list every stored tensor")
+    parser.add_argument(
+        "--allow-pickle",
+        action="store_true",
+        help="read pickle weights (*.bin, *.pt) with torch.load(weights_only=True); refused otherwise",
+    )
     parser.add_argument("--json", action="store_true", help="print JSON instead of a summary")
 
 
@@ -25,7 +30,9 @@ def human_bytes(n: float) -> str:
     return f"{n:.2f} GiB"
 
 
-def describe(path: Path, base: Path | None = None, tensors: bool = False) -> dict:
+def describe(
+    path: Path, base: Path | None = None, tensors: bool = False, allow_pickle: bool = False
+) -> dict:
     """The inspect report as a dict (what --json prints)."""
     from deltaserve.deltas.format import DENSE_PREFIX, LINEAR_PREFIX, read_delta_layout
 
@@ -81,7 +88,7 @@ def describe(path: Path, base: Path | None = None, tensors: bool = False) -> dic
     if base is not None:
         from deltaserve.deltas.fingerprint import base_fingerprint
 
-        actual = base_fingerprint(base)
+        actual = base_fingerprint(base, allow_pickle=allow_pickle)
         report["base_check"] = {
             "base": str(base),
             "fingerprint": actual,
@@ -123,7 +130,7 @@ def _print_human(r: dict) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    report = describe(args.file, args.base, args.tensors)
+    report = describe(args.file, args.base, args.tensors, allow_pickle=args.allow_pickle)
     if args.json:
         print(json.dumps(report, indent=2))
     else:

@@ -66,9 +66,12 @@ class CompressConfig:
     dense_dtype: str = "float32"
     distill: DistillConfig | None = None
     progress: bool = True
+    allow_pickle: bool = False  # read *.bin / *.pt weights with torch.load(weights_only=True)
 
     def __post_init__(self) -> None:
         store_dtype(self.dense_dtype)
+        if self.distill is not None and self.allow_pickle:
+            raise InvalidArgumentError("scale distillation needs safetensors checkpoints, not pickle weights")
         if self.distill is not None and self.codec.name != "bitdelta":
             raise InvalidArgumentError(
                 f"scale distillation applies to the bitdelta codec, not {self.codec.name!r}"
@@ -159,7 +162,10 @@ def encode_checkpoints(cfg: CompressConfig, fingerprint: str) -> EncodedDelta:
         base_model_type=base_cfg["model_type"],
     )
     linear_params = total_params = 0
-    with CheckpointReader(cfg.base) as base, CheckpointReader(cfg.finetuned) as ft:
+    with (
+        CheckpointReader(cfg.base, cfg.allow_pickle) as base,
+        CheckpointReader(cfg.finetuned, cfg.allow_pickle) as ft,
+    ):
         names = _names(base, ft, tied)
         for name in tqdm(names, desc="compress", unit="tensor", disable=not cfg.progress):
             b, f = base.get(name), ft.get(name)
@@ -200,7 +206,7 @@ def compress(cfg: CompressConfig) -> CompressReport:
     read_config_dict(cfg.finetuned)
     if cfg.distill is not None and not Path(cfg.distill.calib).is_file():
         raise InvalidArgumentError(f"calibration file {cfg.distill.calib} does not exist")
-    fingerprint = base_fingerprint(cfg.base)
+    fingerprint = base_fingerprint(cfg.base, allow_pickle=cfg.allow_pickle)
     enc = encode_checkpoints(cfg, fingerprint)
     distill_report = None
     if cfg.distill is not None:

@@ -28,7 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
-from deltaserve.models.checkpoint import read_config_dict, tensor_index
+from deltaserve.models.checkpoint import CheckpointReader, read_config_dict
 
 CONFIG_FIELDS = (
     "model_type",
@@ -75,21 +75,19 @@ def _tensor_digest(h: hashlib._Hash, data: np.ndarray) -> None:
     h.update((total % (1 << 64)).to_bytes(8, "little"))
 
 
-def base_fingerprint(path: Path) -> str:
-    """Fingerprint of the checkpoint directory `path` ("dsfp1-" + 32 hex digits)."""
+def base_fingerprint(path: Path, allow_pickle: bool = False) -> str:
+    """Fingerprint of the checkpoint directory `path` ("dsfp1-" + 32 hex digits).
+
+    Pickle weights (allow_pickle=True) hash to the same value as the same tensors
+    stored as safetensors: only names, dtypes, shapes and bytes enter the hash.
+    """
     path = Path(path)
     config = read_config_dict(path)
     h = hashlib.sha256()
     h.update(json.dumps(config_identity(config), sort_keys=True).encode())
-    index = tensor_index(path)
-    maps: dict[Path, np.memmap] = {}
-    for name in sorted(index):
-        e = index[name]
-        h.update(json.dumps([name, e.dtype, list(e.shape)]).encode())
-        if e.end == e.begin:
-            continue
-        mm = maps.get(e.file)
-        if mm is None:
-            mm = maps[e.file] = np.memmap(e.file, dtype=np.uint8, mode="r")
-        _tensor_digest(h, mm[e.data_start + e.begin : e.data_start + e.end])
+    with CheckpointReader(path, allow_pickle=allow_pickle) as reader:
+        for name, dtype, shape, data in reader.raw_bytes():
+            h.update(json.dumps([name, dtype, list(shape)]).encode())
+            if data.shape[0]:
+                _tensor_digest(h, data)
     return PREFIX + h.hexdigest()[:32]

@@ -64,7 +64,12 @@ def merge_state_dict(
 
 
 def merge(
-    base_dir: Path, delta_path: Path, out: Path, alpha: float = 1.0, progress: bool = True
+    base_dir: Path,
+    delta_path: Path,
+    out: Path,
+    alpha: float = 1.0,
+    progress: bool = True,
+    allow_pickle: bool = False,
 ) -> MergeReport:
     """Write base + alpha * delta to `out` (safetensors + config + tokenizer files of the base)."""
     start = time.perf_counter()
@@ -72,9 +77,9 @@ def merge(
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise InvalidArgumentError(f"output {out} exists and is not an empty directory")
     config = read_config_dict(base_dir)
-    fingerprint = base_fingerprint(base_dir)
+    fingerprint = base_fingerprint(base_dir, allow_pickle=allow_pickle)
     delta = load_tenant_delta(delta_path, base_fingerprint=fingerprint, base_config=config)
-    state = load_state_dict(base_dir)
+    state = load_state_dict(base_dir, allow_pickle=allow_pickle)
     merged = merge_state_dict(state, delta, alpha, progress=progress)
     save_checkpoint(merged, config, out, tokenizer_from=base_dir)
     return MergeReport(

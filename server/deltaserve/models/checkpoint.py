@@ -16,6 +16,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
@@ -209,27 +210,53 @@ def tensor_index(path: Path) -> dict[str, TensorEntry]:
     return index
 
 
+TORCH_TO_SAFETENSORS = {v: k for k, v in SAFETENSORS_DTYPES.items()}
+
+
+def _load_pickle(f: Path) -> dict[str, torch.Tensor]:
+    """torch.load(weights_only=True), memory-mapped when the file is in the zip format."""
+    try:
+        state = torch.load(f, map_location="cpu", weights_only=True, mmap=True)
+    except RuntimeError:  # legacy (non-zip) pickles cannot be memory-mapped
+        state = torch.load(f, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise InvalidArgumentError(f"cannot read pickle weights {f}: {exc}") from exc
+    if not isinstance(state, dict):
+        raise InvalidArgumentError(f"{f} does not hold a state dict")
+    return {k: v for k, v in state.items() if isinstance(v, torch.Tensor)}
+
+
 class CheckpointReader:
     """Read tensors of a checkpoint directory one at a time, by name.
 
     Use as a context manager; safetensors files are opened lazily and kept open
-    until exit. `names` is sorted; `entry(name)` gives dtype/shape without reading.
+    until exit. `names` is sorted. Pickle checkpoints (only with allow_pickle=True)
+    are loaded with torch.load(weights_only=True, mmap=True) up front.
     """
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, allow_pickle: bool = False) -> None:
         self.path = Path(path)
-        self.index = tensor_index(self.path)
+        files = weight_files(self.path, allow_pickle=allow_pickle)
+        self.index: dict[str, TensorEntry] = {}
+        self._pickled: dict[str, torch.Tensor] = {}
+        if files[0].suffix == ".safetensors":
+            self.index = tensor_index(self.path)
+        else:
+            for f in files:
+                for name, t in _load_pickle(f).items():
+                    if name in self._pickled:
+                        raise InvalidArgumentError(f"{path}: tensor {name} appears in two weight files")
+                    self._pickled[name] = t
         self._handles: dict[Path, object] = {}
         self._stack = contextlib.ExitStack()
 
     @property
     def names(self) -> list[str]:
-        return sorted(self.index)
-
-    def entry(self, name: str) -> TensorEntry:
-        return self.index[name]
+        return sorted(self.index or self._pickled)
 
     def get(self, name: str) -> torch.Tensor:
+        if name in self._pickled:
+            return self._pickled[name]
         entry = self.index[name]
         handle = self._handles.get(entry.file)
         try:
@@ -239,6 +266,24 @@ class CheckpointReader:
             return handle.get_tensor(name)
         except Exception as exc:  # safetensors raises its own error types
             raise InvalidArgumentError(f"cannot read tensor {name} from {entry.file}: {exc}") from exc
+
+    def raw_bytes(self) -> Iterator[tuple[str, str, tuple[int, ...], np.ndarray]]:
+        """(name, safetensors dtype, shape, uint8 bytes) of every tensor in sorted name order,
+        without converting anything: memory-mapped slices for safetensors files."""
+        maps: dict[Path, np.memmap] = {}
+        for name in self.names:
+            if name in self._pickled:
+                t = self._pickled[name].contiguous()
+                if t.dtype not in TORCH_TO_SAFETENSORS:
+                    raise InvalidArgumentError(f"{name} has unsupported dtype {t.dtype}")
+                data = t.reshape(-1).view(torch.uint8).numpy()
+                yield name, TORCH_TO_SAFETENSORS[t.dtype], tuple(t.shape), data
+                continue
+            e = self.index[name]
+            mm = maps.get(e.file)
+            if mm is None:
+                mm = maps[e.file] = np.memmap(e.file, dtype=np.uint8, mode="r")
+            yield name, e.dtype, e.shape, mm[e.data_start + e.begin : e.data_start + e.end]
 
     def __enter__(self) -> CheckpointReader:
         return self
