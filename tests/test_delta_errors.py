@@ -8,7 +8,7 @@ import shutil
 import pytest
 import torch
 from deltaserve.deltas.codecs import make_codec
-from deltaserve.deltas.compress import CompressConfig, compress
+from deltaserve.deltas.compress import CompressConfig, check_compatible, compress
 from deltaserve.deltas.fingerprint import base_fingerprint
 from deltaserve.deltas.merge import merge
 from deltaserve.errors import (
@@ -17,6 +17,7 @@ from deltaserve.errors import (
     InvalidArgumentError,
     NotFoundError,
 )
+from deltaserve.models.checkpoint import read_config_dict
 from safetensors.torch import load_file, save_file
 from tiny_models import make_checkpoint
 
@@ -166,3 +167,14 @@ def test_a_failed_write_leaves_no_partial_file(tiny_dir, tmp_path):
     with pytest.raises(InvalidArgumentError, match="is a directory"):
         _compress(base, ft, as_dir)
     assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
+
+
+def test_config_comparison_applies_transformers_defaults(tiny_dir):
+    base, _ = tiny_dir("llama")
+    cfg = read_config_dict(base)
+    implicit = {k: v for k, v in cfg.items() if k not in ("head_dim", "tie_word_embeddings")}
+    check_compatible(cfg, implicit)  # omitted fields equal their defaults: no error
+    with pytest.raises(InvalidArgumentError, match="tie_word_embeddings"):
+        check_compatible(cfg, dict(cfg, tie_word_embeddings=True))
+    with pytest.raises(InvalidArgumentError, match="num_key_value_heads"):
+        check_compatible(cfg, dict(cfg, num_key_value_heads=4))

@@ -112,10 +112,23 @@ def check_compatible(base_cfg: dict, ft_cfg: dict) -> None:
             "not supported)"
         )
     for key in SHAPE_FIELDS:
-        if base_cfg.get(key) != ft_cfg.get(key):
-            raise InvalidArgumentError(
-                f"base and fine-tune differ in {key}: {base_cfg.get(key)!r} vs {ft_cfg.get(key)!r}"
-            )
+        b, f = _arch_value(base_cfg, key), _arch_value(ft_cfg, key)
+        if b != f:
+            raise InvalidArgumentError(f"base and fine-tune differ in {key}: {b!r} vs {f!r}")
+
+
+def _arch_value(cfg: dict, key: str) -> object:
+    """cfg[key] with the defaults transformers applies when a config omits it."""
+    value = cfg.get(key)
+    if value is not None:
+        return value
+    if key == "tie_word_embeddings":
+        return False
+    if key == "num_key_value_heads":
+        return cfg.get("num_attention_heads")
+    if key == "head_dim" and cfg.get("hidden_size") and cfg.get("num_attention_heads"):
+        return cfg["hidden_size"] // cfg["num_attention_heads"]
+    return None
 
 
 def _names(base: CheckpointReader, ft: CheckpointReader, tied: bool) -> list[str]:
