@@ -113,7 +113,6 @@ def distill_scales(
     from transformers import AutoModelForCausalLM
 
     start = time.perf_counter()
-    torch.manual_seed(cfg.seed)
     teacher = AutoModelForCausalLM.from_pretrained(finetuned, dtype=torch.float32).eval()
     student = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32).eval()
     samples = _samples(calibration_ids(cfg.calib, base, teacher.config.vocab_size), cfg.seq_len)
