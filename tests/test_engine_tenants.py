@@ -154,3 +154,14 @@ def test_swap_base_weights_runs_the_other_checkpoint(tiny_dir):
     outs = run(eng, [GenerationRequest(f"r{i}", tuple(p), greedy(NEW)) for i, p in enumerate(prompts)])
     for i, ref in enumerate(hf_greedy(ft, prompts, NEW)):
         assert token_ids(outs[f"r{i}"]) == ref
+
+
+@pytest.mark.parametrize("bad", [
+    {"dtype": "int4"}, {"block_size": 0}, {"base_quant": "fp8"}, {"max_slots": 0},
+    {"num_kv_blocks": 4, "kv_cache_bytes": 1 << 20}, {"max_model_len": -1},
+])
+def test_engine_config_validation(bad, tmp_path):
+    from deltaserve.engine.config import EngineConfig
+
+    with pytest.raises(InvalidArgumentError):
+        EngineConfig(model=tmp_path, **bad)

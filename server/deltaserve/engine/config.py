@@ -48,6 +48,8 @@ class EngineConfig:
         for name in ("block_size", "max_num_seqs", "max_num_batched_tokens", "max_slots", "max_waiting"):
             if getattr(self, name) < 1:
                 raise InvalidArgumentError(f"{name} must be >= 1")
+        if self.num_kv_blocks is not None and self.kv_cache_bytes is not None:
+            raise InvalidArgumentError("give num_kv_blocks or kv_cache_bytes, not both")
         if self.num_kv_blocks is not None and self.num_kv_blocks < 1:
             raise InvalidArgumentError("num_kv_blocks must be >= 1")
         if self.kv_cache_bytes is not None and self.kv_cache_bytes < 1:
