@@ -7,13 +7,10 @@ Supported families: Llama (tied or untied embeddings, e.g. SmolLM2), Mistral, Qw
 
 from __future__ import annotations
 
-import re
-
 from deltaserve.errors import InvalidArgumentError
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
 
-_LAYER = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
 _PROJ = {
     "self_attn.q_proj": ("q", "hidden"),
     "self_attn.k_proj": ("kv", "hidden"),
@@ -82,8 +79,3 @@ def expected_shapes(config: dict) -> dict[str, tuple[int, ...]]:
             shapes[f"{p}{norm}.weight"] = (hidden,)
     return shapes
 
-
-def layer_index(name: str) -> int | None:
-    """Decoder block index of a parameter name, or None outside the blocks."""
-    m = _LAYER.match(name)
-    return int(m.group(1)) if m else None
