@@ -6,7 +6,8 @@ For every layer shape K x N and tenant count, with 1 token per tenant (decode) o
 - base_ms: y = x @ W_base.T for all tokens (dense, in the benchmark dtype);
 - delta_ms: the 1-bit delta of every tenant segment added into y (ops.sign_delta_matmul);
 - base_plus_delta_ms: both, as a DeltaLinear layer runs them;
-- naive_ms: unpack each tenant's signs to a dense matrix, then matmul (the reference);
+- naive_ms: unpack each tenant's signs to a dense matrix, then matmul (the reference;
+  at most 3 repeats, it is slow);
 
 plus delta_over_base = delta_ms / base_ms and roofline_fraction = (packed delta bytes /
 memory bandwidth) / delta_ms, the bandwidth being measured in the same run with a large copy.
@@ -20,6 +21,8 @@ import statistics
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
+
+from deltaserve.errors import InvalidArgumentError
 
 SHAPES = ((4096, 4096), (4096, 14336), (576, 1536))  # (K, N)
 TENANTS = (1, 4, 16)
@@ -75,6 +78,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="timed repeats per measurement (default 10; 3 with --quick)")
     parser.add_argument("--quick", action="store_true",
                         help="fewer repeats, and only the decode cases plus one prefill case per shape")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="CPU threads for torch and the CPU kernel (default: torch's default)")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of tables")
 
 
@@ -86,13 +91,13 @@ class _Timer:
         self.config = config
         self.cuda = config.device == "cuda"
 
-    def __call__(self, fn: Callable[[], object]) -> float:
+    def __call__(self, fn: Callable[[], object], max_repeats: int | None = None) -> float:
         torch = self.torch
         inner = 10 if self.cuda else 1
         for _ in range(self.config.warmup):
             fn()
         samples = []
-        for _ in range(self.config.repeats):
+        for _ in range(min(self.config.repeats, max_repeats or self.config.repeats)):
             if self.cuda:
                 start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
                 start.record()
@@ -153,7 +158,8 @@ def run_case(torch_mod, config: BenchConfig, timer: _Timer, case, bandwidth_gbps
     base_ms = timer(lambda: torch.nn.functional.linear(x, w))
     delta_ms = timer(lambda: sign_delta_matmul(x, y, packed, scales, segments))
     both_ms = timer(lambda: sign_delta_matmul(x, torch.nn.functional.linear(x, w), packed, scales, segments))
-    naive_ms = timer(lambda: sign_delta_matmul_ref(x, y, packed, scales, segments))
+    # the naive baseline is 1-2 orders of magnitude slower: 3 repeats are enough for its median
+    naive_ms = timer(lambda: sign_delta_matmul_ref(x, y, packed, scales, segments), max_repeats=3)
     delta_bytes = packed.numel() * 4
     roofline_ms = delta_bytes / (bandwidth_gbps * 1e9) * 1e3
     backend = "triton" if dev == "cuda" else _cpu_backend_name()
@@ -228,6 +234,12 @@ def format_table(report: dict) -> str:
 
 def run(args: argparse.Namespace) -> int:
     repeats = args.repeats if args.repeats is not None else (3 if args.quick else 10)
+    if args.threads is not None:
+        import torch
+
+        if args.threads < 1:
+            raise InvalidArgumentError("--threads must be >= 1")
+        torch.set_num_threads(args.threads)
     config = BenchConfig(device=args.device, dtype=args.dtype, repeats=repeats,
                          warmup=1 if args.quick else 2, quick=args.quick)
     report = run_benchmark(config)  # progress goes to stderr; stdout stays one JSON object

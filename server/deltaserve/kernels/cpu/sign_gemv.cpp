@@ -219,7 +219,9 @@ void run_gemv_segments(Isa isa, const std::vector<Segment>& segs, const float* x
   constexpr int64_t kRowBlock = 16;
   const int64_t blocks = (N + kRowBlock - 1) / kRowBlock;
   const int64_t items = static_cast<int64_t>(segs.size()) * blocks;
-  at::parallel_for(0, items, 1, [&](int64_t begin, int64_t end) {
+  // small layers run on the calling thread: waking the pool costs more than ~32K words of work
+  const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 15) / (kRowBlock * W));
+  at::parallel_for(0, items, grain, [&](int64_t begin, int64_t end) {
     for (int64_t it = begin; it < end; ++it) {
       const Segment& sg = segs[it / blocks];
       const int64_t r0 = (it % blocks) * kRowBlock;
