@@ -338,3 +338,21 @@ def test_lease_waiting_on_old_version_moves_to_the_replacement(tmp_path):
         assert "a@1" not in sink.resident
 
     asyncio.run(main())
+
+
+def test_host_tier_budget_is_lru(tmp_path):
+    async def main():
+        store = make_store(tmp_path, ["a", "b", "c"])
+        cache, _, files, metrics = make_cache(store, device=ELEMS * 4, host=2 * ELEMS * 4)
+        cache.scan_store()
+        for t in ["a", "b", "c"]:
+            async with cache.lease(t):
+                pass
+        assert gauge(metrics, "deltaserve:delta_cache_bytes", tier="host") == 2 * ELEMS * 4
+        assert gauge(metrics, "deltaserve:delta_cache_evictions_total", tier="host") == 1
+        assert {s.tenant: s.tier.value for s in cache.status()} == {"a": "disk", "b": "host", "c": "device"}
+        async with cache.lease("a"):  # from disk again: its host copy was the least recently used
+            pass
+        assert files.reads.count("a.delta.safetensors") == 2
+
+    asyncio.run(main())

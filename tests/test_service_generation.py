@@ -150,7 +150,7 @@ def test_eviction_under_small_budget_keeps_serving(served, models):
         want = {t: list(c.generate(PROMPTS[0], tenant=t, sampling=greedy(6)).token_ids) for t in TENANTS}
         delta_bytes = max(d.bytes for d in c.list_deltas())
     srv = ServerThread(
-        config_for(models, device_cache_bytes=delta_bytes + 16, host_cache_bytes=delta_bytes + 16)
+        config_for(models, device_cache_bytes=delta_bytes + 16, host_cache_bytes=10 * delta_bytes)
     )
     try:
         with srv.client() as c, ThreadPoolExecutor(3) as pool:

@@ -1,6 +1,6 @@
 """The engine as the service sees it: one explicit wrapper over AsyncEngine.
 
-`EngineHandle` exposes exactly what the pipeline (ServingEngine) and the delta
+`EngineHandle` implements `ServedEngine`, exactly what the pipeline and the delta
 cache (DeltaSink) use. Another engine (e.g. a "swap" baseline holding one merged
 model at a time) plugs in by providing the same methods.
 """

@@ -11,6 +11,7 @@ from deltaserve_client._proto.deltaserve.v1 import generation_pb2 as gpb
 from deltaserve_client._proto.deltaserve.v1 import generation_pb2_grpc
 
 from deltaserve.engine.types import RequestOutput
+from deltaserve.errors import UnavailableError
 from deltaserve.service import convert
 from deltaserve.service.pipeline import GenerationPipeline, usage_of
 
@@ -47,7 +48,8 @@ class GenerationServicer(generation_pb2_grpc.GenerationServicer):
                 ids.extend(out.new_token_ids)
                 logprobs.extend(convert.logprobs_to_proto(out.logprobs))
                 last = (out, arrival, first_token)
-        assert last is not None, "the engine ended a request without a final output"
+        if last is None:
+            raise UnavailableError("the engine stopped before the request produced any output; retry")
         out, arrival, first_token = last
         return gpb.GenerateResponse(
             request_id=out.request_id,

@@ -17,29 +17,17 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any
 
 from deltaserve.engine.stats import EngineStats
-from deltaserve.engine.types import FinishReason, GenerationRequest, RequestOutput
+from deltaserve.engine.types import GenerationRequest, RequestOutput
 from deltaserve.errors import InvalidArgumentError, ResourceExhaustedError
 from deltaserve.service.cache import DeltaCache, Lease
 from deltaserve.service.convert import GenerateInput, Usage
+from deltaserve.service.engine_handle import ServedEngine
 from deltaserve.service.interceptor import DeadlineExceededError
 from deltaserve.service.lifecycle import Lifecycle
 from deltaserve.service.metrics import ServerMetrics
-
-
-class ServingEngine(Protocol):
-    """What the service needs from an engine (AsyncEngine, or the swap baseline)."""
-
-    tokenizer: Any
-    max_model_len: int
-
-    def generate(self, request: GenerationRequest) -> AsyncIterator[RequestOutput]: ...
-
-    async def abort(self, request_id: str) -> None: ...
-
-    async def stats(self) -> EngineStats: ...
 
 
 @dataclass(frozen=True)
@@ -71,7 +59,7 @@ def encode_input(tokenizer: Any, inp: GenerateInput) -> list[int]:
 class GenerationPipeline:
     def __init__(
         self,
-        engine: ServingEngine,
+        engine: ServedEngine,
         cache: DeltaCache,
         lifecycle: Lifecycle,
         limits: RequestLimits,
@@ -270,7 +258,3 @@ def usage_of(out: RequestOutput, arrival: float, first_token: float | None, now:
         ttft=(first_token - arrival) if first_token is not None else 0.0,
         total_time=now - arrival,
     )
-
-
-def is_abort(out: RequestOutput) -> bool:
-    return out.finish_reason is FinishReason.ABORT

@@ -7,8 +7,8 @@ store, warms what fits while health says NOT_SERVING, then flips to SERVING.
 `RunningServer.drain(grace)` is what SIGTERM triggers: NOT_SERVING, new requests
 get UNAVAILABLE, running ones finish within `grace` seconds, then the port closes.
 
-The engine is any `ServingEngine` + `DeltaSink` (the seam for baselines such as
-the "swap" mode): `make_engine(config)` builds the default one.
+The engine is any `ServedEngine` (the seam for baselines such as the "swap"
+mode): `make_engine(config)` builds the default one.
 """
 
 from __future__ import annotations
