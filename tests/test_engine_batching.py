@@ -88,3 +88,30 @@ def test_step_groups_tenants_into_segments(tiny_dir, tmp_path):
     assert len(seg) == 2 and seg.lengths_list == (3 + 6, 5 + 7)
     assert seg.starts_list == (4, 13)  # base tokens first, then each tenant contiguous
     assert batch.sign_segments.starts_list == seg.starts_list
+
+
+def test_fair_tenant_policy_interleaves_tenants(tiny_dir, tmp_path):
+    from deltaserve.engine.config import EngineConfig
+    from deltaserve.engine.llm_engine import LLMEngine
+    from deltaserve.engine.scheduler import FairTenantPolicy
+
+    base, ft = tiny_dir("llama")
+    delta = load_delta(base, make_delta(base, ft, tmp_path / "d.delta"))
+    reqs = [GenerationRequest(f"a{i}", (5, 6, 7), greedy(3), tenant="a") for i in range(4)]
+    reqs.append(GenerationRequest("b0", (8, 9), greedy(3), tenant="b"))
+    reqs.append(GenerationRequest("base", (10,), greedy(3)))
+    admitted = {}
+    for name, policy in (("fcfs", None), ("fair", FairTenantPolicy())):
+        eng = LLMEngine(EngineConfig(model=base, block_size=4, max_num_seqs=3), policy=policy)
+        eng.load_delta("a", delta)
+        eng.load_delta("b", delta)
+        for r in reqs:
+            eng.add_request(r)
+        eng.step()
+        admitted[name] = eng.stats().running_tenants
+        finished = set()
+        while eng.has_unfinished():
+            finished |= {o.request_id for o in eng.step() if o.finished}
+        assert finished == {r.request_id for r in reqs} and eng.stats().kv_blocks_used == 0
+    assert admitted["fcfs"] == ("a", "a", "a")
+    assert admitted["fair"] == ("", "a", "b")

@@ -34,6 +34,28 @@ class FCFSPolicy:
         return list(waiting)
 
 
+class FairTenantPolicy:
+    """Per-tenant fairness: tenants with the fewest running sequences go first, each tenant's
+    requests FCFS, tenants interleaved round-robin (base-model requests count as one tenant)."""
+
+    def candidates(self, waiting: Seq[Sequence], running: Seq[Sequence]) -> Iterable[Sequence]:
+        queues: dict[str, list[Sequence]] = {}
+        for seq in waiting:
+            queues.setdefault(seq.tenant or "", []).append(seq)
+        load = {t: 0 for t in queues}
+        for seq in running:
+            if (seq.tenant or "") in load:
+                load[seq.tenant or ""] += 1
+        order: list[Sequence] = []
+        while queues:
+            tenant = min(queues, key=lambda t: (load[t], queues[t][0].arrival_time))
+            order.append(queues[tenant].pop(0))
+            load[tenant] += 1
+            if not queues[tenant]:
+                del queues[tenant]
+        return order
+
+
 @dataclass
 class SchedulerOutput:
     scheduled: list[tuple[Sequence, int]] = field(default_factory=list)  # (sequence, new tokens)
