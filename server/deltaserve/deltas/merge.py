@@ -41,26 +41,34 @@ def merge_state_dict(
 ) -> dict[str, torch.Tensor]:
     """A new state dict: base + alpha * delta (see the module doc for the exact arithmetic).
 
-    A dense `lm_head.weight` difference on a tied base (no lm_head tensor) is refused
-    because the tied model cannot hold it.
+    `base` is not modified. A delta entry the base does not hold (e.g. a dense
+    lm_head difference on a tied base) or of another shape is an InvalidArgumentError.
     """
+    return merge_into(dict(base), delta, alpha, progress)
+
+
+def merge_into(
+    state: dict[str, torch.Tensor], delta: TenantDelta, alpha: float = 1.0, progress: bool = False
+) -> dict[str, torch.Tensor]:
+    """Like merge_state_dict, but replaces the changed entries of `state` itself, decoding one
+    delta at a time, so peak memory is the base plus one tensor; returns `state`."""
     if not math.isfinite(alpha):
         raise InvalidArgumentError(f"alpha must be finite, got {alpha}")
-    out = dict(base)
     if alpha == 0:
-        return out
-    updates: dict[str, torch.Tensor] = {f"{m}.weight": d.decode() for m, d in delta.linears.items()}
-    for name, d in delta.dense.items():
-        updates[name] = d
-    for name in tqdm(sorted(updates), desc="merge", unit="tensor", disable=not progress):
-        if name not in base:
-            raise InvalidArgumentError(f"the delta changes {name}, which the base does not hold")
-        w, d = base[name], updates[name]
+        return state
+    names = {f"{m}.weight": m for m in delta.linears}
+    names.update({n: n for n in delta.dense})
+    missing = sorted(n for n in names if n not in state)
+    if missing:
+        raise InvalidArgumentError(f"the delta changes {missing[0]}, which the base does not hold")
+    for name in tqdm(sorted(names), desc="merge", unit="tensor", disable=not progress):
+        d = delta.linears[names[name]].decode() if name not in delta.dense else delta.dense[name]
+        w = state[name]
         if tuple(w.shape) != tuple(d.shape):
             raise InvalidArgumentError(f"delta for {name} is {list(d.shape)}, base is {list(w.shape)}")
         merged = w.to(torch.float32) + alpha * d.to(device=w.device, dtype=torch.float32)
-        out[name] = merged.to(w.dtype)
-    return out
+        state[name] = merged.to(w.dtype)
+    return state
 
 
 def merge(
@@ -80,7 +88,7 @@ def merge(
     fingerprint = base_fingerprint(base_dir, allow_pickle=allow_pickle)
     delta = load_tenant_delta(delta_path, base_fingerprint=fingerprint, base_config=config)
     state = load_state_dict(base_dir, allow_pickle=allow_pickle)
-    merged = merge_state_dict(state, delta, alpha, progress=progress)
+    merged = merge_into(state, delta, alpha, progress=progress)
     save_checkpoint(merged, config, out, tokenizer_from=base_dir)
     return MergeReport(
         out=str(out),
