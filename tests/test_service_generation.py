@@ -29,6 +29,16 @@ def test_unary_and_stream_agree(served):
             assert chunks[-1].finish_reason == unary.finish_reason
             assert unary.usage.completion_tokens == 12 and unary.usage.prompt_tokens == 5
             assert 0 <= unary.usage.time_to_first_token_seconds <= unary.usage.total_time_seconds
+        with_lp = SamplingOptions(max_new_tokens=6, ignore_eos=True, logprobs=3)
+        unary = c.generate(PROMPTS[2], tenant="carol", sampling=with_lp)
+        chunks = list(c.generate_stream(PROMPTS[2], tenant="carol", sampling=with_lp))
+        streamed = [lp for ch in chunks for lp in ch.logprobs]
+        assert (
+            [lp.token_id for lp in unary.logprobs]
+            == list(unary.token_ids)
+            == [lp.token_id for lp in streamed]
+        )
+        assert all(len(lp.top) == 3 and lp.top[0][1] >= lp.top[-1][1] for lp in unary.logprobs)
         seeded = SamplingOptions(max_new_tokens=10, temperature=0.9, top_p=0.9, seed=1234)
         a = c.generate(PROMPTS[0], tenant="bob", sampling=seeded)
         b = [t for ch in c.generate_stream(PROMPTS[0], tenant="bob", sampling=seeded) for t in ch.token_ids]

@@ -35,7 +35,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--drain-grace", type=float, dest="drain_grace_s", help="seconds running requests get on SIGTERM"
     )
     parser.add_argument("--no-warm", action="store_true", help="do not preload the delta store at start")
-    parser.add_argument("--json", action="store_true", help="print the start-up summary as one JSON line")
+    parser.add_argument(
+        "--json", action="store_true", help="also print target, ports and tenants as one JSON line on stdout"
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -91,8 +93,7 @@ def run(args: argparse.Namespace) -> int:
                 ),
                 flush=True,
             )
-        else:
-            print("\n".join(server.summary()), file=sys.stderr, flush=True)
+        print("\n".join(server.summary()), file=sys.stderr, flush=True)
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
