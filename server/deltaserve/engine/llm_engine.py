@@ -212,10 +212,11 @@ class LLMEngine:
             tenants.add((seq.delta_key, seq.alpha if seq.delta_key else 0.0))
         self._last = (sum(n for _, n in sched.scheduled), len(sched.scheduled), len(tenants))
         outputs = []
+        argmax = logits.argmax(dim=-1).tolist()  # every plain greedy row in one call
         for row, seq in enumerate(sampled):
             sp = seq.request.sampling
             seen = seq.tokens if sp.repetition_penalty != 1.0 else []
-            token, lp = sample_row(logits[row], sp, seen, seq.generator)
+            token, lp = sample_row(logits[row], sp, seen, seq.generator, argmax[row])
             if lp is not None:
                 seq.pending_logprobs.append(lp)
             if seq.first_token_time is None:

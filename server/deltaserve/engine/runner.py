@@ -36,11 +36,18 @@ class ModelRunner:
         elem = torch.empty((), dtype=dtype).element_size()
         return 2 * model_cfg.num_hidden_layers * model_cfg.num_key_value_heads * head_dim * block_size * elem
 
-    def _rows(self, table: list[int], start: int, end: int) -> torch.Tensor:
-        """Flat KV rows of positions [start, end) of a sequence: int64 [end - start]."""
-        pos = torch.arange(start, end)
-        blocks = torch.tensor(table, dtype=torch.long)[pos // self.block_size]
-        return blocks * self.block_size + pos % self.block_size
+    def _rows(self, table: list[int], start: int, end: int) -> list[int]:
+        """Flat KV rows of positions [start, end) of a sequence."""
+        bs = self.block_size
+        return [table[p // bs] * bs + p % bs for p in range(start, end)]
+
+    def _table_rows(self, tables: list[list[int]], length: int) -> torch.Tensor:
+        """int64 [B, length]: flat KV rows of positions 0..length-1 of each block table
+        (tables padded with block 0; padded rows are masked by the caller)."""
+        width = max(len(t) for t in tables)
+        bt = torch.tensor([t + [0] * (width - len(t)) for t in tables], dtype=torch.long)
+        rows = bt[:, :, None] * self.block_size + torch.arange(self.block_size)
+        return rows.view(len(tables), -1)[:, :length]
 
     def _mask(self, q_pos: torch.Tensor, ctx_len: int) -> torch.Tensor:
         """bool [len(q_pos), ctx_len]: key j visible to query at position p when j <= p (and in window)."""
@@ -61,11 +68,11 @@ class ModelRunner:
     def build(self, scheduled: list[tuple[Sequence, int]]) -> tuple[ForwardBatch, list[Sequence]]:
         """The ForwardBatch of a step and the sequences sampled from it (in logits-row order)."""
         ids: list[int] = []
-        positions: list[torch.Tensor] = []
-        slot_map: list[torch.Tensor] = []
+        positions: list[int] = []
+        slot_map: list[int] = []
         prefills: list[PrefillAttention] = []
         dec_tok: list[int] = []
-        dec_rows: list[torch.Tensor] = []
+        dec_tables: list[list[int]] = []
         dec_len: list[int] = []
         logits_rows: list[int] = []
         sampled: list[Sequence] = []
@@ -78,16 +85,16 @@ class ModelRunner:
                 c = seq.num_computed
                 start = len(ids)
                 ids.extend(seq.tokens[c : c + n])
-                positions.append(torch.arange(c, c + n))
-                slot_map.append(self._rows(seq.block_table, c, c + n))
+                positions.extend(range(c, c + n))
+                slot_map.extend(self._rows(seq.block_table, c, c + n))
                 ctx = c + n
                 if n == 1:
                     dec_tok.append(start)
-                    dec_rows.append(self._rows(seq.block_table, 0, ctx))
+                    dec_tables.append(seq.block_table)
                     dec_len.append(ctx)
                 else:
                     mask = None if c == 0 and self.window is None else self._mask(torch.arange(c, ctx), ctx)
-                    rows = self._rows(seq.block_table, 0, ctx).to(self.device)
+                    rows = self._table_rows([seq.block_table], ctx)[0].to(self.device)
                     mask = None if mask is None else mask.to(self.device)
                     prefills.append(PrefillAttention(start, n, ctx, rows, mask))
                 if ctx == seq.num_tokens:
@@ -103,9 +110,7 @@ class ModelRunner:
         decode = None
         if dec_tok:
             width = max(dec_len)
-            kv = torch.zeros(len(dec_tok), width, dtype=torch.long)
-            for i, r in enumerate(dec_rows):
-                kv[i, : len(r)] = r
+            kv = self._table_rows(dec_tables, width)
             lens = torch.tensor(dec_len)
             q_pos = lens - 1
             k_pos = torch.arange(width)
@@ -120,8 +125,8 @@ class ModelRunner:
         dev = self.device
         batch = ForwardBatch(
             input_ids=torch.tensor(ids, dtype=torch.long, device=dev),
-            positions=torch.cat(positions).to(dev),
-            slot_mapping=torch.cat(slot_map).to(dev),
+            positions=torch.tensor(positions, dtype=torch.long, device=dev),
+            slot_mapping=torch.tensor(slot_map, dtype=torch.long, device=dev),
             sign_segments=_segments(sign_seg, dev),
             delta_segments=_segments(delta_seg, dev),
             prefills=tuple(prefills),

@@ -37,13 +37,20 @@ def filter_top_k_top_p(logits: torch.Tensor, top_k: int, top_p: float) -> torch.
 
 
 def sample_row(
-    logits: torch.Tensor, params: SamplingParams, seen: list[int], generator: torch.Generator | None
+    logits: torch.Tensor, params: SamplingParams, seen: list[int], generator: torch.Generator | None,
+    argmax: int | None = None,
 ) -> tuple[int, TokenLogprob | None]:
-    """logits: fp32 [V] -> (token id, optional logprobs of the raw model distribution)."""
-    processed = apply_repetition_penalty(logits, seen, params.repetition_penalty)
-    if params.temperature == 0.0:
+    """logits: fp32 [V] -> (token id, optional logprobs of the raw model distribution).
+
+    argmax: the row's precomputed argmax (a batched argmax), used for plain greedy rows.
+    """
+    if params.temperature == 0.0 and params.repetition_penalty == 1.0 and argmax is not None:
+        token = argmax
+    elif params.temperature == 0.0:
+        processed = apply_repetition_penalty(logits, seen, params.repetition_penalty)
         token = int(torch.argmax(processed))
     else:
+        processed = apply_repetition_penalty(logits, seen, params.repetition_penalty)
         scaled = filter_top_k_top_p(processed / params.temperature, params.top_k, params.top_p)
         probs = torch.softmax(scaled, dim=-1)
         token = int(torch.multinomial(probs, 1, generator=generator))
