@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-from test_engine_support import engine, greedy, load_delta, make_delta, random_prompts, run, token_ids
-
 from deltaserve.engine.quant_eval import base_linear_bytes, compare_base_quant
 from deltaserve.engine.types import GenerationRequest
+from test_engine_support import engine, greedy, load_delta, make_delta, random_prompts, run, token_ids
 
 
 def test_int8_and_nf4_save_memory_and_stay_close(tiny_dir):
