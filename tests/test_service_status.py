@@ -42,6 +42,8 @@ def test_invalid_argument_not_found_failed_precondition(served):
         assert code_of(c.generate, "")[0] == "INVALID_ARGUMENT"
         code, msg = code_of(c.generate, " ".join(["t5"] * 400))
         assert code == "INVALID_ARGUMENT" and "limit" in msg
+        code, msg = code_of(c.generate, "t5 " * (3 * 2**20 // 3))  # 3 MiB > the 2 MiB limit of `served`
+        assert code == "INVALID_ARGUMENT" and "bytes" in msg
         code, msg = code_of(c.generate, PROMPTS[0], alpha=float("inf"))
         assert code == "INVALID_ARGUMENT" and "alpha" in msg
         code, msg = code_of(c.generate, [ChatMessage("user", "hi")])

@@ -52,7 +52,14 @@ def models(tmp_path_factory) -> Models:
 def config_for(models: Models, **overrides):
     from deltaserve.service.config import ServerConfig
 
-    values = dict(base=models.base, deltas=models.store, port=0, metrics_port=0, drain_grace_s=5.0)
+    values = dict(
+        base=models.base,
+        deltas=models.store,
+        port=0,
+        metrics_port=0,
+        drain_grace_s=5.0,
+        max_message_bytes=2**21,
+    )
     values.update(overrides)
     return ServerConfig(**values)
 

@@ -11,14 +11,15 @@ from deltaserve_client._proto.deltaserve.v1 import generation_pb2 as gpb
 from deltaserve_client._proto.deltaserve.v1 import generation_pb2_grpc
 
 from deltaserve.engine.types import RequestOutput
-from deltaserve.errors import UnavailableError
+from deltaserve.errors import InvalidArgumentError, UnavailableError
 from deltaserve.service import convert
 from deltaserve.service.pipeline import GenerationPipeline, usage_of
 
 
 class GenerationServicer(generation_pb2_grpc.GenerationServicer):
-    def __init__(self, pipeline: GenerationPipeline) -> None:
+    def __init__(self, pipeline: GenerationPipeline, max_message_bytes: int) -> None:
         self._pipeline = pipeline
+        self._max_bytes = max_message_bytes
 
     async def _outputs(
         self, request: gpb.GenerateRequest, context: grpc.aio.ServicerContext
@@ -26,6 +27,9 @@ class GenerationServicer(generation_pb2_grpc.GenerationServicer):
         """(output, arrival, first token time) per engine output of this request."""
         arrival = time.monotonic()
         first_token = None
+        size = request.ByteSize()
+        if size > self._max_bytes:
+            raise InvalidArgumentError(f"request is {size} bytes; the limit is {self._max_bytes}")
         inp = convert.request_from_proto(request)
         stream = self._pipeline.run(inp, context.time_remaining())
         async with contextlib.aclosing(stream):

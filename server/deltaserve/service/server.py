@@ -224,11 +224,15 @@ async def start_server(
     server = grpc.aio.server(
         interceptors=[ServiceInterceptor(auth, metrics)],
         options=[
-            ("grpc.max_receive_message_length", config.max_message_bytes),
+            # twice the limit, so that moderately oversized requests get INVALID_ARGUMENT with the
+            # limit in the message instead of the transport's bare RESOURCE_EXHAUSTED
+            ("grpc.max_receive_message_length", 2 * config.max_message_bytes),
             ("grpc.max_send_message_length", config.max_message_bytes),
         ],
     )
-    generation_pb2_grpc.add_GenerationServicer_to_server(GenerationServicer(pipeline), server)
+    generation_pb2_grpc.add_GenerationServicer_to_server(
+        GenerationServicer(pipeline, config.max_message_bytes), server
+    )
     deltas_pb2_grpc.add_DeltasServicer_to_server(DeltasServicer(cache, facts), server)
     health_pb2_grpc.add_HealthServicer_to_server(lifecycle.health, server)
     names = (
