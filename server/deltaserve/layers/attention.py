@@ -28,13 +28,17 @@ def paged_attention(
     v_cache.index_copy_(0, batch.slot_mapping, v)
     out = torch.empty_like(q)
     for p in batch.prefills:
-        qs = q[p.start : p.start + p.q_len].transpose(0, 1)  # [Hq, q_len, D]
-        ks = k_cache[p.kv_index].transpose(0, 1)  # [Hkv, ctx, D]
-        vs = v_cache[p.kv_index].transpose(0, 1)
+        rows = slice(p.start, p.start + p.q_len)
+        qs = q[rows].transpose(0, 1)  # [Hq, q_len, D]
+        if p.q_len == p.ctx_len:  # a whole prompt: its keys are this step's, no gather needed
+            ks, vs = k[rows].transpose(0, 1), v[rows].transpose(0, 1)  # [Hkv, ctx, D]
+        else:
+            ks = k_cache[p.kv_index].transpose(0, 1)
+            vs = v_cache[p.kv_index].transpose(0, 1)
         o = F.scaled_dot_product_attention(
             qs, ks, vs, attn_mask=p.mask, is_causal=p.mask is None, scale=scale, enable_gqa=True
         )
-        out[p.start : p.start + p.q_len] = o.transpose(0, 1)
+        out[rows] = o.transpose(0, 1)
     d = batch.decode
     if d is not None:
         qd = q[d.token_index].unsqueeze(2)  # [B, Hq, 1, D]
