@@ -16,7 +16,7 @@ FIELDS = {
 
 def test_bench_report_schema():
     config = BenchConfig(repeats=2, warmup=1, shapes=((96, 40),), tenants=(1, 3),
-                         phases=(("decode", 1), ("prefill", 5)), copy_mib=8)
+                         phases=(("decode", 1), ("prefill", 5)), copy_mib=8, clock="cpu")
     report = run_benchmark(config, progress=False)
     assert set(report) == {"device", "bandwidth_gbps", "cases"}
     assert report["device"].startswith("cpu") and report["bandwidth_gbps"] > 0
@@ -37,6 +37,9 @@ def test_bench_config_validation():
         BenchConfig(device="tpu")
     with pytest.raises(ValueError):
         BenchConfig(repeats=0)
+    with pytest.raises(ValueError):
+        BenchConfig(device="cuda", clock="cpu")
+    assert main(["bench", "kernel", "--clock", "cpu", "--threads", "2"]) == 2
 
 
 def test_bench_cli_cuda_without_gpu_fails_cleanly(capsys):

@@ -40,6 +40,7 @@ class BenchConfig:
     tenants: tuple[int, ...] = TENANTS
     phases: tuple[tuple[str, int], ...] = PHASES
     copy_mib: int | None = None  # bandwidth copy size; default 512 MiB (CPU) / 1 GiB (CUDA)
+    clock: str = "wall"  # "wall", or "cpu": process CPU time (single-threaded CPU runs on a shared host)
 
     def __post_init__(self) -> None:
         if self.device not in ("cpu", "cuda"):
@@ -48,6 +49,8 @@ class BenchConfig:
             raise ValueError("dtype must be bfloat16, float16 or float32")
         if self.repeats < 1 or self.warmup < 0:
             raise ValueError("repeats must be >= 1 and warmup >= 0")
+        if self.clock not in ("wall", "cpu") or (self.clock == "cpu" and self.device != "cpu"):
+            raise ValueError("clock must be wall, or cpu (CPU device only)")
         if not self.shapes or not self.tenants or not self.phases:
             raise ValueError("shapes, tenants and phases must not be empty")
 
@@ -68,6 +71,7 @@ class CaseResult:
     roofline_fraction: float
     delta_bytes: int
     backend: str
+    clock: str
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -80,11 +84,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="fewer repeats, and only the decode cases plus one prefill case per shape")
     parser.add_argument("--threads", type=int, default=None,
                         help="CPU threads for torch and the CPU kernel (default: torch's default)")
+    parser.add_argument("--clock", choices=("wall", "cpu"), default="wall",
+                        help="wall time, or process CPU time (needs --threads 1; for shared CPU hosts)")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of tables")
 
 
 class _Timer:
-    """Median wall time of a callable; CUDA timings use events around `inner` back-to-back calls."""
+    """Median time of a callable; CUDA timings use events around `inner` back-to-back calls.
+
+    clock "cpu" measures the process's CPU time instead of wall time: on a host shared with other
+    busy processes, wall time mostly measures waiting for a core. Only meaningful with 1 thread.
+    """
 
     def __init__(self, torch_mod, config: BenchConfig) -> None:
         self.torch = torch_mod
@@ -107,9 +117,10 @@ class _Timer:
                 end.synchronize()
                 samples.append(start.elapsed_time(end) / inner)
             else:
-                t0 = time.perf_counter()
+                clock = time.process_time if self.config.clock == "cpu" else time.perf_counter
+                t0 = clock()
                 fn()
-                samples.append((time.perf_counter() - t0) * 1e3)
+                samples.append((clock() - t0) * 1e3)
         return statistics.median(samples)
 
 
@@ -168,6 +179,7 @@ def run_case(torch_mod, config: BenchConfig, timer: _Timer, case, bandwidth_gbps
         base_ms=round(base_ms, 6), base_plus_delta_ms=round(both_ms, 6), delta_ms=round(delta_ms, 6),
         naive_ms=round(naive_ms, 6), delta_over_base=round(delta_ms / base_ms, 6),
         roofline_fraction=round(roofline_ms / delta_ms, 6), delta_bytes=delta_bytes, backend=backend,
+        clock=config.clock,
     )
 
 
@@ -221,7 +233,9 @@ def run_benchmark(config: BenchConfig, progress: bool = True) -> dict:
 def format_table(report: dict) -> str:
     head = (f"{'phase':8} {'K':>5} {'N':>6} {'ten':>3} {'tok':>3} {'base ms':>9} {'b+d ms':>9} "
             f"{'delta ms':>9} {'naive ms':>9} {'d/base':>7} {'roofline':>8}")
-    lines = [f"device: {report['device']}   copy bandwidth: {report['bandwidth_gbps']:.1f} GB/s", head]
+    clock = report["cases"][0]["clock"] if report["cases"] else "wall"
+    lines = [f"device: {report['device']}   copy bandwidth: {report['bandwidth_gbps']:.1f} GB/s   "
+             f"clock: {clock}", head]
     for c in report["cases"]:
         lines.append(
             f"{c['phase']:8} {c['k']:>5} {c['n']:>6} {c['tenants']:>3} {c['tokens_per_tenant']:>3} "
@@ -240,8 +254,10 @@ def run(args: argparse.Namespace) -> int:
         if args.threads < 1:
             raise InvalidArgumentError("--threads must be >= 1")
         torch.set_num_threads(args.threads)
+    if args.clock == "cpu" and args.threads != 1:
+        raise InvalidArgumentError("--clock cpu needs --threads 1 (CPU time sums over threads)")
     config = BenchConfig(device=args.device, dtype=args.dtype, repeats=repeats,
-                         warmup=1 if args.quick else 2, quick=args.quick)
+                         warmup=1 if args.quick else 2, quick=args.quick, clock=args.clock)
     report = run_benchmark(config)  # progress goes to stderr; stdout stays one JSON object
     print(json.dumps(report) if args.json else format_table(report))
     return 0
