@@ -176,3 +176,12 @@ def test_eviction_under_small_budget_keeps_serving(served, models):
         assert srv.metric("deltaserve:delta_cache_bytes", tier="device") <= delta_bytes + 16
     finally:
         srv.stop()
+
+
+def test_reflection_lists_the_services(served):
+    import grpc
+    from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
+
+    with grpc.insecure_channel(served.target) as channel:
+        services = set(ProtoReflectionDescriptorDatabase(channel).get_services())
+    assert {"deltaserve.v1.Generation", "deltaserve.v1.Deltas", "grpc.health.v1.Health"} <= services

@@ -131,12 +131,14 @@ def test_cancel_and_deadline_abort_and_free_kv_blocks(served):
     with served.client() as c:
         assert served.wait_metric("deltaserve:kv_blocks_used", 0) == 0
         stream = c.generate_stream(PROMPTS[1], tenant="alice", sampling=long(200))
-        got = 0
-        for _ in stream:
-            got += 1
+        for got, _ in enumerate(stream, start=1):
             if got == 5:
                 break
-        assert served.metric("deltaserve:kv_blocks_used") > 0 or got == 5
+        # mid-stream: blocks held, the request running, its tenant in the router-facing gauge
+        assert served.metric("deltaserve:kv_blocks_used") > 0
+        assert served.metric("deltaserve:num_requests_running") == 1
+        info = [s.labels for m in served.server.metrics.lora_info.collect() for s in m.samples]
+        assert info == [{"running_lora_adapters": "alice", "waiting_lora_adapters": "", "max_lora": "8"}]
         stream.close()  # cancels the call
         assert served.wait_metric("deltaserve:kv_blocks_used", 0) == 0
         assert served.wait_metric("deltaserve:requests_total", 1, tenant="alice", code="CANCELLED") == 1
