@@ -170,6 +170,14 @@ def test_pinned_not_evicted_and_impossible_fit_is_resource_exhausted(tmp_path):
             async with cache.lease(t):
                 pass
         assert "a@1" in sink.resident and "a@1" not in sink.unloads
+        cache3, _, _, _ = make_cache(
+            make_store(tmp_path / "z", ["p", "q"]), device=10**6, max_device_entries=1
+        )
+        await cache3.load("p", "", pin=True)
+        cache3.scan_store()
+        with pytest.raises(ResourceExhaustedError, match="pinned"):
+            async with cache3.lease("q"):
+                pass
         cache2, _, _, _ = make_cache(make_store(tmp_path / "x", ["big"]), device=ELEMS)
         cache2.scan_store()
         with pytest.raises(ResourceExhaustedError, match="device-cache-bytes"):

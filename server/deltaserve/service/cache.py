@@ -457,6 +457,11 @@ class DeltaCache:
                         f"delta of tenant {v.tenant!r} needs {need} bytes on the device but the budget is "
                         f"{budget} with {pinned} pinned; raise --device-cache-bytes or unpin tenants"
                     )
+                cap = self.config.max_device_entries
+                if cap is not None and sum(1 for o in self._all if o.on_device and o.pinned) >= cap:
+                    raise ResourceExhaustedError(
+                        f"all {cap} device slots hold pinned tenants; unpin one or raise --max-device-tenants"
+                    )
                 await self._room.wait()  # every resident delta is in use: wait for a release
             self._device_reserved += need
             self._reserved_entries += 1
