@@ -29,7 +29,7 @@ from deltaserve_client._proto.deltaserve.v1 import (
 from grpc_health.v1 import health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from deltaserve.errors import InvalidArgumentError
+from deltaserve.errors import InvalidArgumentError, NotFoundError
 from deltaserve.service.auth import Authenticator
 from deltaserve.service.cache import CacheConfig, DeltaCache, DeltaSource
 from deltaserve.service.config import ServerConfig
@@ -88,7 +88,10 @@ def make_engine(config: ServerConfig) -> ServedEngine:
     from deltaserve.service.engine_handle import EngineHandle
 
     if config.mode != "deltas":
-        raise InvalidArgumentError(f"mode {config.mode!r} needs its own engine factory")
+        raise InvalidArgumentError(
+            f"mode {config.mode!r} is served by the benchmark launcher "
+            "(python -m deltaserve.bench.baselines.launch)"
+        )
     kw = {}
     if config.max_tokens_per_step is not None:
         kw["max_num_batched_tokens"] = config.max_tokens_per_step
@@ -188,6 +191,10 @@ async def start_server(
     lifecycle = Lifecycle(metrics)
     await lifecycle.set(Phase.WARMING)
     auth = Authenticator.from_file(config.keys)
+    if not (config.base / "config.json").is_file():
+        raise NotFoundError(
+            f"base model {config.base} has no config.json (give a Hugging Face checkpoint directory)"
+        )
     if config.deltas is not None and not config.deltas.is_dir():
         raise InvalidArgumentError(f"delta store {config.deltas} is not a directory")
     base = await asyncio.to_thread(read_base_facts, config.base)
