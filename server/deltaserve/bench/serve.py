@@ -92,7 +92,7 @@ def _machine() -> dict:
 
 
 def _log(msg: str) -> None:
-    print(f"[bench serve] {msg}", file=sys.stderr, flush=True)
+    print(f"[bench serve {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
 
 
 def _vocab_words(base: Path) -> list[str]:
@@ -149,6 +149,7 @@ def run(args: argparse.Namespace) -> int:
     prep = prepare(workdir, model, sweep + cold, merged=False)
     if n_merged:
         prepare(workdir, model, sweep[:n_merged], merged=True)
+    setup_seconds = time.monotonic() - started
     words = _vocab_words(prep.base)
     prompts = make_prompts(words, 64, args.prompt_len, seed=1)
     max_model_len = max(64, 2 * (args.prompt_len * 4 + mnt))
@@ -269,6 +270,7 @@ def run(args: argparse.Namespace) -> int:
         "mismatches": mismatches,
         "outputs": outputs,
     }
+    result["setup_seconds"] = round(setup_seconds, 1)
     result["wall_seconds"] = round(time.monotonic() - started, 1)
     (out / "serve.json").write_text(json.dumps(result, indent=2))
     result["plots"] = [str(p) for p in write_plots(result, out)]

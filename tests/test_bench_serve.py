@@ -1,0 +1,73 @@
+"""`deltaserve bench serve` end to end on a tiny model: every mode serves the same greedy text.
+
+A reduced sweep (2 tenants, a handful of requests) keeps it inside the test budget;
+`--quick` runs the documented 1/4/16 sweep with the same code path.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from deltaserve.cli.main import main
+
+MODES = ("deltas", "base", "swap", "merged", "hf")
+
+
+@pytest.mark.slow
+def test_bench_serve_all_modes_agree_and_report(tmp_path, capsys):
+    out = tmp_path / "out"
+    rc = main(
+        [
+            "bench",
+            "serve",
+            "--quick",
+            "--json",
+            "--out",
+            str(out),
+            "--workdir",
+            str(tmp_path / "work"),
+            "--tenants",
+            "2",
+            "--popularity",
+            "distinct",
+            "--requests",
+            "6",
+            "--concurrency",
+            "4",
+            "--max-new-tokens",
+            "4",
+            "--prompt-len",
+            "6",
+            "--cold-tenants",
+            "1",
+        ]
+    )
+    result = json.loads(capsys.readouterr().out)
+    assert rc == 0
+    assert set(result["modes"]) == set(MODES)
+    for mode in MODES:
+        m = result["modes"][mode]
+        assert m["points"], mode
+        assert m["peak_rss_bytes"] and m["peak_rss_bytes"] > 50 * 2**20, mode
+        for p in m["points"]:
+            assert p["ok"] == 6 and p["failed"] == 0, (mode, p)
+            assert p["tok_per_s"] > 0 and p["ttft_p50_ms"] > 0
+    assert [p["n_tenants"] for p in result["modes"]["deltas"]["points"]] == [2]
+    # the modes differ in speed, never in output
+    g = result["greedy_check"]
+    assert g["identical"] and g["requests"] >= 3 and not g["mismatches"]
+    saved = json.loads((out / "serve.json").read_text())
+    outs = saved["greedy_check"]["outputs"]
+    for mode in ("swap", "merged", "hf"):
+        assert outs[mode] == {k: v for k, v in outs["deltas"].items() if k in outs[mode]}
+        assert any(v["token_ids"] for v in outs[mode].values())
+    # swap and hf really load models per tenant switch
+    assert result["modes"]["swap"]["model_loads"] >= 1
+    assert result["modes"]["hf"]["model_loads"] >= 2
+    ratios = {r["n_tenants"]: r for r in result["ratios"]}
+    assert set(ratios[2]) >= {"deltas_over_base", "deltas_over_swap", "deltas_over_merged", "deltas_over_hf"}
+    cs = result["cold_start"]
+    assert cs["cold_ttft_p50_ms"] > 0 and cs["warm_ttft_p50_ms"] > 0
+    for png in ("throughput.png", "ttft_cdf.png"):
+        assert (out / png).stat().st_size > 1000
