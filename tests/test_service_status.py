@@ -144,6 +144,7 @@ def test_cancel_and_deadline_abort_and_free_kv_blocks(served):
         assert served.wait_metric("deltaserve:requests_total", 1, tenant="alice", code="CANCELLED") == 1
         code, _ = code_of(c.generate, PROMPTS[1], tenant="bob", sampling=long(250), timeout=0.15)
         assert code == "DEADLINE_EXCEEDED"
+        assert served.wait_metric("deltaserve:requests_total", 1, tenant="bob", code="DEADLINE_EXCEEDED") == 1
         assert served.wait_metric("deltaserve:kv_blocks_used", 0) == 0
         engine_stats = served.call(served.server.engine.stats())
         assert engine_stats.num_running == 0 and engine_stats.kv_blocks_used == 0

@@ -36,6 +36,12 @@ def status_code(exc: DeltaServeError) -> grpc.StatusCode:
     return grpc.StatusCode[exc.grpc_code]
 
 
+def _cancel_code(context: grpc.aio.ServicerContext) -> grpc.StatusCode:
+    """Why gRPC cancelled a handler: its deadline passed, or the client went away."""
+    left = context.time_remaining()
+    return grpc.StatusCode.DEADLINE_EXCEEDED if left is not None and left <= 0 else grpc.StatusCode.CANCELLED
+
+
 class ServiceInterceptor(grpc.aio.ServerInterceptor):
     def __init__(self, auth: Authenticator, metrics: ServerMetrics | None = None) -> None:
         self._auth = auth
@@ -76,7 +82,7 @@ class ServiceInterceptor(grpc.aio.ServerInterceptor):
                     code = status_code(exc)
                     await context.abort(code, str(exc))
                 except asyncio.CancelledError:
-                    code = grpc.StatusCode.CANCELLED
+                    code = _cancel_code(context)
                     raise
                 except grpc.aio.AbortError:
                     code = context.code() or grpc.StatusCode.UNKNOWN
@@ -105,7 +111,7 @@ class ServiceInterceptor(grpc.aio.ServerInterceptor):
                     code = status_code(exc)
                     await context.abort(code, str(exc))
                 except (asyncio.CancelledError, GeneratorExit):
-                    code = grpc.StatusCode.CANCELLED
+                    code = _cancel_code(context)
                     raise
                 except grpc.aio.AbortError:
                     code = context.code() or grpc.StatusCode.UNKNOWN
