@@ -76,12 +76,16 @@ def run(args: argparse.Namespace) -> int:
             distill_lr=args.distill_lr,
             progress=not args.no_progress,
         )
-        result = evaluate(cfg)
+
+        def save(result) -> None:  # partial results survive an interrupted long run
+            out.mkdir(parents=True, exist_ok=True)
+            (out / "results.json").write_text(to_json(result))
+            (out / "results.md").write_text(to_markdown(result))
+
+        result = evaluate(cfg, on_update=save if out is not None else None)
     md = to_markdown(result)
     if out is not None:
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "results.json").write_text(to_json(result))
-        (out / "results.md").write_text(md)
+        save(result)
         plots = plot(result, out)
     print(to_json(result) if args.json else md)
     if out is not None and not args.json:

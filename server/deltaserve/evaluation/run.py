@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -124,8 +125,12 @@ def _write_calib(tok, examples: list[Example], path: Path) -> Path:
     return path
 
 
-def evaluate(cfg: EvalConfig) -> EvalResult:
-    """Run every codec row (and the alpha sweep) for every tenant; see the module doc."""
+def evaluate(cfg: EvalConfig, on_update: Callable[[EvalResult], None] | None = None) -> EvalResult:
+    """Run every codec row (and the alpha sweep) for every tenant; see the module doc.
+
+    on_update(result) is called after every new row or alpha point (long runs save partial results).
+    """
+    notify = on_update or (lambda _r: None)
     from deltaserve.deltas.codecs import make_codec
     from deltaserve.deltas.compress import CompressConfig, DistillConfig, compress
     from deltaserve.deltas.fingerprint import base_fingerprint
@@ -200,6 +205,7 @@ def evaluate(cfg: EvalConfig) -> EvalResult:
                         None,
                     )
                 )
+                notify(result)
             result.rows.append(
                 Row(
                     tenant.name,
@@ -214,10 +220,12 @@ def evaluate(cfg: EvalConfig) -> EvalResult:
                     report.distill,
                 )
             )
+            notify(result)
             if spec.codec == "bitdelta" and _sweeps(spec, cfg.codecs):
                 for a in cfg.alphas:
                     p = _measure(engine, tok, examples, cfg.logit_n, name, a, cfg.max_new_tokens)
                     result.alpha.append(AlphaPoint(tenant.name, spec.label, a, p.accuracy, p.perplexity))
+                    notify(result)
             engine.unload_delta(name)
     return result
 
