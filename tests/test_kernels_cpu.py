@@ -152,3 +152,10 @@ def test_autograd_callers_get_gradients(ext):
     y = sign_delta_matmul(case.x, case.y.clone(), case.packed, scales, case.segments)
     y.sum().backward()
     assert scales.grad is not None and bool((scales.grad != 0).all())
+
+
+@pytest.mark.parametrize("k,n", [(576, 192), (1536, 576), (3584, 512)])
+def test_model_layer_shapes(ext, k, n):
+    # SmolLM2-135M k/v and down projections, a Qwen2-7B k/v projection: decode and prefill segments
+    case = make_case(k=k, n=n, lengths=[1, 1, 17], slots=2, dtype=torch.bfloat16, seed=k)
+    _check(case, CpuKernelConfig())

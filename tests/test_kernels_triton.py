@@ -96,7 +96,13 @@ def test_cuda_kernels_match_reference(dtype, popularity, lengths):
 
 @pytest.mark.gpu
 @cuda
-@pytest.mark.parametrize("k,n", [(4096, 4096), (4096, 14336), (14336, 4096), (576, 1536), (1536, 576)])
+# Llama-3-8B / Mistral-7B (4096, 14336, kv 1024), Qwen2-7B (3584, 18944, kv 512),
+# SmolLM2-135M (576, 1536, kv 192)
+@pytest.mark.parametrize("k,n", [
+    (4096, 4096), (4096, 1024), (4096, 14336), (14336, 4096),
+    (3584, 3584), (3584, 512), (3584, 18944), (18944, 3584),
+    (576, 576), (576, 192), (576, 1536), (1536, 576),
+])
 def test_cuda_model_layer_shapes(k, n):
     from deltaserve.kernels.ops import sign_delta_matmul
 
