@@ -2,7 +2,7 @@
 
 The build goes through torch.utils.cpp_extension (needs a C++ compiler and
 ninja) into a cache directory outside the repository, keyed by the hash of the
-source and of the torch version, so a fresh clone compiles once and later
+source, the torch version and the Python ABI, so a fresh clone compiles once and later
 processes load the cached library. When the build is impossible,
 `load_cpu_extension` returns None after logging one warning and callers use the
 plain-torch reference.
@@ -14,6 +14,8 @@ import functools
 import hashlib
 import logging
 import os
+import platform
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
@@ -57,7 +59,8 @@ def cache_root() -> Path:
 
 def _build_key() -> str:
     digest = hashlib.sha256(SOURCE.read_bytes())
-    digest.update(torch.__version__.encode())
+    # the library links against this torch and this Python's ABI
+    digest.update(f"{torch.__version__}|{sys.implementation.cache_tag}|{platform.machine()}".encode())
     return digest.hexdigest()[:16]
 
 
