@@ -10,7 +10,7 @@ import torch
 from deltaserve.deltas.codecs import make_codec
 from deltaserve.deltas.compress import CompressConfig, compress
 from deltaserve.deltas.fingerprint import base_fingerprint
-from deltaserve.deltas.format import FORMAT, read_delta, read_delta_header, write_delta
+from deltaserve.deltas.format import FORMAT, read_delta, read_delta_header, read_delta_layout, write_delta
 from deltaserve.deltas.load import load_tenant_delta
 from deltaserve.deltas.merge import merge, merge_state_dict
 from deltaserve.deltas.types import SignDelta
@@ -188,3 +188,22 @@ def test_sharded_bf16_checkpoints_compress_and_merge_in_their_dtype(tiny_dir, tm
     merge(base, out, tmp_path / "m0", alpha=0.0, progress=False)
     b, m0 = load_state_dict(base), load_state_dict(tmp_path / "m0")
     assert all(torch.equal(b[n].view(torch.int16), m0[n].view(torch.int16)) for n in b)
+
+
+def test_a_model_file_is_not_a_delta(tiny_dir):
+    base, _ = tiny_dir("llama")
+    with pytest.raises(DeltaFormatError, match="not a deltaserve delta"):
+        read_delta_header(base / "model.safetensors")
+    with pytest.raises(DeltaFormatError, match="not a deltaserve delta"):
+        load_tenant_delta(base / "model.safetensors", base_fingerprint=None, base_config=None)
+
+
+def test_layout_reports_sizes_without_reading_tensors(tiny_dir, tmp_path):
+    _, _, out = _compress(tiny_dir, tmp_path, codec="bitdelta-mb", magnitude_bits=3)
+    layout = read_delta_layout(out)
+    assert layout.meta.codec == "bitdelta-mb" and layout.meta.codec_params == {"magnitude_bits": 3}
+    assert layout.linears["model.layers.1.mlp.down_proj"] == (64, 96)
+    planes = layout.tensors["linear/model.layers.1.mlp.down_proj/planes"]
+    assert planes.dtype == "I32" and planes.shape == (3, 64, 3) and planes.nbytes == 3 * 64 * 3 * 4
+    assert layout.stats["finetuned_linear_params"] == 2 * (2 * 64 * 64 + 2 * 32 * 64 + 3 * 64 * 96)
+    assert layout.file_bytes == out.stat().st_size
