@@ -114,13 +114,13 @@ class AsyncEngine:
             self._post(outputs)
             if self.on_step is not None:
                 self.on_step(eng.stats(), outputs, dt)
-        aborted = [eng.abort(rid) for rid in list(eng.requests)]
-        self._post([o for o in aborted if o is not None])
-        while True:  # fail commands posted after the stop
+        while True:  # run what was posted before the stop, then end every request
             try:
                 self._commands.get_nowait()()
             except queue.Empty:
                 break
+        aborted = [eng.abort(rid) for rid in list(eng.requests)]
+        self._post([o for o in aborted if o is not None])
 
     async def _call(self, fn: Callable[[], Any]) -> Any:
         """Run fn on the loop thread between steps; returns its result or raises its error."""
