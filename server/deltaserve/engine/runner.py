@@ -111,12 +111,7 @@ class ModelRunner:
         if dec_tok:
             width = max(dec_len)
             kv = self._table_rows(dec_tables, width)
-            lens = torch.tensor(dec_len)
-            q_pos = lens - 1
-            k_pos = torch.arange(width)
-            mask = k_pos[None, :] <= q_pos[:, None]
-            if self.window is not None:
-                mask &= k_pos[None, :] > q_pos[:, None] - self.window
+            mask = self._mask(torch.tensor(dec_len) - 1, width)  # [B, width]
             decode = DecodeAttention(
                 torch.tensor(dec_tok, dtype=torch.long, device=self.device),
                 kv.to(self.device),
