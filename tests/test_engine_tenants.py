@@ -165,3 +165,10 @@ def test_engine_config_validation(bad, tmp_path):
 
     with pytest.raises(InvalidArgumentError):
         EngineConfig(model=tmp_path, **bad)
+
+
+def test_engine_on_a_missing_or_bad_directory(tmp_path):
+    with pytest.raises(NotFoundError):
+        engine(tmp_path / "nope")
+    with pytest.raises(InvalidArgumentError):
+        engine(tmp_path)  # exists, no config.json

@@ -28,7 +28,7 @@ from deltaserve.errors import (
     NotFoundError,
     ResourceExhaustedError,
 )
-from deltaserve.models.checkpoint import load_state_dict
+from deltaserve.models.checkpoint import load_state_dict, read_config_dict
 from deltaserve.models.llama import LlamaFamilyModel
 from deltaserve.models.registry import arch_spec, sliding_window
 
@@ -56,6 +56,7 @@ class LLMEngine:
 
         self.config = config
         self.device = torch.device(config.device)
+        read_config_dict(config.model)  # typed errors for a missing or non-checkpoint directory
         self.hf_config = AutoConfig.from_pretrained(config.model)
         spec = arch_spec(self.hf_config)
         window = sliding_window(self.hf_config, spec)
