@@ -15,7 +15,8 @@
 // fp32 in a small buffer and multiplied with the BLAS GEMM (compute-bound).
 // Work is split over output rows with OpenMP (at::parallel_for).
 
-#include <torch/extension.h>
+#include <ATen/ATen.h>
+#include <torch/csrc/utils/pybind.h>
 #include <ATen/Parallel.h>
 #include <immintrin.h>
 
