@@ -57,3 +57,13 @@ def test_quick_case_list():
     assert all(c[0] == "decode" or c[3] == 1 for c in cases)
     assert ("decode", 4096, 4096, 1, 1) in cases and len(cases) == 12
     assert json.dumps(cases)
+
+
+def test_bench_cli_filters_and_isa(capsys):
+    args = ["bench", "kernel", "--shapes", "64x24", "--tenants", "2", "--phases", "decode",
+            "--cpu-isa", "scalar", "--repeats", "1", "--json"]
+    assert main(args) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert [(c["k"], c["n"], c["tenants"], c["phase"]) for c in report["cases"]] == [(64, 24, 2, "decode")]
+    assert report["cases"][0]["backend"] in ("cpu-scalar", "reference")
+    assert main(["bench", "kernel", "--shapes", "4096"]) == 2

@@ -27,6 +27,7 @@ from deltaserve.errors import InvalidArgumentError
 SHAPES = ((4096, 4096), (4096, 14336), (576, 1536))  # (K, N)
 TENANTS = (1, 4, 16)
 PHASES = (("decode", 1), ("prefill", 64))
+CPU_ISAS = {"auto": 2, "avx512": 2, "avx2": 1, "scalar": 0}  # -> CpuKernelConfig.isa_cap
 
 
 @dataclass(frozen=True)
@@ -41,6 +42,7 @@ class BenchConfig:
     phases: tuple[tuple[str, int], ...] = PHASES
     copy_mib: int | None = None  # bandwidth copy size; default 512 MiB (CPU) / 1 GiB (CUDA)
     clock: str = "wall"  # "wall", or "cpu": process CPU time (single-threaded CPU runs on a shared host)
+    cpu_isa: str = "auto"  # highest instruction set the CPU kernel may use: auto, avx512, avx2, scalar
 
     def __post_init__(self) -> None:
         if self.device not in ("cpu", "cuda"):
@@ -51,8 +53,12 @@ class BenchConfig:
             raise ValueError("repeats must be >= 1 and warmup >= 0")
         if self.clock not in ("wall", "cpu") or (self.clock == "cpu" and self.device != "cpu"):
             raise ValueError("clock must be wall, or cpu (CPU device only)")
+        if self.cpu_isa not in CPU_ISAS:
+            raise ValueError(f"cpu_isa must be one of {sorted(CPU_ISAS)}")
         if not self.shapes or not self.tenants or not self.phases:
             raise ValueError("shapes, tenants and phases must not be empty")
+        if min(self.tenants) < 1:
+            raise ValueError("tenant counts must be >= 1")
 
 
 @dataclass(frozen=True)
@@ -86,6 +92,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="CPU threads for torch and the CPU kernel (default: torch's default)")
     parser.add_argument("--clock", choices=("wall", "cpu"), default="wall",
                         help="wall time, or process CPU time (needs --threads 1; for shared CPU hosts)")
+    parser.add_argument("--cpu-isa", choices=tuple(CPU_ISAS), default="auto",
+                        help="highest instruction set the CPU kernel may use (default: the best available)")
+    parser.add_argument("--shapes", default=None,
+                        help="comma-separated KxN layer shapes (default 4096x4096,4096x14336,576x1536)")
+    parser.add_argument("--tenants", default=None, help="comma-separated tenant counts (default 1,4,16)")
+    parser.add_argument("--phases", default=None, help="decode, prefill or decode,prefill (default both)")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of tables")
 
 
@@ -146,6 +158,7 @@ def _cases(config: BenchConfig) -> list[tuple[str, int, int, int, int]]:
 
 def run_case(torch_mod, config: BenchConfig, timer: _Timer, case, bandwidth_gbps: float) -> CaseResult:
     from deltaserve.deltas.packing import pack_signs
+    from deltaserve.kernels.cpu_ext import CpuKernelConfig
     from deltaserve.kernels.ops import sign_delta_matmul
     from deltaserve.kernels.reference import sign_delta_matmul_ref
     from deltaserve.kernels.segments import Segments
@@ -167,13 +180,17 @@ def run_case(torch_mod, config: BenchConfig, timer: _Timer, case, bandwidth_gbps
     y = torch.empty(t, n, dtype=dtype, device=dev)
 
     base_ms = timer(lambda: torch.nn.functional.linear(x, w))
-    delta_ms = timer(lambda: sign_delta_matmul(x, y, packed, scales, segments))
-    both_ms = timer(lambda: sign_delta_matmul(x, torch.nn.functional.linear(x, w), packed, scales, segments))
+    cpu = CpuKernelConfig(isa_cap=CPU_ISAS[config.cpu_isa])
+    delta_ms = timer(lambda: sign_delta_matmul(x, y, packed, scales, segments, cpu_config=cpu))
+    def base_plus_delta():
+        sign_delta_matmul(x, torch.nn.functional.linear(x, w), packed, scales, segments, cpu_config=cpu)
+
+    both_ms = timer(base_plus_delta)
     # the naive baseline is 1-2 orders of magnitude slower: 3 repeats are enough for its median
     naive_ms = timer(lambda: sign_delta_matmul_ref(x, y, packed, scales, segments), max_repeats=3)
     delta_bytes = packed.numel() * 4
     roofline_ms = delta_bytes / (bandwidth_gbps * 1e9) * 1e3
-    backend = "triton" if dev == "cuda" else _cpu_backend_name()
+    backend = "triton" if dev == "cuda" else _cpu_backend_name(CPU_ISAS[config.cpu_isa])
     return CaseResult(
         phase=phase, k=k, n=n, tenants=tenants, tokens_per_tenant=tokens, dtype=config.dtype,
         base_ms=round(base_ms, 6), base_plus_delta_ms=round(both_ms, 6), delta_ms=round(delta_ms, 6),
@@ -183,13 +200,13 @@ def run_case(torch_mod, config: BenchConfig, timer: _Timer, case, bandwidth_gbps
     )
 
 
-def _cpu_backend_name() -> str:
+def _cpu_backend_name(isa_cap: int) -> str:
     from deltaserve.kernels.cpu_ext import load_cpu_extension
 
     ext = load_cpu_extension()
     if ext is None:
         return "reference"
-    return "cpu-" + ("scalar", "avx2", "avx512")[ext.best_isa()]
+    return "cpu-" + ("scalar", "avx2", "avx512")[min(isa_cap, ext.best_isa())]
 
 
 def device_name(torch_mod, device: str) -> str:
@@ -246,6 +263,13 @@ def format_table(report: dict) -> str:
     return "\n".join(lines)
 
 
+def _parse_shape(text: str) -> tuple[int, int]:
+    k, sep, n = text.strip().lower().partition("x")
+    if not sep or not k.isdigit() or not n.isdigit() or int(k) < 1 or int(n) < 1:
+        raise ValueError(f"shape {text!r} is not KxN")
+    return int(k), int(n)
+
+
 def run(args: argparse.Namespace) -> int:
     repeats = args.repeats if args.repeats is not None else (3 if args.quick else 10)
     if args.threads is not None:
@@ -256,8 +280,15 @@ def run(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     if args.clock == "cpu" and args.threads != 1:
         raise InvalidArgumentError("--clock cpu needs --threads 1 (CPU time sums over threads)")
-    config = BenchConfig(device=args.device, dtype=args.dtype, repeats=repeats,
-                         warmup=1 if args.quick else 2, quick=args.quick, clock=args.clock)
+    try:
+        shapes = tuple(_parse_shape(s) for s in args.shapes.split(",")) if args.shapes else SHAPES
+        tenants = tuple(int(t) for t in args.tenants.split(",")) if args.tenants else TENANTS
+        phases = tuple(p for p in PHASES if not args.phases or p[0] in args.phases.split(","))
+        config = BenchConfig(device=args.device, dtype=args.dtype, repeats=repeats,
+                             warmup=1 if args.quick else 2, quick=args.quick, clock=args.clock,
+                             cpu_isa=args.cpu_isa, shapes=shapes, tenants=tenants, phases=phases)
+    except ValueError as exc:
+        raise InvalidArgumentError(str(exc)) from exc
     report = run_benchmark(config)  # progress goes to stderr; stdout stays one JSON object
     print(json.dumps(report) if args.json else format_table(report))
     return 0
