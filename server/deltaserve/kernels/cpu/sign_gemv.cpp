@@ -10,9 +10,7 @@
 // form. Each sign flips the IEEE sign bit of x (xor), so every term is exact
 // and the sum is an ordinary fp32 sum of +-x. Variants: AVX-512 (mask
 // registers straight from the bits), AVX2 (variable shifts move bit j to the
-// sign position of lane j; for one token, two rows at a time with each byte of
-// signs picking its mask from a 256-entry table), and portable scalar code;
-// chosen at run time from CPUID.
+// sign position of lane j), and portable scalar code; chosen at run time.
 // Prefill-shaped segments (many tokens): tiles of rows are unpacked to +-1
 // fp32 in a small buffer and multiplied with the BLAS GEMM (compute-bound).
 // Work is split over output rows with OpenMP (at::parallel_for).
@@ -96,52 +94,6 @@ __attribute__((target("avx2,fma"))) void row_dot_avx2(const float* const* xs, co
     h = _mm_add_ss(h, _mm_movehdup_ps(h));
     acc[t] = _mm_cvtss_f32(h);
   }
-}
-
-// 256 sign masks, one per byte of signs: lane j = sign bit where bit j is clear (-1), else 0.
-struct ByteMasks {
-  alignas(32) uint32_t m[256][8];
-  ByteMasks() {
-    for (int b = 0; b < 256; ++b)
-      for (int j = 0; j < 8; ++j) m[b][j] = ((b >> j) & 1) ? 0u : 0x80000000u;
-  }
-};
-
-const ByteMasks& byte_masks() {
-  static const ByteMasks table;  // immutable after the thread-safe first initialisation
-  return table;
-}
-
-// One token, two rows at once: each byte of signs selects its 8-lane mask from an 8 KiB table
-// (a load instead of shift + and on the vector ports), and each x chunk is loaded once for both.
-__attribute__((target("avx2,fma"))) void row_pair_dot_avx2(const float* x, const uint32_t* words_a,
-                                                            const uint32_t* words_b, int64_t W,
-                                                            float* acc_a, float* acc_b) {
-  const ByteMasks& tab = byte_masks();
-  const uint8_t* ba = reinterpret_cast<const uint8_t*>(words_a);  // little-endian: byte c = columns 8c..8c+7
-  const uint8_t* bb = reinterpret_cast<const uint8_t*>(words_b);
-  __m256 sa[4], sb[4];
-  for (int c = 0; c < 4; ++c) sa[c] = sb[c] = _mm256_setzero_ps();
-  const int64_t bytes = 4 * W;
-  for (int64_t i = 0; i < bytes; i += 4) {
-    for (int c = 0; c < 4; ++c) {
-      const __m256 xv = _mm256_loadu_ps(x + 8 * (i + c));
-      const __m256 ma = _mm256_load_ps(reinterpret_cast<const float*>(tab.m[ba[i + c]]));
-      const __m256 mb = _mm256_load_ps(reinterpret_cast<const float*>(tab.m[bb[i + c]]));
-      sa[c] = _mm256_add_ps(sa[c], _mm256_xor_ps(xv, ma));
-      sb[c] = _mm256_add_ps(sb[c], _mm256_xor_ps(xv, mb));
-    }
-  }
-  const __m256 va = _mm256_add_ps(_mm256_add_ps(sa[0], sa[1]), _mm256_add_ps(sa[2], sa[3]));
-  const __m256 vb = _mm256_add_ps(_mm256_add_ps(sb[0], sb[1]), _mm256_add_ps(sb[2], sb[3]));
-  __m128 ha = _mm_add_ps(_mm256_castps256_ps128(va), _mm256_extractf128_ps(va, 1));
-  __m128 hb = _mm_add_ps(_mm256_castps256_ps128(vb), _mm256_extractf128_ps(vb, 1));
-  ha = _mm_add_ps(ha, _mm_movehl_ps(ha, ha));
-  hb = _mm_add_ps(hb, _mm_movehl_ps(hb, hb));
-  ha = _mm_add_ss(ha, _mm_movehdup_ps(ha));
-  hb = _mm_add_ss(hb, _mm_movehdup_ps(hb));
-  *acc_a = _mm_cvtss_f32(ha);
-  *acc_b = _mm_cvtss_f32(hb);
 }
 
 template <int TB>
@@ -281,17 +233,7 @@ void run_gemv_segments(Isa isa, const std::vector<Segment>& segs, const float* x
         const float* xs[kMaxTokens];
         for (int t = 0; t < tb; ++t) xs[t] = xpad + (sg.start + t0 + t) * Kp;
         float acc[kMaxTokens];
-        int64_t n = r0;
-        if (isa == Isa::kAvx2 && tb == 1) {
-          for (; n + 1 < r1; n += 2) {
-            float a, b;
-            row_pair_dot_avx2(xs[0], base + n * W, base + (n + 1) * W, W, &a, &b);
-            T* yt = y + (sg.start + t0) * y_stride;
-            emit<T>(yt + n, sg.factor, a);
-            emit<T>(yt + n + 1, sg.factor, b);
-          }
-        }
-        for (; n < r1; ++n) {
+        for (int64_t n = r0; n < r1; ++n) {
           row_dot_any(isa, tb, xs, base + n * W, W, acc);
           for (int t = 0; t < tb; ++t) emit<T>(y + (sg.start + t0 + t) * y_stride + n, sg.factor, acc[t]);
         }
