@@ -47,7 +47,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--popularity", default="zipf:1.1,distinct", help="comma-separated popularity shapes")
     parser.add_argument("--concurrency", type=int, default=16, help="requests outstanding (closed loop)")
     parser.add_argument(
-        "--requests", type=int, help="measured requests per point (default 32 quick, 64 full)"
+        "--requests", type=int, help="measured requests per point (default 16 quick, 64 full)"
     )
     parser.add_argument("--max-new-tokens", type=int, help="tokens generated per request (16 quick, 32 full)")
     parser.add_argument("--prompt-len", type=int, default=16, help="prompt length in words")
@@ -133,7 +133,7 @@ def run(args: argparse.Namespace) -> int:
     if counts[0] < 1:
         raise InvalidArgumentError("tenant counts must be >= 1")
     pops = [p.strip() for p in args.popularity.split(",") if p.strip()]
-    requests = args.requests or (32 if args.quick else 64)
+    requests = args.requests or (16 if args.quick else 64)
     mnt = args.max_new_tokens or (16 if args.quick else 32)
     out = args.out
     out.mkdir(parents=True, exist_ok=True)
