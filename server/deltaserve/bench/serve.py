@@ -36,7 +36,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quick", action="store_true", help="tiny model, small sweep (CI: under 5 minutes)")
     parser.add_argument("--json", action="store_true", help="print the result as JSON")
     parser.add_argument(
-        "--out", type=Path, default=Path("bench-out/serve"), help="where serve.json and plots go"
+        "--out", type=Path, default=Path("out/bench-serve"), help="serve.json and plots (out/bench-serve)"
     )
     parser.add_argument("--workdir", type=Path, help="cache of models and tenants (default OUT/work)")
     parser.add_argument(
