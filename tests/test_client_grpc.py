@@ -335,6 +335,8 @@ def test_stream_agrees_with_unary(fake):
     last = chunks[-1]
     assert last.finished and last.finish_reason is FinishReason.STOP
     assert last.usage is not None and last.usage.completion_tokens == len(unary.text)
+    # both generation calls name the tenant in metadata, for proxies with tenant affinity
+    assert [md.get("x-deltaserve-tenant") for md in fake.state.metadata[-2:]] == ["acme", "acme"]
 
 
 def test_bearer_key_travels_as_metadata():

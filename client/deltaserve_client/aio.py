@@ -52,10 +52,12 @@ class AsyncDeltaServeClient:
     async def close(self) -> None:
         await self._channel.close()
 
-    async def _unary(self, method: Callable[..., Any], request: Any, timeout: float | None) -> Any:
+    async def _unary(
+        self, method: Callable[..., Any], request: Any, timeout: float | None, tenant: str = ""
+    ) -> Any:
         try:
             deadline = timeout or self.config.timeout
-            return await method(request, timeout=deadline, metadata=self.config.metadata())
+            return await method(request, timeout=deadline, metadata=self.config.metadata(tenant))
         except grpc.RpcError as error:
             raise DeltaServeClientError.from_rpc_error(error) from None
 
@@ -73,7 +75,7 @@ class AsyncDeltaServeClient:
         req = convert.generate_request(
             prompt, tenant=tenant, sampling=sampling, alpha=alpha, request_id=request_id
         )
-        return convert.generate_result(await self._unary(self._generation.Generate, req, timeout))
+        return convert.generate_result(await self._unary(self._generation.Generate, req, timeout, tenant))
 
     def generate_stream(
         self,
@@ -93,7 +95,7 @@ class AsyncDeltaServeClient:
             prompt, tenant=tenant, sampling=sampling, alpha=alpha, request_id=request_id
         )
         call = self._generation.GenerateStream(
-            req, timeout=timeout or self.config.timeout, metadata=self.config.metadata()
+            req, timeout=timeout or self.config.timeout, metadata=self.config.metadata(tenant)
         )
         return _iterate(call)
 

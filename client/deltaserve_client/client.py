@@ -53,9 +53,12 @@ class DeltaServeClient:
     def close(self) -> None:
         self._channel.close()
 
-    def _unary(self, method: Callable[..., Any], request: Any, timeout: float | None) -> Any:
+    def _unary(
+        self, method: Callable[..., Any], request: Any, timeout: float | None, tenant: str = ""
+    ) -> Any:
         try:
-            return method(request, timeout=timeout or self.config.timeout, metadata=self.config.metadata())
+            deadline = timeout or self.config.timeout
+            return method(request, timeout=deadline, metadata=self.config.metadata(tenant))
         except grpc.RpcError as error:
             raise DeltaServeClientError.from_rpc_error(error) from None
 
@@ -73,7 +76,7 @@ class DeltaServeClient:
         req = convert.generate_request(
             prompt, tenant=tenant, sampling=sampling, alpha=alpha, request_id=request_id
         )
-        return convert.generate_result(self._unary(self._generation.Generate, req, timeout))
+        return convert.generate_result(self._unary(self._generation.Generate, req, timeout, tenant))
 
     def generate_stream(
         self,
@@ -94,7 +97,7 @@ class DeltaServeClient:
             prompt, tenant=tenant, sampling=sampling, alpha=alpha, request_id=request_id
         )
         call = self._generation.GenerateStream(
-            req, timeout=timeout or self.config.timeout, metadata=self.config.metadata()
+            req, timeout=timeout or self.config.timeout, metadata=self.config.metadata(tenant)
         )
         return _iterate(call)
 

@@ -10,6 +10,9 @@ from dataclasses import dataclass, field
 _GRPC_MAX_ATTEMPTS = 5
 
 
+# Metadata key carrying the tenant id on generation calls (proxies hash on it).
+TENANT_HEADER = "x-deltaserve-tenant"
+
 @dataclass(frozen=True)
 class RetryPolicy:
     """Retry of calls that fail with UNAVAILABLE (server draining, warming up or unreachable).
@@ -63,9 +66,11 @@ class ClientConfig:
         if self.max_message_bytes < 1024:
             raise ValueError("max_message_bytes must be >= 1024")
 
-    def metadata(self) -> tuple[tuple[str, str], ...]:
-        """Per-call metadata: the bearer key when one is configured."""
-        return (("authorization", f"Bearer {self.api_key}"),) if self.api_key else ()
+    def metadata(self, tenant: str = "") -> tuple[tuple[str, str], ...]:
+        """Per-call metadata: the bearer key when one is configured, and the tenant id as
+        TENANT_HEADER so a proxy in front of several replicas can route by tenant affinity."""
+        auth = (("authorization", f"Bearer {self.api_key}"),) if self.api_key else ()
+        return (*auth, (TENANT_HEADER, tenant)) if tenant else auth
 
     def channel_options(self) -> list[tuple[str, object]]:
         """gRPC channel options: message limits and the UNAVAILABLE retry policy for every method."""

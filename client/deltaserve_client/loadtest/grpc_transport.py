@@ -18,10 +18,9 @@ from deltaserve_client._proto.deltaserve.v1 import (
     generation_pb2,
     generation_pb2_grpc,
 )
+from deltaserve_client.config import TENANT_HEADER
 from deltaserve_client.loadtest.transport import CallError, Chunk, Done
 from deltaserve_client.loadtest.workload import LoadRequest
-
-TENANT_HEADER = "x-deltaserve-tenant"
 
 
 class GrpcTransport:
