@@ -138,7 +138,7 @@ def test_fallback_to_reference_when_build_fails(tmp_path):
         """
     )
     env = dict(os.environ, CXX=str(tmp_path / "no-such-compiler"),
-               DELTASERVE_CACHE_DIR=str(tmp_path / "cache"))
+               DELTASERVE_CACHE=str(tmp_path / "cache"))
     proc = subprocess.run([sys.executable, "-c", code, os.path.dirname(__file__)], env=env,
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -52,8 +52,8 @@ class CpuKernelConfig:
 
 
 def cache_root() -> Path:
-    """Where built extensions live: $DELTASERVE_CACHE_DIR or ~/.cache/deltaserve, then torch_extensions."""
-    root = os.environ.get("DELTASERVE_CACHE_DIR") or Path.home() / ".cache" / "deltaserve"
+    """Where built extensions live: $DELTASERVE_CACHE or ~/.cache/deltaserve, then torch_extensions."""
+    root = os.environ.get("DELTASERVE_CACHE") or Path.home() / ".cache" / "deltaserve"
     return Path(root) / "torch_extensions"
 
 
