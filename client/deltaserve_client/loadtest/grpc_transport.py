@@ -18,7 +18,7 @@ from deltaserve_client._proto.deltaserve.v1 import (
     generation_pb2,
     generation_pb2_grpc,
 )
-from deltaserve_client.config import TENANT_HEADER
+from deltaserve_client.config import ClientConfig
 from deltaserve_client.loadtest.transport import CallError, Chunk, Done
 from deltaserve_client.loadtest.workload import LoadRequest
 
@@ -33,15 +33,13 @@ class GrpcTransport:
         )
         self._gen = generation_pb2_grpc.GenerationStub(self._channel)
         self._deltas = deltas_pb2_grpc.DeltasStub(self._channel)
-        self._auth = (("authorization", f"Bearer {api_key}"),) if api_key else ()
-
-    def _metadata(self, tenant: str) -> tuple[tuple[str, str], ...]:
-        return (*self._auth, (TENANT_HEADER, tenant)) if tenant else self._auth
+        # bearer key + tenant header, built exactly as the client library does
+        self._config = ClientConfig(target, api_key=api_key)
 
     async def list_tenants(self) -> list[str]:
         try:
             resp = await self._deltas.ListDeltas(
-                deltas_pb2.ListDeltasRequest(), metadata=self._auth, timeout=30.0
+                deltas_pb2.ListDeltasRequest(), metadata=self._config.metadata(), timeout=30.0
             )
         except grpc.aio.AioRpcError as exc:
             raise CallError(exc.code().name, exc.details() or "") from exc
@@ -62,7 +60,7 @@ class GrpcTransport:
         self, request: LoadRequest, stream: bool, timeout: float
     ) -> AsyncIterator[Chunk | Done]:
         msg = self._request(request)
-        md = self._metadata(request.tenant)
+        md = self._config.metadata(request.tenant)
         try:
             if not stream:
                 r = await self._gen.Generate(msg, metadata=md, timeout=timeout)
