@@ -15,8 +15,9 @@ import statistics
 from dataclasses import asdict, dataclass
 
 from deltaserve_client._proto.deltaserve.v1 import generation_pb2, generation_pb2_grpc
+from deltaserve_client.config import TENANT_HEADER
 from deltaserve_client.loadtest.distributions import IntDist
-from deltaserve_client.loadtest.grpc_transport import TENANT_HEADER, GrpcTransport
+from deltaserve_client.loadtest.grpc_transport import GrpcTransport
 from deltaserve_client.loadtest.popularity import Popularity
 from deltaserve_client.loadtest.runner import LoadRunner, RunConfig
 from deltaserve_client.loadtest.stats import RequestRecord, summarize
