@@ -207,7 +207,7 @@ def test_health_and_unavailable_during_drain(models):
         assert not fut.done() and "r" not in result  # the admitted request is still running
         gate.set()
         th.join(30)
-        assert fut.result(30) is True
+        assert fut.result(30).clean
         srv.stopped = True
     assert result["r"].usage.completion_tokens == 5  # it finished normally during the drain
     with pytest.raises(grpc.FutureTimeoutError), grpc.insecure_channel(srv.target) as ch:

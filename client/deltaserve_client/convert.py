@@ -132,6 +132,7 @@ def delta_info(msg: deltas_pb2.DeltaInfo) -> DeltaInfo:
         path=msg.path,
         codec=msg.codec,
         version=msg.version,
+        error=msg.error,
     )
 
 

@@ -63,7 +63,9 @@ def delta_table(deltas: list[DeltaInfo]) -> str:
             )
         )
     widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
-    return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows)
+    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows]
+    lines += [f"{d.tenant}: NOT SERVED: {d.error}" for d in deltas if d.error]
+    return "\n".join(lines)
 
 
 def server_info_text(info: ServerInfo) -> str:

@@ -119,7 +119,8 @@ class StreamChunk:
 
 @dataclass(frozen=True)
 class DeltaInfo:
-    """Cache state of one tenant's delta. last_used is None when never used."""
+    """Cache state of one tenant's delta. last_used is None when never used; error is
+    non-empty when the tenant is out of service because its file failed to load."""
 
     tenant: str
     tier: Tier
@@ -132,6 +133,7 @@ class DeltaInfo:
     path: str
     codec: str
     version: int
+    error: str = ""
 
 
 @dataclass(frozen=True)

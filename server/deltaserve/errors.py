@@ -57,3 +57,14 @@ class FingerprintMismatchError(FailedPreconditionError):
         )
         self.expected = expected
         self.actual = actual
+
+
+class NonFiniteLogitsError(InvalidArgumentError):
+    """A request whose logits left the finite range (e.g. an extreme delta strength): that
+    request alone is stopped, every other request of the batch continues."""
+
+
+class RequestInternalError(DeltaServeError):
+    """A bug hit while serving one request; that request alone fails (INTERNAL)."""
+
+    grpc_code = "INTERNAL"

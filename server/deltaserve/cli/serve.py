@@ -100,15 +100,15 @@ def run(args: argparse.Namespace) -> int:
             loop.add_signal_handler(sig, stop.set)
         await stop.wait()
         print(
-            f"draining (grace {config.drain_grace_s:.0f} s, {server.pipeline.in_flight} in flight)",
+            f"draining (grace {config.drain_grace_s:g} s, {server.pipeline.in_flight} in flight)",
             file=sys.stderr,
             flush=True,
         )
-        clean = await server.drain()
+        result = await server.drain()
         print(
             "stopped"
-            if clean
-            else "stopped; requests still running at the end of the grace period were aborted",
+            if result.clean
+            else f"stopped; {result.aborted} requests still running after the grace period were aborted",
             file=sys.stderr,
             flush=True,
         )

@@ -16,12 +16,15 @@ Header metadata (safetensors `__metadata__`, all strings):
 - `checksum`: BLAKE2b-128 over every tensor's name and bytes (sorted by name), verified
   by `read_delta`, so corrupted tensor data is an error rather than a silently wrong model.
 
-Writing goes to a temp file in the destination directory, then `os.replace`, so a
-crash never leaves a half-written delta under the final name.
+Writing goes to a temp file in the destination directory (`.<name>.<pid>.*.tmp`), then
+`os.replace`, so a crash never leaves a half-written delta under the final name; the next
+write of the same name removes temps whose writer is gone. The file gets the mode the
+umask gives (0644 under the usual 022), so a server running as another user can read it.
 """
 
 from __future__ import annotations
 
+import glob
 import hashlib
 import json
 import os
@@ -128,10 +131,12 @@ def write_delta(path: Path, delta: EncodedDelta) -> Path:
         "checksum": tensors_checksum(tensors),
     }
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    remove_stale_temps(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{os.getpid()}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:
         save_file(tensors, tmp, metadata=metadata)
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; the result gets the usual mode
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -139,12 +144,52 @@ def write_delta(path: Path, delta: EncodedDelta) -> Path:
     return path
 
 
+def _umask() -> int:
+    """The process umask (read from /proc where possible; os.umask would change it briefly)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, another user's
+        return True
+    return True
+
+
+def remove_stale_temps(path: Path) -> list[Path]:
+    """Delete temp files that a killed writer of `path` left (`.<name>.<pid>.*.tmp` whose pid is
+    gone); returns them. Temps of a live writer are left alone."""
+    removed = []
+    prefix = f".{path.name}."
+    for tmp in path.parent.glob(f"{glob.escape(prefix)}*.tmp"):
+        pid = tmp.name[len(prefix) :].split(".", 1)[0]
+        if pid.isdigit() and not _pid_alive(int(pid)):
+            tmp.unlink(missing_ok=True)
+            removed.append(tmp)
+    return removed
+
+
 def _header(path: Path) -> tuple[dict, dict]:
     """(safetensors header without metadata, validated metadata) of a delta file."""
     path = Path(path)
-    if not path.exists():
+    try:
+        exists, is_file = path.exists(), path.is_file()
+    except OSError as exc:  # a name too long, a permission denied on the way, ...
+        raise InvalidArgumentError(f"cannot open delta file {path}: {exc.strerror}") from exc
+    if not exists:
         raise NotFoundError(f"delta file {path} does not exist")
-    if not path.is_file():
+    if not is_file:
         raise InvalidArgumentError(f"{path} is not a file")
     try:
         header, _ = read_safetensors_header(path)
@@ -184,7 +229,11 @@ def _meta(meta: dict, path: Path) -> DeltaMeta:
 def _linear_shapes(meta: dict, path: Path) -> dict[str, tuple[int, int]]:
     out = {}
     for module, shape in _json(meta, "linears", path).items():
-        if not (isinstance(shape, list) and len(shape) == 2 and all(isinstance(d, int) for d in shape)):
+        if not (
+            isinstance(shape, list)
+            and len(shape) == 2
+            and all(isinstance(d, int) and not isinstance(d, bool) and d > 0 for d in shape)
+        ):
             raise DeltaFormatError(f"{path}: bad shape {shape!r} for linear {module}")
         out[module] = (shape[0], shape[1])
     return out

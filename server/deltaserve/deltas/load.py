@@ -18,17 +18,24 @@ import torch
 from deltaserve.deltas.codecs import codec_from_header
 from deltaserve.deltas.format import EncodedDelta, read_delta, read_delta_header
 from deltaserve.deltas.layout import expected_shapes, is_block_linear
-from deltaserve.deltas.types import TenantDelta
-from deltaserve.errors import DeltaFormatError, FingerprintMismatchError, InvalidArgumentError
+from deltaserve.deltas.types import DeltaMeta, TenantDelta
+from deltaserve.errors import (
+    DeltaFormatError,
+    DeltaServeError,
+    FingerprintMismatchError,
+    InvalidArgumentError,
+)
 
 
-def check_fingerprint(path: Path, base_fingerprint: str | None) -> None:
-    """FingerprintMismatchError when the delta at `path` was built for another base."""
-    if base_fingerprint is None:
-        return
+def check_header(path: Path, base_fingerprint: str | None) -> DeltaMeta:
+    """The header of the delta at `path`, read once: DeltaFormatError when it is malformed or
+    names a codec this build cannot decode, FingerprintMismatchError when it was built for
+    another base (when `base_fingerprint` is given)."""
     meta = read_delta_header(path)
-    if meta.base_fingerprint != base_fingerprint:
+    if base_fingerprint is not None and meta.base_fingerprint != base_fingerprint:
         raise FingerprintMismatchError(meta.base_fingerprint, base_fingerprint, what=f"delta {path}")
+    codec_from_header(meta.codec, json.dumps(meta.codec_params))
+    return meta
 
 
 def validate_against_config(enc: EncodedDelta, config: dict, path: Path) -> None:
@@ -85,14 +92,19 @@ def load_tenant_delta(
     """Read, verify and decode the delta file at `path`.
 
     Checks, in order: the file exists (NotFoundError), its header is a deltaserve delta
-    (DeltaFormatError), it was built for `base_fingerprint` when given
+    naming a known codec (DeltaFormatError), it was built for `base_fingerprint` when given
     (FingerprintMismatchError naming both fingerprints; checked before any tensor is
     read), its data matches its checksum and its shapes fit `base_config` when given
-    (DeltaFormatError).
+    (DeltaFormatError), and its parts decode (DeltaFormatError).
     """
     path = Path(path)
-    check_fingerprint(path, base_fingerprint)
+    check_header(path, base_fingerprint)
     enc = read_delta(path)
     if base_config is not None:
         validate_against_config(enc, base_config, path)
-    return decode_encoded(enc, device=device, dtype=dtype)
+    try:
+        return decode_encoded(enc, device=device, dtype=dtype)
+    except DeltaServeError:
+        raise
+    except Exception as exc:  # stored parts whose shapes or dtypes the codec cannot decode
+        raise DeltaFormatError(f"delta {path} could not be decoded: {type(exc).__name__}: {exc}") from exc

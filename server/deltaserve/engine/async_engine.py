@@ -146,8 +146,9 @@ class AsyncEngine:
         """Stream a request's outputs; closing or cancelling the iterator aborts the request.
 
         Raises the engine's typed errors (InvalidArgumentError, NotFoundError,
-        ResourceExhaustedError) before the first output, and a step's exception if a
-        step fails (every request of that step is then aborted).
+        ResourceExhaustedError) before the first output; the request's own error when the
+        engine failed it alone (e.g. NonFiniteLogitsError); and a step's exception if the
+        forward itself fails (every request of that step is then aborted).
         """
         stream: asyncio.Queue[RequestOutput | Exception] = asyncio.Queue()
         if req.request_id in self._streams:
@@ -161,6 +162,9 @@ class AsyncEngine:
                 if isinstance(out, Exception):
                     finished = True
                     raise out
+                if out.error is not None:  # this request alone failed in the engine
+                    finished = True
+                    raise out.error
                 finished = out.finished
                 yield out
                 if finished:

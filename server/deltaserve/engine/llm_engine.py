@@ -5,6 +5,7 @@ Not thread-safe: one thread drives it (AsyncEngine serialises calls onto its loo
 
 from __future__ import annotations
 
+import logging
 import secrets
 import time
 from pathlib import Path
@@ -23,9 +24,12 @@ from deltaserve.engine.slots import DeltaSlots
 from deltaserve.engine.stats import EngineStats
 from deltaserve.engine.types import FinishReason, GenerationRequest, RequestOutput
 from deltaserve.errors import (
+    DeltaServeError,
     FailedPreconditionError,
     InvalidArgumentError,
+    NonFiniteLogitsError,
     NotFoundError,
+    RequestInternalError,
     ResourceExhaustedError,
 )
 from deltaserve.models.checkpoint import load_state_dict, read_config_dict
@@ -33,6 +37,7 @@ from deltaserve.models.llama import LlamaFamilyModel
 from deltaserve.models.registry import arch_spec, sliding_window
 
 MAX_DEFAULT_LEN = 4096
+log = logging.getLogger(__name__)
 
 
 def _eos_ids(model_dir: Path, hf_config) -> frozenset[int]:
@@ -86,6 +91,7 @@ class LLMEngine:
         self.requests: dict[str, Sequence] = {}
         self._last = (0, 0, 0)  # tokens, sequences, tenant segments of the last step
         self._preemptions = 0
+        self._failed = 0  # requests failed alone for a per-request cause
 
     # ---- tenants ----
 
@@ -214,20 +220,48 @@ class LLMEngine:
         self._last = (sum(n for _, n in sched.scheduled), len(sched.scheduled), len(tenants))
         outputs = []
         argmax = logits.argmax(dim=-1).tolist()  # every plain greedy row in one call
+        finite = torch.isfinite(logits).all(dim=-1).tolist()
         for row, seq in enumerate(sampled):
-            sp = seq.request.sampling
-            seen = seq.tokens if sp.repetition_penalty != 1.0 else []
-            token, lp = sample_row(logits[row], sp, seen, seq.generator, argmax[row])
-            if lp is not None:
-                seq.pending_logprobs.append(lp)
+            try:
+                if not finite[row]:
+                    raise NonFiniteLogitsError(
+                        f"the model's logits became non-finite at output token {len(seq.output_ids)} "
+                        f"(alpha {seq.alpha:g}); this request was stopped, others are unaffected"
+                    )
+                token, text = self._sample(seq, logits[row], argmax[row])
+            except Exception as exc:  # a per-request cause: fail this request alone
+                outputs.append(self._fail(seq, exc))
+                continue
             if seq.first_token_time is None:
                 seq.first_token_time = now
-            text = self._append(seq, token)
             if seq.finish_reason is not None:
                 self.scheduler.finish(seq)
                 del self.requests[seq.request_id]
             outputs.append(self._output(seq, [token], text))
         return outputs
+
+    def _sample(self, seq: Sequence, logits: torch.Tensor, argmax: int) -> tuple[int, str]:
+        """Sample one row's token and record it; returns (token, new text)."""
+        sp = seq.request.sampling
+        seen = seq.tokens if sp.repetition_penalty != 1.0 else []
+        token, lp = sample_row(logits, sp, seen, seq.generator, argmax)
+        if lp is not None:
+            seq.pending_logprobs.append(lp)
+        return token, self._append(seq, token)
+
+    def _fail(self, seq: Sequence, exc: Exception) -> RequestOutput:
+        """End one request with an error (its stream raises it); its KV blocks are scrubbed and freed."""
+        if not isinstance(exc, DeltaServeError):
+            log.error("request %s failed while sampling", seq.request_id, exc_info=exc)
+            exc = RequestInternalError(f"internal error while sampling this request: {type(exc).__name__}")
+        self.runner.scrub(seq.block_table)
+        self.scheduler.finish(seq)
+        self.requests.pop(seq.request_id, None)
+        self._failed += 1
+        seq.finish_reason = FinishReason.ABORT
+        out = self._output(seq, [], "")
+        out.error = exc
+        return out
 
     def stats(self) -> EngineStats:
         run, wait = self.scheduler.running, self.scheduler.waiting
@@ -242,6 +276,7 @@ class LLMEngine:
             running_tenants=tuple(sorted(s.tenant or "" for s in run)),
             waiting_tenants=tuple(sorted(s.tenant or "" for s in wait)),
             num_preemptions=self._preemptions,
+            num_failed_requests=self._failed,
         )
 
     # ---- base weights ----

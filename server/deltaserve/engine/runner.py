@@ -25,7 +25,10 @@ class ModelRunner:
         self.block_size = block_size
         self.window = sliding_window
         self.device = device
-        rows = num_blocks * block_size
+        # one extra block, never allocated and always zero, pads ragged block tables: padded
+        # (masked) keys and values must be finite, or 0-weight * NaN would leak into other rows
+        self.pad_block = num_blocks
+        rows = (num_blocks + 1) * block_size
         shape = (rows, model.num_kv_heads, model.head_dim)
         n_layers = len(model.layers)
         self.k_caches = [torch.zeros(shape, dtype=model.dtype, device=device) for _ in range(n_layers)]
@@ -43,9 +46,10 @@ class ModelRunner:
 
     def _table_rows(self, tables: list[list[int]], length: int) -> torch.Tensor:
         """int64 [B, length]: flat KV rows of positions 0..length-1 of each block table
-        (tables padded with block 0; padded rows are masked by the caller)."""
+        (tables padded with the zero pad block; padded rows are masked by the caller)."""
         width = max(len(t) for t in tables)
-        bt = torch.tensor([t + [0] * (width - len(t)) for t in tables], dtype=torch.long)
+        pad = self.pad_block
+        bt = torch.tensor([t + [pad] * (width - len(t)) for t in tables], dtype=torch.long)
         rows = bt[:, :, None] * self.block_size + torch.arange(self.block_size)
         return rows.view(len(tables), -1)[:, :length]
 
@@ -130,6 +134,17 @@ class ModelRunner:
             logits_segments=_segments(logit_seg, dev),
         )
         return batch, sampled
+
+    def scrub(self, table: list[int]) -> None:
+        """Zero the KV rows of `table`'s blocks in every layer: a failed request may have left
+        non-finite values there, which masked reads by the blocks' next owner must not see."""
+        if not table:
+            return
+        bs = self.block_size
+        rows = (torch.tensor(table, dtype=torch.long)[:, None] * bs + torch.arange(bs)).view(-1)
+        rows = rows.to(self.device)
+        for cache in (*self.k_caches, *self.v_caches):
+            cache.index_fill_(0, rows, 0)
 
     def execute(self, scheduled: list[tuple[Sequence, int]]) -> tuple[torch.Tensor, list[Sequence]]:
         """Run one step; returns fp32 logits [R, vocab] and the R sequences they belong to."""

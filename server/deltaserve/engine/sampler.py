@@ -1,7 +1,9 @@
 """Per-request sampling: greedy, temperature, top-k, top-p, repetition penalty, seeds, logprobs.
 
 Each row is processed on its own logits with its own torch.Generator, so a seeded
-request draws the same tokens whatever else shares its batch.
+request draws the same tokens whatever else shares its batch. Rows whose logits are
+not all finite are refused (NonFiniteLogitsError) rather than sampled from garbage;
+the engine then fails that request alone.
 """
 
 from __future__ import annotations
@@ -9,6 +11,7 @@ from __future__ import annotations
 import torch
 
 from deltaserve.engine.types import SamplingParams, TokenLogprob
+from deltaserve.errors import NonFiniteLogitsError
 
 
 def apply_repetition_penalty(logits: torch.Tensor, seen: list[int], penalty: float) -> torch.Tensor:
@@ -43,6 +46,8 @@ def sample_row(
     """logits: fp32 [V] -> (token id, optional logprobs of the raw model distribution).
 
     argmax: the row's precomputed argmax (a batched argmax), used for plain greedy rows.
+    The caller checks that `logits` are finite; the temperature is applied to logits shifted
+    by their maximum, so no finite input can overflow.
     """
     if params.temperature == 0.0 and params.repetition_penalty == 1.0 and argmax is not None:
         token = argmax
@@ -51,8 +56,11 @@ def sample_row(
         token = int(torch.argmax(processed))
     else:
         processed = apply_repetition_penalty(logits, seen, params.repetition_penalty)
-        scaled = filter_top_k_top_p(processed / params.temperature, params.top_k, params.top_p)
+        shifted = (processed - processed.max()) / params.temperature  # <= 0 everywhere, max exactly 0
+        scaled = filter_top_k_top_p(shifted, params.top_k, params.top_p)
         probs = torch.softmax(scaled, dim=-1)
+        if not bool(torch.isfinite(probs).all()):
+            raise NonFiniteLogitsError("sampling probabilities became non-finite for this request")
         token = int(torch.multinomial(probs, 1, generator=generator))
     if params.logprobs == 0:
         return token, None

@@ -17,3 +17,4 @@ class EngineStats:
     running_tenants: tuple[str, ...]  # tenant per running request ("" = base), sorted
     waiting_tenants: tuple[str, ...]
     num_preemptions: int = 0  # total since start
+    num_failed_requests: int = 0  # requests failed alone (non-finite logits, ...) since start

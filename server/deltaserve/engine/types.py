@@ -9,7 +9,16 @@ import math
 from dataclasses import dataclass, field
 from enum import StrEnum
 
-from deltaserve.errors import InvalidArgumentError
+from deltaserve.errors import DeltaServeError, InvalidArgumentError
+
+# Bounds that keep every request's arithmetic finite (also stated in the proto).
+MIN_TEMPERATURE = 1e-5  # a positive temperature below this would overflow logits / temperature
+MAX_TEMPERATURE = 100.0
+MIN_REPETITION_PENALTY = 0.01
+MAX_REPETITION_PENALTY = 100.0
+MAX_ABS_ALPHA = 10.0
+MAX_LOGPROBS = 20
+MAX_REQUEST_ID_CHARS = 256
 
 
 class FinishReason(StrEnum):
@@ -43,16 +52,22 @@ class SamplingParams:
             raise InvalidArgumentError("max_new_tokens must be >= 1")
         if max_new_tokens_limit is not None and self.max_new_tokens > max_new_tokens_limit:
             raise InvalidArgumentError(f"max_new_tokens must be <= {max_new_tokens_limit}")
-        if not math.isfinite(self.temperature) or self.temperature < 0:
-            raise InvalidArgumentError("temperature must be a finite number >= 0")
+        t = self.temperature
+        if not (t == 0.0 or MIN_TEMPERATURE <= t <= MAX_TEMPERATURE):
+            raise InvalidArgumentError(
+                f"temperature must be 0 (greedy) or in [{MIN_TEMPERATURE:g}, {MAX_TEMPERATURE:g}], got {t!r}"
+            )
         if self.top_k < 0:
             raise InvalidArgumentError("top_k must be >= 0 (0 disables it)")
         if not (0.0 < self.top_p <= 1.0):
             raise InvalidArgumentError("top_p must be in (0, 1]")
-        if not math.isfinite(self.repetition_penalty) or self.repetition_penalty <= 0:
-            raise InvalidArgumentError("repetition_penalty must be > 0")
-        if self.logprobs < 0 or self.logprobs > 20:
-            raise InvalidArgumentError("logprobs must be in [0, 20]")
+        if not (MIN_REPETITION_PENALTY <= self.repetition_penalty <= MAX_REPETITION_PENALTY):
+            raise InvalidArgumentError(
+                f"repetition_penalty must be in [{MIN_REPETITION_PENALTY:g}, {MAX_REPETITION_PENALTY:g}] "
+                f"(1 disables it), got {self.repetition_penalty!r}"
+            )
+        if self.logprobs < 0 or self.logprobs > MAX_LOGPROBS:
+            raise InvalidArgumentError(f"logprobs must be in [0, {MAX_LOGPROBS}]")
         if any(not s for s in self.stop):
             raise InvalidArgumentError("stop strings must be non-empty")
 
@@ -73,8 +88,12 @@ class GenerationRequest:
     def validate(self) -> None:
         if not self.prompt_token_ids:
             raise InvalidArgumentError("prompt must contain at least one token")
-        if not math.isfinite(self.alpha):
-            raise InvalidArgumentError("alpha must be finite")
+        if not self.request_id or len(self.request_id) > MAX_REQUEST_ID_CHARS:
+            raise InvalidArgumentError(f"request_id must have 1-{MAX_REQUEST_ID_CHARS} characters")
+        if not (math.isfinite(self.alpha) and abs(self.alpha) <= MAX_ABS_ALPHA):
+            raise InvalidArgumentError(
+                f"alpha must be in [-{MAX_ABS_ALPHA:g}, {MAX_ABS_ALPHA:g}], got {self.alpha!r}"
+            )
         self.sampling.validate()
 
 
@@ -90,7 +109,8 @@ class RequestOutput:
     """An increment of a request's output (streamed), or its final state when finished.
 
     new_token_ids / new_text hold only what was produced since the previous output.
-    Timestamps are time.monotonic() seconds.
+    Timestamps are time.monotonic() seconds. `error` is set (with finished=True and
+    finish_reason ABORT) when this request alone failed; the request's stream raises it.
     """
 
     request_id: str
@@ -104,3 +124,4 @@ class RequestOutput:
     arrival_time: float = 0.0
     first_scheduled_time: float | None = None
     first_token_time: float | None = None
+    error: DeltaServeError | None = None

@@ -186,6 +186,7 @@ def read_safetensors_header(file: Path) -> tuple[dict, int]:
         raise InvalidArgumentError(f"cannot read the safetensors header of {file}: {exc}") from exc
     if not isinstance(header, dict):
         raise InvalidArgumentError(f"{file}: safetensors header is not a JSON object")
+    _check_header_entries(header, file)
     data_start = 8 + n
     ends = [v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"]
     if ends and data_start + max(ends) > size:
@@ -193,6 +194,36 @@ def read_safetensors_header(file: Path) -> tuple[dict, int]:
             f"{file} is truncated: it declares {data_start + max(ends)} bytes but holds {size}"
         )
     return header, data_start
+
+
+def _is_uint(x: object) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool) and x >= 0
+
+
+def _check_header_entries(header: dict, file: Path) -> None:
+    """InvalidArgumentError unless the header has the shape the safetensors format defines:
+    `__metadata__` a str -> str object, every other entry {dtype: str, shape: [uint],
+    data_offsets: [begin, end]} with begin <= end."""
+    meta = header.get("__metadata__", {})
+    if not isinstance(meta, dict) or not all(isinstance(v, str) for v in meta.values()):
+        raise InvalidArgumentError(f"{file}: safetensors __metadata__ must map strings to strings")
+    for name, v in header.items():
+        if name == "__metadata__":
+            continue
+        ok = (
+            isinstance(v, dict)
+            and isinstance(v.get("dtype"), str)
+            and isinstance(v.get("shape"), list)
+            and all(_is_uint(d) for d in v["shape"])
+            and isinstance(v.get("data_offsets"), list)
+            and len(v["data_offsets"]) == 2
+            and all(_is_uint(o) for o in v["data_offsets"])
+            and v["data_offsets"][0] <= v["data_offsets"][1]
+        )
+        if not ok:
+            raise InvalidArgumentError(
+                f"{file}: safetensors entry {name[:80]!r} is not {{dtype, shape, data_offsets}}"
+            )
 
 
 def tensor_index(path: Path) -> dict[str, TensorEntry]:

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import re
 import time
 from collections.abc import AsyncIterator, Callable
@@ -36,6 +37,7 @@ from typing import Protocol
 
 from deltaserve.deltas.types import DeltaMeta, TenantDelta
 from deltaserve.errors import (
+    DeltaServeError,
     FailedPreconditionError,
     InvalidArgumentError,
     NotFoundError,
@@ -44,6 +46,7 @@ from deltaserve.errors import (
 from deltaserve.service.metrics import ServerMetrics
 
 DELTA_SUFFIX = ".delta.safetensors"
+log = logging.getLogger("deltaserve.cache")
 _TENANT_RE = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]{0,127}")
 
 
@@ -98,6 +101,7 @@ class DeltaStatus:
     path: str
     codec: str
     version: int
+    error: str = ""  # why the tenant cannot be served (its file failed to load); "" when healthy
 
 
 def validate_tenant_id(tenant: str) -> str:
@@ -118,10 +122,16 @@ def confine(store: Path | None, rel: str) -> Path:
     if p.is_absolute():
         raise InvalidArgumentError(f"delta path {rel!r} must be relative to the delta store, not absolute")
     root = store.resolve()
-    resolved = (root / p).resolve()
-    if not resolved.is_relative_to(root):
-        raise InvalidArgumentError(f"delta path {rel!r} leaves the delta store; give a path inside it")
-    if not resolved.is_file():
+    try:
+        resolved = (root / p).resolve()
+        if not resolved.is_relative_to(root):
+            raise InvalidArgumentError(f"delta path {rel!r} leaves the delta store; give a path inside it")
+        found = resolved.is_file()
+    except RuntimeError:  # Python < 3.13 reports a symlink loop this way
+        raise InvalidArgumentError(f"delta path {rel!r} is a symlink loop") from None
+    except OSError as exc:  # a name too long, a loop, a permission denied on the way
+        raise InvalidArgumentError(f"delta path {rel!r} cannot be opened: {exc.strerror}") from None
+    if not found:
         raise NotFoundError(f"no delta file {rel!r} in the delta store")
     return resolved
 
@@ -190,6 +200,7 @@ class DeltaCache:
         self._device_reserved = 0
         self._reserved_entries = 0
         self._admin_lock = asyncio.Lock()
+        self._broken: dict[str, tuple[str, str]] = {}  # tenant -> (store-relative path, cause)
         if metrics is not None:
             metrics.cache_budget.labels("device").set(config.device_bytes)
             metrics.cache_budget.labels("host").set(config.host_bytes)
@@ -198,7 +209,12 @@ class DeltaCache:
     # ----- queries -----------------------------------------------------------
 
     def tenants(self) -> list[str]:
+        """Registered, servable tenants (broken ones are listed by `broken`)."""
         return sorted(self._current)
+
+    def broken(self) -> dict[str, str]:
+        """Tenants whose file could not be loaded: tenant -> cause."""
+        return {t: cause for t, (_, cause) in sorted(self._broken.items())}
 
     def __contains__(self, tenant: str) -> bool:
         return tenant in self._current
@@ -218,13 +234,16 @@ class DeltaCache:
         }
 
     def status(self, tenant: str | None = None) -> list[DeltaStatus]:
+        """Every tenant's state, sorted by id (broken tenants included, with their error)."""
         if tenant:
+            if tenant in self._broken:
+                return [self._broken_status(tenant)]
             if tenant not in self._current:
                 raise NotFoundError(f"unknown tenant {tenant!r}")
             versions = [self._current[tenant]]
         else:
             versions = [self._current[t] for t in sorted(self._current)]
-        out = []
+        out = [self._broken_status(t) for t in self._broken if t not in self._current]
         for v in versions:
             tier = v.tier
             nbytes = {Tier.DEVICE: v.device_bytes, Tier.HOST: v.host_bytes, Tier.DISK: v.disk_bytes}[tier]
@@ -244,7 +263,21 @@ class DeltaCache:
                     v.version,
                 )
             )
-        return out
+        return sorted(out, key=lambda st: st.tenant)
+
+    def _broken_status(self, tenant: str) -> DeltaStatus:
+        rel, cause = self._broken[tenant]
+        return DeltaStatus(tenant, Tier.DISK, 0, False, 0, 0, None, 0.0, rel, "", 0, error=cause)
+
+    def _mark_broken(self, tenant: str, rel: str, exc: BaseException, stage: str) -> str:
+        """Record that `tenant` cannot be served (its requests get FAILED_PRECONDITION with the cause)."""
+        cause = str(exc) if isinstance(exc, DeltaServeError) else f"{type(exc).__name__}: {exc}"
+        self._broken[tenant] = (rel, cause)
+        log.warning("tenant %s is not served (%s): %s", tenant, stage, cause)
+        if self._metrics is not None:
+            self._metrics.delta_load_failures.labels(stage).inc()
+        self._publish()
+        return cause
 
     # ----- registration --------------------------------------------------------
 
@@ -264,10 +297,14 @@ class DeltaCache:
                 continue
             try:
                 validate_tenant_id(tenant)
+            except InvalidArgumentError as exc:
+                problems.append(f"{f.name}: {exc}")
+                continue
+            try:
                 path = confine(store, f.name)
                 meta = self._source.read_meta(path)
             except Exception as exc:  # a bad file must not stop the others from registering
-                problems.append(f"{f.name}: {exc}")
+                problems.append(f"{f.name}: {self._mark_broken(tenant, f.name, exc, 'startup')}")
                 continue
             self._current[tenant] = self._register(tenant, path, f.name, meta, pinned=False)
         self._publish()
@@ -280,20 +317,32 @@ class DeltaCache:
         self._all.add(v)
         return v
 
-    async def warm(self) -> None:
-        """Promote registered tenants to the device (then host) while they fit, without evicting."""
+    async def warm(self) -> list[str]:
+        """Promote registered tenants to the device (then host) while they fit, without evicting.
+
+        A tenant whose file fails to load is taken out of service (see `broken`) and the
+        others still warm; returns "file: cause" lines for those.
+        """
+        problems = []
         for tenant in sorted(self._current):
             v = self._current[tenant]
-            if self._fits_device_now(v.disk_bytes, v):
-                v.refs += 1
-                try:
-                    await self._ensure_device(v)
-                finally:
-                    await self._release(v)
-            elif v.host is None and self._host_used() + v.disk_bytes <= self.config.host_bytes:
-                delta = await asyncio.to_thread(self._source.load, v.path)
-                self._keep_host(v, delta)
+            try:
+                if self._fits_device_now(v.disk_bytes, v):
+                    v.refs += 1
+                    try:
+                        await self._ensure_device(v)
+                    finally:
+                        await self._release(v)
+                elif v.host is None and self._host_used() + v.disk_bytes <= self.config.host_bytes:
+                    delta = await asyncio.to_thread(self._source.load, v.path)
+                    self._keep_host(v, delta)
+            except Exception as exc:  # a bad file must not stop the server or the other tenants
+                del self._current[tenant]
+                v.retired = True
+                await self._free_if_done(v)
+                problems.append(f"{v.rel_path}: {self._mark_broken(tenant, v.rel_path, exc, 'startup')}")
         self._publish()
+        return problems
 
     async def load(
         self, tenant: str, rel_path: str, *, pin: bool = False, replace: bool = False
@@ -328,6 +377,7 @@ class DeltaCache:
                 await self._drop(new)
                 raise
             self._current[tenant] = new
+            self._broken.pop(tenant, None)
             new.refs -= 1
             if old is not None:
                 old.retired = True
@@ -341,6 +391,9 @@ class DeltaCache:
         """Forget a tenant; returns the bytes freed now (in-flight versions free when they finish)."""
         async with self._admin_lock:
             v = self._current.pop(tenant, None)
+            if v is None and self._broken.pop(tenant, None) is not None:
+                self._publish()
+                return 0
             if v is None:
                 raise NotFoundError(f"unknown tenant {tenant!r}")
             freed = (v.device_bytes if v.on_device else 0) + (v.host_bytes if v.host is not None else 0)
@@ -372,6 +425,12 @@ class DeltaCache:
         """
         while True:
             v = self._current.get(tenant)
+            if v is None and tenant in self._broken:
+                rel, cause = self._broken[tenant]
+                raise FailedPreconditionError(
+                    f"tenant {tenant!r} cannot be served: its delta file {rel} failed to load: {cause}; "
+                    "fix the file and load it again with LoadDelta"
+                )
             if v is None:
                 raise NotFoundError(
                     f"unknown tenant {tenant!r}: load it with LoadDelta or put {tenant}{DELTA_SUFFIX} "
@@ -543,3 +602,4 @@ class DeltaCache:
     def _publish(self) -> None:
         if self._metrics is not None:
             self._metrics.set_cache_tiers(self.tier_bytes(), self.tier_entries())
+            self._metrics.broken_tenants.set(len(self._broken))

@@ -114,6 +114,7 @@ def delta_info_to_proto(s: DeltaStatus) -> dpb.DeltaInfo:
         path=s.path,
         codec=s.codec,
         version=s.version,
+        error=s.error,
     )
     if s.last_used is not None:
         ts = Timestamp()

@@ -7,9 +7,11 @@ waiting_lora_adapters, max_lora) and exactly one series at a time (the value is
 the update time), which is what routers read to find where a tenant is warm.
 
 Tenant label cardinality is capped: the first `max_tenant_labels` distinct tenant
-ids seen get their own label value; later ones are reported as "__other__", and
-requests without a tenant as "__base__". Histograms carry no tenant label at all
-(buckets x tenants grows too fast); per-tenant detail lives in counters only.
+ids seen get their own label value; later ones are reported as "__other__",
+requests without a tenant as "__base__", and calls refused before a well-formed
+tenant id was read (no key, undecodable message, malformed id) as "__invalid__".
+Histograms carry no tenant label at all (buckets x tenants grows too fast);
+per-tenant detail lives in counters only.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, star
 
 OTHER = "__other__"
 BASE = "__base__"
+INVALID = "__invalid__"  # calls refused before their tenant id was known to be well-formed
 TIERS = ("device", "host", "disk")
 
 _LATENCY = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
@@ -129,6 +132,17 @@ class ServerMetrics:
             buckets=_LATENCY,
             registry=r,
         )
+        self.delta_load_failures = Counter(
+            p + "delta_load_failures",
+            "Delta files that failed to load, by stage (startup scan/warm-up)",
+            ["stage"],
+            registry=r,
+        )
+        self.broken_tenants = Gauge(
+            p + "delta_broken_tenants",
+            "Tenants out of service because their delta file failed to load",
+            registry=r,
+        )
         self.server_state = Gauge(
             p + "server_serving", "1 while serving, 0 while warming up or draining", registry=r
         )
@@ -139,6 +153,7 @@ class ServerMetrics:
             self.cache_evictions.labels(tier)
         for tier in ("host", "disk"):
             self.delta_load.labels(tier)
+        self.delta_load_failures.labels("startup")
 
     def start_http(self, port: int, host: str = "127.0.0.1") -> int:
         """Serve /metrics on (host, port); port 0 picks a free one. Returns the bound port."""

@@ -12,6 +12,7 @@ frees its KV blocks, and the tenant's delta lease is released.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import time
 import uuid
@@ -21,7 +22,7 @@ from typing import Any
 
 from deltaserve.engine.stats import EngineStats
 from deltaserve.engine.types import GenerationRequest, RequestOutput
-from deltaserve.errors import InvalidArgumentError, ResourceExhaustedError
+from deltaserve.errors import InvalidArgumentError, ResourceExhaustedError, UnavailableError
 from deltaserve.service.cache import DeltaCache, Lease
 from deltaserve.service.convert import GenerateInput, Usage
 from deltaserve.service.engine_handle import ServedEngine
@@ -56,6 +57,18 @@ def encode_input(tokenizer: Any, inp: GenerateInput) -> list[int]:
     return list(encode_prompt(tokenizer, line, "request"))
 
 
+# A prompt longer than this many characters per allowed token is refused before it is
+# tokenized (a token of real text averages about 4 characters), so a huge message cannot
+# hold the tokenizer for seconds.
+MAX_CHARS_PER_TOKEN = 32
+
+
+def input_chars(inp: GenerateInput) -> int:
+    if inp.messages is not None:
+        return sum(len(r) + len(c) for r, c in inp.messages)
+    return len(inp.prompt or "")
+
+
 class GenerationPipeline:
     def __init__(
         self,
@@ -71,6 +84,10 @@ class GenerationPipeline:
         self._limits = limits
         self._metrics = metrics
         self._inflight: dict[str, _Track] = {}
+        self._aborting = False  # set by abort_all: admitted requests may not enter the engine
+        # one worker: tokenization leaves the event loop but never runs twice at once
+        # (a fast tokenizer is not safe to call from several threads)
+        self._tokenize = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="deltaserve-tokenize")
         self._idle = asyncio.Event()
         self._idle.set()
         self._publish()
@@ -87,13 +104,38 @@ class GenerationPipeline:
             return False
         return True
 
-    def prepare(self, inp: GenerateInput) -> GenerationRequest:
-        """Tokenize and validate (InvalidArgumentError naming what to fix); tenant not yet resolved."""
+    async def abort_all(self) -> int:
+        """Abort every request in flight (drain past its grace period): streams end with their
+        final FinishReason.ABORT message; requests still waiting for a delta get UNAVAILABLE.
+        Returns how many requests were in flight."""
+        self._aborting = True
+        ids = list(self._inflight)
+        for rid in ids:
+            with contextlib.suppress(Exception):  # the engine may already be stopped
+                await self._engine.abort(rid)
+        return len(ids)
+
+    def close(self) -> None:
+        self._tokenize.shutdown(wait=False, cancel_futures=True)
+
+    def _prompt_token_limit(self) -> int:
+        return min(self._limits.max_prompt_tokens, self._engine.max_model_len - 1)
+
+    async def prepare(self, inp: GenerateInput) -> GenerationRequest:
+        """Validate and tokenize off the event loop (InvalidArgumentError naming what to fix);
+        tenant not yet resolved."""
         inp.sampling.validate(self._limits.max_new_tokens)
-        ids = encode_input(self._engine.tokenizer, inp)
+        limit = self._prompt_token_limit()
+        chars = input_chars(inp)
+        if chars > limit * MAX_CHARS_PER_TOKEN:
+            raise InvalidArgumentError(
+                f"prompt has {chars} characters; the limit is {limit * MAX_CHARS_PER_TOKEN} "
+                f"({MAX_CHARS_PER_TOKEN} per token of the {limit}-token prompt limit)"
+            )
+        loop = asyncio.get_running_loop()
+        ids = await loop.run_in_executor(self._tokenize, encode_input, self._engine.tokenizer, inp)
         if not ids:
             raise InvalidArgumentError("the prompt is empty after tokenization")
-        limit = min(self._limits.max_prompt_tokens, self._engine.max_model_len - 1)
         if len(ids) > limit:
             raise InvalidArgumentError(f"prompt has {len(ids)} tokens; the limit is {limit}")
         req = GenerationRequest(
@@ -116,7 +158,7 @@ class GenerationPipeline:
                 f"the server holds {len(self._inflight)} requests (limit {self._limits.max_queue}); "
                 "retry later"
             )
-        req = self.prepare(inp)
+        req = await self.prepare(inp)
         if req.request_id in self._inflight:
             raise InvalidArgumentError(f"request id {req.request_id!r} is already in flight")
         self._track(req.request_id, _Track(inp.tenant or ""))
@@ -133,6 +175,8 @@ class GenerationPipeline:
                 req = GenerationRequest(
                     req.request_id, req.prompt_token_ids, req.sampling, lease.key, req.alpha
                 )
+            if self._aborting:
+                raise UnavailableError("the server is shutting down; retry on another replica")
             stream = self._engine.generate(req)
             async with contextlib.aclosing(stream):
                 prev = arrival

@@ -29,9 +29,9 @@ from deltaserve_client._proto.deltaserve.v1 import (
 from grpc_health.v1 import health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from deltaserve.errors import InvalidArgumentError, NotFoundError
+from deltaserve.errors import FailedPreconditionError, InvalidArgumentError, NotFoundError
 from deltaserve.service.auth import Authenticator
-from deltaserve.service.cache import CacheConfig, DeltaCache, DeltaSource
+from deltaserve.service.cache import CacheConfig, DeltaCache, DeltaSource, Tier
 from deltaserve.service.config import ServerConfig
 from deltaserve.service.deltas_admin import DeltasServicer, ServerFacts
 from deltaserve.service.engine_handle import ServedEngine
@@ -64,14 +64,12 @@ def file_source(base: BaseFacts, dtype: str) -> DeltaSource:
     """Delta files checked against this base; packed host copies on the CPU in the serving dtype."""
     import torch
 
-    from deltaserve.deltas.format import read_delta_header
-    from deltaserve.deltas.load import check_fingerprint, load_tenant_delta
+    from deltaserve.deltas.load import check_header, load_tenant_delta
 
     torch_dtype = getattr(torch, dtype)
 
     def read_meta(path: Path):
-        check_fingerprint(path, base.fingerprint)
-        return read_delta_header(path)
+        return check_header(path, base.fingerprint)
 
     def load(path: Path):
         return load_tenant_delta(
@@ -111,6 +109,21 @@ def make_engine(config: ServerConfig) -> ServedEngine:
     return EngineHandle(LLMEngine(engine_config))
 
 
+FLUSH_SECONDS = 5.0  # at most this long for aborted streams to deliver their final message
+
+
+@dataclass(frozen=True)
+class DrainResult:
+    """What a drain did: requests in flight when it began, and how many of them it aborted."""
+
+    in_flight: int
+    aborted: int
+
+    @property
+    def clean(self) -> bool:
+        return self.aborted == 0
+
+
 @dataclass
 class RunningServer:
     config: ServerConfig
@@ -132,15 +145,22 @@ class RunningServer:
         host = "127.0.0.1" if host in ("[::]", "0.0.0.0") else host
         return f"{host}:{self.port}"
 
-    async def drain(self, grace: float | None = None) -> bool:
-        """Stop accepting, let running requests finish (up to `grace` s), then close. True if all finished."""
+    async def drain(self, grace: float | None = None) -> DrainResult:
+        """Stop accepting, let running requests finish (up to `grace` s), abort the rest so that
+        their streams still end with a final FINISH_REASON_ABORT message, then close."""
         grace = self.config.drain_grace_s if grace is None else grace
         await self.lifecycle.set(Phase.DRAINING)
+        in_flight = self.pipeline.in_flight
         done = await self.pipeline.wait_idle(grace)
-        await self.grpc_server.stop(0.5)
+        aborted = 0
+        if not done:
+            aborted = await self.pipeline.abort_all()
+            await self.pipeline.wait_idle(FLUSH_SECONDS)  # the aborted streams send their last message
+        await self.grpc_server.stop(FLUSH_SECONDS)
         self.metrics.stop_http()
         await self.engine.shutdown()
-        return done
+        self.pipeline.close()
+        return DrainResult(in_flight=in_flight, aborted=aborted)
 
     def summary(self) -> list[str]:
         c, f = self.config, self.facts
@@ -235,6 +255,8 @@ async def start_server(
             # limit in the message instead of the transport's bare RESOURCE_EXHAUSTED
             ("grpc.max_receive_message_length", 2 * config.max_message_bytes),
             ("grpc.max_send_message_length", config.max_message_bytes),
+            # a second server on a busy port must fail, not share it silently
+            ("grpc.so_reuseport", 0),
         ],
     )
     generation_pb2_grpc.add_GenerationServicer_to_server(
@@ -249,31 +271,45 @@ async def start_server(
         reflection.SERVICE_NAME,
     )
     reflection.enable_server_reflection(names, server)
-    port = server.add_insecure_port(f"{config.bind_host}:{config.port}")
-    await server.start()
+    address = f"{config.bind_host}:{config.port}"
+    try:
+        port = server.add_insecure_port(address)
+    except RuntimeError:  # grpc's "Failed to bind to address"
+        port = 0
+    if port == 0:
+        await engine.shutdown()
+        raise FailedPreconditionError(f"cannot listen on {address}: the address is in use or not available")
     metrics_port = None
     if config.metrics_port is not None:
-        metrics_port = metrics.start_http(config.metrics_port, config.metrics_host or "127.0.0.1")
+        host = config.metrics_host or "127.0.0.1"
+        try:
+            metrics_port = metrics.start_http(config.metrics_port, host)
+        except OSError as exc:
+            await engine.shutdown()
+            raise FailedPreconditionError(
+                f"cannot serve /metrics on {host}:{config.metrics_port}: {exc.strerror}"
+            ) from None
+    await server.start()
 
     running = RunningServer(
         config, server, port, metrics_port, engine, cache, pipeline, lifecycle, metrics, auth, facts
     )
     running.problems = cache.scan_store()
     if config.warm_deltas:
-        await cache.warm()
+        running.problems += await cache.warm()
         await warmup_request(engine, cache)
     await lifecycle.set(Phase.SERVING)
     return running
 
 
 async def warmup_request(engine: ServedEngine, cache: DeltaCache) -> None:
-    """One 1-token generation through the engine (with a tenant when one is registered) before
+    """One 1-token generation through the engine (with a device-resident tenant if any) before
     health says SERVING, so that one-time costs (kernel builds, JIT, allocator growth) are not
     paid by the first client."""
     from deltaserve.engine.types import GenerationRequest, SamplingParams
 
-    tenants = cache.tenants()
-    lease = await cache.acquire(tenants[0]) if tenants else None
+    resident = [st.tenant for st in cache.status() if st.tier == Tier.DEVICE]
+    lease = await cache.acquire(resident[0]) if resident else None
     try:
         req = GenerationRequest(
             "deltaserve-warmup",

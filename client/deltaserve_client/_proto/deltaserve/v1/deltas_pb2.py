@@ -25,35 +25,35 @@ _sym_db = _symbol_database.Default()
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1a\x64\x65ltaserve/v1/deltas.proto\x12\rdeltaserve.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"\xf1\x01\n\tDeltaInfo\x12\x0e\n\x06tenant\x18\x01 \x01(\t\x12!\n\x04tier\x18\x02 \x01(\x0e\x32\x13.deltaserve.v1.Tier\x12\r\n\x05\x62ytes\x18\x03 \x01(\x04\x12\x0e\n\x06pinned\x18\x04 \x01(\x08\x12\x11\n\tin_flight\x18\x05 \x01(\r\x12\x0c\n\x04hits\x18\x06 \x01(\x04\x12-\n\tlast_used\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x14\n\x0cload_seconds\x18\x08 \x01(\x01\x12\x0c\n\x04path\x18\t \x01(\t\x12\r\n\x05\x63odec\x18\n \x01(\t\x12\x0f\n\x07version\x18\x0b \x01(\r\"N\n\x10LoadDeltaRequest\x12\x0e\n\x06tenant\x18\x01 \x01(\t\x12\x0c\n\x04path\x18\x02 \x01(\t\x12\x0b\n\x03pin\x18\x03 \x01(\x08\x12\x0f\n\x07replace\x18\x04 \x01(\x08\"N\n\x11LoadDeltaResponse\x12\'\n\x05\x64\x65lta\x18\x01 \x01(\x0b\x32\x18.deltaserve.v1.DeltaInfo\x12\x10\n\x08replaced\x18\x02 \x01(\x08\"$\n\x12UnloadDeltaRequest\x12\x0e\n\x06tenant\x18\x01 \x01(\t\":\n\x13UnloadDeltaResponse\x12\x0e\n\x06tenant\x18\x01 \x01(\t\x12\x13\n\x0b\x66reed_bytes\x18\x02 \x01(\x04\"#\n\x11ListDeltasRequest\x12\x0e\n\x06tenant\x18\x01 \x01(\t\">\n\x12ListDeltasResponse\x12(\n\x06\x64\x65ltas\x18\x01 \x03(\x0b\x32\x18.deltaserve.v1.DeltaInfo\"\x13\n\x11ServerInfoRequest\"\xab\x01\n\x06Limits\x12\x19\n\x11max_prompt_tokens\x18\x01 \x01(\r\x12\x16\n\x0emax_new_tokens\x18\x02 \x01(\r\x12\x1a\n\x12max_context_tokens\x18\x03 \x01(\r\x12\x1b\n\x13max_queued_requests\x18\x04 \x01(\r\x12\x1a\n\x12max_batch_requests\x18\x05 \x01(\r\x12\x19\n\x11max_message_bytes\x18\x06 \x01(\x04\"\xbf\x01\n\x12ServerInfoResponse\x12\x12\n\nbase_model\x18\x01 \x01(\t\x12\x14\n\x0c\x61rchitecture\x18\x02 \x01(\t\x12\x18\n\x10\x62\x61se_fingerprint\x18\x03 \x01(\t\x12\x0e\n\x06\x63odecs\x18\x04 \x03(\t\x12%\n\x06limits\x18\x05 \x01(\x0b\x32\x15.deltaserve.v1.Limits\x12\x0f\n\x07version\x18\x06 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x07 \x01(\t\x12\r\n\x05\x64type\x18\x08 \x01(\t*K\n\x04Tier\x12\x14\n\x10TIER_UNSPECIFIED\x10\x00\x12\x0f\n\x0bTIER_DEVICE\x10\x01\x12\r\n\tTIER_HOST\x10\x02\x12\r\n\tTIER_DISK\x10\x03\x32\xd4\x02\n\x06\x44\x65ltas\x12N\n\tLoadDelta\x12\x1f.deltaserve.v1.LoadDeltaRequest\x1a .deltaserve.v1.LoadDeltaResponse\x12T\n\x0bUnloadDelta\x12!.deltaserve.v1.UnloadDeltaRequest\x1a\".deltaserve.v1.UnloadDeltaResponse\x12Q\n\nListDeltas\x12 .deltaserve.v1.ListDeltasRequest\x1a!.deltaserve.v1.ListDeltasResponse\x12Q\n\nServerInfo\x12 .deltaserve.v1.ServerInfoRequest\x1a!.deltaserve.v1.ServerInfoResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1a\x64\x65ltaserve/v1/deltas.proto\x12\rdeltaserve.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"\x80\x02\n\tDeltaInfo\x12\x0e\n\x06tenant\x18\x01 \x01(\t\x12!\n\x04tier\x18\x02 \x01(\x0e\x32\x13.deltaserve.v1.Tier\x12\r\n\x05\x62ytes\x18\x03 \x01(\x04\x12\x0e\n\x06pinned\x18\x04 \x01(\x08\x12\x11\n\tin_flight\x18\x05 \x01(\r\x12\x0c\n\x04hits\x18\x06 \x01(\x04\x12-\n\tlast_used\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x14\n\x0cload_seconds\x18\x08 \x01(\x01\x12\x0c\n\x04path\x18\t \x01(\t\x12\r\n\x05\x63odec\x18\n \x01(\t\x12\x0f\n\x07version\x18\x0b \x01(\r\x12\r\n\x05\x65rror\x18\x0c \x01(\t\"N\n\x10LoadDeltaRequest\x12\x0e\n\x06tenant\x18\x01 \x01(\t\x12\x0c\n\x04path\x18\x02 \x01(\t\x12\x0b\n\x03pin\x18\x03 \x01(\x08\x12\x0f\n\x07replace\x18\x04 \x01(\x08\"N\n\x11LoadDeltaResponse\x12\'\n\x05\x64\x65lta\x18\x01 \x01(\x0b\x32\x18.deltaserve.v1.DeltaInfo\x12\x10\n\x08replaced\x18\x02 \x01(\x08\"$\n\x12UnloadDeltaRequest\x12\x0e\n\x06tenant\x18\x01 \x01(\t\":\n\x13UnloadDeltaResponse\x12\x0e\n\x06tenant\x18\x01 \x01(\t\x12\x13\n\x0b\x66reed_bytes\x18\x02 \x01(\x04\"#\n\x11ListDeltasRequest\x12\x0e\n\x06tenant\x18\x01 \x01(\t\">\n\x12ListDeltasResponse\x12(\n\x06\x64\x65ltas\x18\x01 \x03(\x0b\x32\x18.deltaserve.v1.DeltaInfo\"\x13\n\x11ServerInfoRequest\"\xab\x01\n\x06Limits\x12\x19\n\x11max_prompt_tokens\x18\x01 \x01(\r\x12\x16\n\x0emax_new_tokens\x18\x02 \x01(\r\x12\x1a\n\x12max_context_tokens\x18\x03 \x01(\r\x12\x1b\n\x13max_queued_requests\x18\x04 \x01(\r\x12\x1a\n\x12max_batch_requests\x18\x05 \x01(\r\x12\x19\n\x11max_message_bytes\x18\x06 \x01(\x04\"\xbf\x01\n\x12ServerInfoResponse\x12\x12\n\nbase_model\x18\x01 \x01(\t\x12\x14\n\x0c\x61rchitecture\x18\x02 \x01(\t\x12\x18\n\x10\x62\x61se_fingerprint\x18\x03 \x01(\t\x12\x0e\n\x06\x63odecs\x18\x04 \x03(\t\x12%\n\x06limits\x18\x05 \x01(\x0b\x32\x15.deltaserve.v1.Limits\x12\x0f\n\x07version\x18\x06 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x07 \x01(\t\x12\r\n\x05\x64type\x18\x08 \x01(\t*K\n\x04Tier\x12\x14\n\x10TIER_UNSPECIFIED\x10\x00\x12\x0f\n\x0bTIER_DEVICE\x10\x01\x12\r\n\tTIER_HOST\x10\x02\x12\r\n\tTIER_DISK\x10\x03\x32\xd4\x02\n\x06\x44\x65ltas\x12N\n\tLoadDelta\x12\x1f.deltaserve.v1.LoadDeltaRequest\x1a .deltaserve.v1.LoadDeltaResponse\x12T\n\x0bUnloadDelta\x12!.deltaserve.v1.UnloadDeltaRequest\x1a\".deltaserve.v1.UnloadDeltaResponse\x12Q\n\nListDeltas\x12 .deltaserve.v1.ListDeltasRequest\x1a!.deltaserve.v1.ListDeltasResponse\x12Q\n\nServerInfo\x12 .deltaserve.v1.ServerInfoRequest\x1a!.deltaserve.v1.ServerInfoResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'deltaserve.v1.deltas_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_TIER']._serialized_start=1070
-  _globals['_TIER']._serialized_end=1145
+  _globals['_TIER']._serialized_start=1085
+  _globals['_TIER']._serialized_end=1160
   _globals['_DELTAINFO']._serialized_start=79
-  _globals['_DELTAINFO']._serialized_end=320
-  _globals['_LOADDELTAREQUEST']._serialized_start=322
-  _globals['_LOADDELTAREQUEST']._serialized_end=400
-  _globals['_LOADDELTARESPONSE']._serialized_start=402
-  _globals['_LOADDELTARESPONSE']._serialized_end=480
-  _globals['_UNLOADDELTAREQUEST']._serialized_start=482
-  _globals['_UNLOADDELTAREQUEST']._serialized_end=518
-  _globals['_UNLOADDELTARESPONSE']._serialized_start=520
-  _globals['_UNLOADDELTARESPONSE']._serialized_end=578
-  _globals['_LISTDELTASREQUEST']._serialized_start=580
-  _globals['_LISTDELTASREQUEST']._serialized_end=615
-  _globals['_LISTDELTASRESPONSE']._serialized_start=617
-  _globals['_LISTDELTASRESPONSE']._serialized_end=679
-  _globals['_SERVERINFOREQUEST']._serialized_start=681
-  _globals['_SERVERINFOREQUEST']._serialized_end=700
-  _globals['_LIMITS']._serialized_start=703
-  _globals['_LIMITS']._serialized_end=874
-  _globals['_SERVERINFORESPONSE']._serialized_start=877
-  _globals['_SERVERINFORESPONSE']._serialized_end=1068
-  _globals['_DELTAS']._serialized_start=1148
-  _globals['_DELTAS']._serialized_end=1488
+  _globals['_DELTAINFO']._serialized_end=335
+  _globals['_LOADDELTAREQUEST']._serialized_start=337
+  _globals['_LOADDELTAREQUEST']._serialized_end=415
+  _globals['_LOADDELTARESPONSE']._serialized_start=417
+  _globals['_LOADDELTARESPONSE']._serialized_end=495
+  _globals['_UNLOADDELTAREQUEST']._serialized_start=497
+  _globals['_UNLOADDELTAREQUEST']._serialized_end=533
+  _globals['_UNLOADDELTARESPONSE']._serialized_start=535
+  _globals['_UNLOADDELTARESPONSE']._serialized_end=593
+  _globals['_LISTDELTASREQUEST']._serialized_start=595
+  _globals['_LISTDELTASREQUEST']._serialized_end=630
+  _globals['_LISTDELTASRESPONSE']._serialized_start=632
+  _globals['_LISTDELTASRESPONSE']._serialized_end=694
+  _globals['_SERVERINFOREQUEST']._serialized_start=696
+  _globals['_SERVERINFOREQUEST']._serialized_end=715
+  _globals['_LIMITS']._serialized_start=718
+  _globals['_LIMITS']._serialized_end=889
+  _globals['_SERVERINFORESPONSE']._serialized_start=892
+  _globals['_SERVERINFORESPONSE']._serialized_end=1083
+  _globals['_DELTAS']._serialized_start=1163
+  _globals['_DELTAS']._serialized_end=1503
 # @@protoc_insertion_point(module_scope)

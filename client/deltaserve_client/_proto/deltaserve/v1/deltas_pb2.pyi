@@ -22,7 +22,7 @@ TIER_HOST: Tier
 TIER_DISK: Tier
 
 class DeltaInfo(_message.Message):
-    __slots__ = ("tenant", "tier", "bytes", "pinned", "in_flight", "hits", "last_used", "load_seconds", "path", "codec", "version")
+    __slots__ = ("tenant", "tier", "bytes", "pinned", "in_flight", "hits", "last_used", "load_seconds", "path", "codec", "version", "error")
     TENANT_FIELD_NUMBER: _ClassVar[int]
     TIER_FIELD_NUMBER: _ClassVar[int]
     BYTES_FIELD_NUMBER: _ClassVar[int]
@@ -34,6 +34,7 @@ class DeltaInfo(_message.Message):
     PATH_FIELD_NUMBER: _ClassVar[int]
     CODEC_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
+    ERROR_FIELD_NUMBER: _ClassVar[int]
     tenant: str
     tier: Tier
     bytes: int
@@ -45,7 +46,8 @@ class DeltaInfo(_message.Message):
     path: str
     codec: str
     version: int
-    def __init__(self, tenant: _Optional[str] = ..., tier: _Optional[_Union[Tier, str]] = ..., bytes: _Optional[int] = ..., pinned: _Optional[bool] = ..., in_flight: _Optional[int] = ..., hits: _Optional[int] = ..., last_used: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., load_seconds: _Optional[float] = ..., path: _Optional[str] = ..., codec: _Optional[str] = ..., version: _Optional[int] = ...) -> None: ...
+    error: str
+    def __init__(self, tenant: _Optional[str] = ..., tier: _Optional[_Union[Tier, str]] = ..., bytes: _Optional[int] = ..., pinned: _Optional[bool] = ..., in_flight: _Optional[int] = ..., hits: _Optional[int] = ..., last_used: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., load_seconds: _Optional[float] = ..., path: _Optional[str] = ..., codec: _Optional[str] = ..., version: _Optional[int] = ..., error: _Optional[str] = ...) -> None: ...
 
 class LoadDeltaRequest(_message.Message):
     __slots__ = ("tenant", "path", "pin", "replace")
