@@ -241,9 +241,10 @@ class DeltaCache:
             if tenant not in self._current:
                 raise NotFoundError(f"unknown tenant {tenant!r}")
             versions = [self._current[tenant]]
+            out = []
         else:
             versions = [self._current[t] for t in sorted(self._current)]
-        out = [self._broken_status(t) for t in self._broken if t not in self._current]
+            out = [self._broken_status(t) for t in self._broken if t not in self._current]
         for v in versions:
             tier = v.tier
             nbytes = {Tier.DEVICE: v.device_bytes, Tier.HOST: v.host_bytes, Tier.DISK: v.disk_bytes}[tier]
