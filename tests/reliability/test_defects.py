@@ -51,8 +51,11 @@ def test_bad_sampling_values_are_refused_and_innocent_streams_finish(models):
 
             def innocent(t: str) -> None:
                 with srv.client() as ci:
-                    got[t] = [x for ch in ci.generate_stream(PROMPTS[1], tenant=t, sampling=long(40))
-                              for x in ch.token_ids]
+                    got[t] = [
+                        x
+                        for ch in ci.generate_stream(PROMPTS[1], tenant=t, sampling=long(40))
+                        for x in ch.token_ids
+                    ]
 
             threads = [threading.Thread(target=innocent, args=(t,)) for t in TENANTS]
             for th in threads:
@@ -128,6 +131,7 @@ def test_engine_stream_raises_the_request_error_only_for_its_request(tiny_dir, t
         ae = AsyncEngine(eng)
         await ae.start()
         try:
+
             async def collect(req):
                 return [o async for o in ae.generate(req)]
 
