@@ -9,6 +9,7 @@ import importlib.util
 SUITES = {
     "kernel": "deltaserve.bench.kernel",
     "serve": "deltaserve.bench.serve",
+    "step": "deltaserve.bench.step",
 }
 
 

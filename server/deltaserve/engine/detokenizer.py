@@ -1,28 +1,62 @@
 """Incremental detokenization with stop strings.
 
-Text is re-decoded from the generated ids (so multi-token characters come out whole),
-new text is emitted as a suffix of what was emitted before, and when stop strings are
-set the last (longest stop - 1) characters are held back until they cannot start a stop
-string, so streamed text never contains (part of) a stop string.
+With a fast (Rust) tokenizer each new token is decoded once, through the `tokenizers`
+library's DecodeStream, which holds back incomplete multi-byte characters and keeps the
+concatenation equal to decoding all ids at once (skip_special_tokens=True,
+clean_up_tokenization_spaces=False): O(1) per token instead of re-decoding the output.
+Other tokenizers re-decode the generated ids. New text is emitted as a suffix of what was
+emitted before, and when stop strings are set the last (longest stop - 1) characters are
+held back until they cannot start a stop string, so streamed text never contains (part
+of) a stop string.
 """
 
 from __future__ import annotations
 
+from typing import Any
+
+
+def _stream_decoder(tokenizer: Any):
+    """A DecodeStream over the tokenizer's Rust backend, or None for a slow tokenizer."""
+    from transformers import PreTrainedTokenizerFast
+
+    if not isinstance(tokenizer, PreTrainedTokenizerFast):
+        return None
+    from tokenizers.decoders import DecodeStream
+
+    return DecodeStream(skip_special_tokens=True)
+
 
 class IncrementalDetokenizer:
-    def __init__(self, tokenizer, stop: tuple[str, ...] = ()) -> None:
+    def __init__(self, tokenizer: Any, stop: tuple[str, ...] = ()) -> None:
         self.tokenizer = tokenizer
         self.stop = stop
         self.hold = max((len(s) for s in stop), default=1) - 1
         self.text = ""  # decoded text of all generated ids
         self.emitted = 0  # characters of self.text already returned
+        self._stream = _stream_decoder(tokenizer)
+        self._fed = 0  # ids already given to the stream decoder
+        self._ids: list[int] = []
 
     def _decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
 
+    def _advance(self, output_ids: list[int]) -> str:
+        """The decoded text of all of output_ids (they only ever grow)."""
+        if self._stream is None:
+            return self._decode(output_ids)
+        backend = self.tokenizer.backend_tokenizer
+        text = self.text
+        for token in output_ids[self._fed :]:
+            piece = self._stream.step(backend, token)
+            if piece:
+                text += piece
+        self._fed = len(output_ids)
+        return text
+
     def update(self, output_ids: list[int]) -> tuple[str, bool]:
         """Decode after a new token; returns (new text, stop string hit)."""
-        text = self._decode(output_ids)
+        text = self._advance(output_ids)
+        self._ids = output_ids
         self.text = text
         if self.stop:
             hits = [i for i in (text.find(s, max(0, self.emitted - self.hold)) for s in self.stop) if i >= 0]
@@ -42,7 +76,13 @@ class IncrementalDetokenizer:
         return new, False
 
     def flush(self) -> str:
-        """The held-back rest of the text, at finish."""
+        """The held-back rest of the text, at finish (after no stop string was hit)."""
+        if self._stream is not None:
+            # the stream holds back the bytes of an unfinished character; a full decode once at
+            # the end renders them as the replacement character, as decoding all ids does
+            full = self._decode(self._ids)
+            if full.startswith(self.text):
+                self.text = full
         new = self.text[self.emitted :]
         self.emitted = len(self.text)
         return new

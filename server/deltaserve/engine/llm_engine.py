@@ -21,7 +21,7 @@ from deltaserve.engine.sampler import sample_row
 from deltaserve.engine.scheduler import Scheduler, SchedulerPolicy
 from deltaserve.engine.sequence import Sequence
 from deltaserve.engine.slots import DeltaSlots
-from deltaserve.engine.stats import EngineStats
+from deltaserve.engine.stats import EngineStats, StepTimes
 from deltaserve.engine.types import FinishReason, GenerationRequest, RequestOutput
 from deltaserve.errors import (
     DeltaServeError,
@@ -92,6 +92,7 @@ class LLMEngine:
         self._last = (0, 0, 0)  # tokens, sequences, tenant segments of the last step
         self._preemptions = 0
         self._failed = 0  # requests failed alone for a per-request cause
+        self.last_step_times = StepTimes(0.0, 0.0, 0.0, 0.0)
 
     # ---- tenants ----
 
@@ -203,24 +204,41 @@ class LLMEngine:
 
     def step(self) -> list[RequestOutput]:
         """Run one iteration; returns outputs of requests that produced a token this step."""
+        t0 = time.perf_counter()
         sched = self.scheduler.schedule()
         self._preemptions += len(sched.preempted)
         if not sched.scheduled:
             self._last = (0, 0, 0)
             return []
-        logits, sampled = self.runner.execute(sched.scheduled)
+        t1 = time.perf_counter()
+        batch, sampled = self.runner.build(sched.scheduled)
+        t2 = time.perf_counter()
+        logits = self.runner.forward(batch)
         logits = logits.cpu()  # sampling runs on the host with per-request CPU generators
+        t3 = time.perf_counter()
+        outputs = self._finish_step(sched.scheduled, sampled, logits)
+        t4 = time.perf_counter()
+        self.last_step_times = StepTimes(t1 - t0, t2 - t1, t3 - t2, t4 - t3)
+        return outputs
+
+    def _finish_step(
+        self, scheduled: list[tuple[Sequence, int]], sampled: list[Sequence], logits: torch.Tensor
+    ) -> list[RequestOutput]:
+        """Advance the scheduled sequences, sample the rows of `sampled`, build the outputs."""
         now = time.monotonic()
         tenants = set()
-        for seq, n in sched.scheduled:
+        for seq, n in scheduled:
             seq.num_computed += n
             if seq.first_scheduled_time is None:
                 seq.first_scheduled_time = now
             tenants.add((seq.delta_key, seq.alpha if seq.delta_key else 0.0))
-        self._last = (sum(n for _, n in sched.scheduled), len(sched.scheduled), len(tenants))
+        self._last = (sum(n for _, n in scheduled), len(scheduled), len(tenants))
         outputs = []
-        argmax = logits.argmax(dim=-1).tolist()  # every plain greedy row in one call
-        finite = torch.isfinite(logits).all(dim=-1).tolist()
+        # one pass gives every plain greedy row's token and the finiteness check: max
+        # propagates NaN and +inf (a -inf logit is a legal "never this token")
+        top, argmax_t = logits.max(dim=-1)
+        argmax = argmax_t.tolist()
+        finite = torch.isfinite(top).tolist()
         for row, seq in enumerate(sampled):
             try:
                 if not finite[row]:

@@ -146,11 +146,14 @@ class ModelRunner:
         for cache in (*self.k_caches, *self.v_caches):
             cache.index_fill_(0, rows, 0)
 
+    def forward(self, batch: ForwardBatch) -> torch.Tensor:
+        """fp32 logits [R, vocab] of the batch's sampled rows."""
+        return self.model(batch, self.k_caches, self.v_caches)
+
     def execute(self, scheduled: list[tuple[Sequence, int]]) -> tuple[torch.Tensor, list[Sequence]]:
         """Run one step; returns fp32 logits [R, vocab] and the R sequences they belong to."""
         batch, sampled = self.build(scheduled)
-        logits = self.model(batch, self.k_caches, self.v_caches)
-        return logits, sampled
+        return self.forward(batch), sampled
 
 
 def _segments(segs: list[tuple[int, int, int, float]], device: torch.device) -> Segments:

@@ -18,3 +18,13 @@ class EngineStats:
     waiting_tenants: tuple[str, ...]
     num_preemptions: int = 0  # total since start
     num_failed_requests: int = 0  # requests failed alone (non-finite logits, ...) since start
+
+
+@dataclass(frozen=True)
+class StepTimes:
+    """Seconds of the parts of the last engine step (host parts and the forward)."""
+
+    schedule: float  # choosing the running set, allocating KV blocks
+    build: float  # turning it into a ForwardBatch (tensors, segments, masks)
+    forward: float  # the model (and the copy of its logits to the host)
+    sample: float  # sampling, stop checks, detokenizing, building the outputs
