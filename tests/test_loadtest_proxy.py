@@ -1,8 +1,9 @@
 """deploy/haproxy/haproxy.cfg really proxies gRPC over HTTP/2 with tenant affinity.
 
 Runs the shipped config (addresses rewritten to loopback) in front of two fake
-servers and drives it with the load generator: every request succeeds, each tenant
-sticks to one replica, and both replicas get tenants. (One request at a time: with
+servers (which answer the proxy's grpc.health.v1 health check with SERVING) and drives
+it with the load generator: every request succeeds, each tenant sticks to one replica,
+and both replicas get tenants. (One request at a time: with
 concurrent load, hash-balance-factor deliberately spills a tenant to the other
 replica when its own is above 150 % of the average load.) Skipped where HAProxy is not
 installed (apt-get install haproxy).
@@ -19,12 +20,15 @@ import time
 from collections import defaultdict
 from pathlib import Path
 
+import grpc
 import pytest
+from deltaserve_client._proto.deltaserve.v1 import deltas_pb2_grpc, generation_pb2_grpc
 from deltaserve_client.loadtest.grpc_transport import GrpcTransport
 from deltaserve_client.loadtest.popularity import Popularity
 from deltaserve_client.loadtest.runner import LoadRunner, RunConfig
 from deltaserve_client.loadtest.workload import Workload, WorkloadConfig
-from test_loadtest_runner import _serve
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from test_loadtest_runner import FakeServicer
 
 CFG = Path(__file__).resolve().parents[1] / "deploy" / "haproxy" / "haproxy.cfg"
 HAPROXY = shutil.which("haproxy")
@@ -34,6 +38,21 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+async def _serve() -> tuple[grpc.aio.Server, int, FakeServicer]:
+    """test_loadtest_runner's fake servicer on loopback, plus grpc.health.v1 saying SERVING:
+    the proxy's health check calls it and keeps a replica that does not answer out of service."""
+    server = grpc.aio.server()
+    fake = FakeServicer()
+    generation_pb2_grpc.add_GenerationServicer_to_server(fake, server)
+    deltas_pb2_grpc.add_DeltasServicer_to_server(fake, server)
+    status = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(status, server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    await status.set("", health_pb2.HealthCheckResponse.SERVING)
+    return server, port, fake
 
 
 def loopback_config(front: int, stats: int, backends: list[int]) -> str:
