@@ -29,18 +29,16 @@ class FakeSink:
         self.loads: list[str] = []
         self.unloads: list[str] = []
 
-    async def load_delta(self, tenant: str, delta: TenantDelta) -> None:
+    async def load_delta(self, tenant: str, delta: TenantDelta) -> int:
         assert tenant not in self.resident, f"{tenant} loaded twice"
         await asyncio.sleep(0.01)
         self.resident[tenant] = delta
         self.loads.append(tenant)
+        return delta.nbytes()
 
     async def unload_delta(self, tenant: str) -> None:
         del self.resident[tenant]
         self.unloads.append(tenant)
-
-    def delta_bytes(self, tenant: str) -> int:
-        return self.resident[tenant].nbytes()
 
 
 class FakeFiles:

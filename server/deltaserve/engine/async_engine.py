@@ -1,8 +1,10 @@
-"""AsyncEngine: runs LLMEngine's step loop in a background thread and streams outputs to asyncio.
+"""AsyncEngine: runs any EngineCore's step loop in a background thread and streams outputs to asyncio.
 
-All engine calls happen on the loop thread: asyncio callers post commands (add, abort,
-load/unload delta) that run between steps, and outputs come back through
-loop.call_soon_threadsafe into one asyncio.Queue per request.
+It is the only engine object the service holds. All engine calls happen on the loop
+thread: asyncio callers post commands (add, abort, load/unload delta, stats) that run
+between steps, and outputs come back through loop.call_soon_threadsafe into one
+asyncio.Queue per request. Only the engine's immutable facts (tokenizer, max_model_len,
+slot_capacity) are read directly.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 from deltaserve.deltas.types import TenantDelta
-from deltaserve.engine.llm_engine import LLMEngine
+from deltaserve.engine.core import EngineCore
 from deltaserve.engine.stats import EngineStats
 from deltaserve.engine.types import GenerationRequest, RequestOutput
 from deltaserve.errors import InvalidArgumentError, UnavailableError
@@ -27,17 +29,33 @@ StepObserver = Callable[[EngineStats, list[RequestOutput], float], None]
 
 
 class AsyncEngine:
-    """asyncio facade of an LLMEngine. `on_step(stats, outputs, step_seconds)` is called on the
-    loop thread after every step that ran (keep it cheap: metrics)."""
+    """asyncio facade of an EngineCore. Step observers `(stats, outputs, step_seconds)` are
+    called on the loop thread after every step that ran (keep them cheap: metrics)."""
 
-    def __init__(self, engine: LLMEngine, on_step: StepObserver | None = None) -> None:
+    def __init__(self, engine: EngineCore, on_step: StepObserver | None = None) -> None:
         self.engine = engine
-        self.on_step = on_step
+        self._observers: list[StepObserver] = [on_step] if on_step is not None else []
         self._commands: queue.Queue[Callable[[], None]] = queue.Queue()
         self._streams: dict[str, asyncio.Queue] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self._stopping = threading.Event()
+
+    @property
+    def tokenizer(self) -> Any:
+        return self.engine.tokenizer
+
+    @property
+    def max_model_len(self) -> int:
+        return self.engine.max_model_len
+
+    @property
+    def slot_capacity(self) -> int:
+        return self.engine.slot_capacity
+
+    def add_step_observer(self, observer: StepObserver) -> None:
+        """Call `observer` after every step (register before `start`)."""
+        self._observers.append(observer)
 
     @property
     def running(self) -> bool:
@@ -112,8 +130,10 @@ class AsyncEngine:
                 continue
             dt = time.perf_counter() - t0
             self._post(outputs)
-            if self.on_step is not None:
-                self.on_step(eng.stats(), outputs, dt)
+            if self._observers:
+                stats = eng.stats()
+                for observer in self._observers:
+                    observer(stats, outputs, dt)
         while True:  # run what was posted before the stop, then end every request
             try:
                 self._commands.get_nowait()()
@@ -184,11 +204,17 @@ class AsyncEngine:
 
         await self._call(cmd)
 
-    async def load_delta(self, tenant: str, delta: TenantDelta) -> None:
-        await self._call(lambda: self.engine.load_delta(tenant, delta))
+    async def load_delta(self, key: str, delta: TenantDelta) -> int:
+        """Make `delta` compute-resident under `key`; returns the bytes it occupies there."""
 
-    async def unload_delta(self, tenant: str) -> None:
-        await self._call(lambda: self.engine.unload_delta(tenant))
+        def cmd() -> int:
+            self.engine.load_delta(key, delta)
+            return self.engine.delta_bytes(key)
+
+        return await self._call(cmd)
+
+    async def unload_delta(self, key: str) -> None:
+        await self._call(lambda: self.engine.unload_delta(key))
 
     async def stats(self) -> EngineStats:
         return await self._call(self.engine.stats)

@@ -54,7 +54,9 @@ def _eos_ids(model_dir: Path, hf_config) -> frozenset[int]:
 
 
 class LLMEngine:
-    """One base model resident, tenant deltas in slots, continuous batching over all of them."""
+    """One base model resident, tenant deltas in slots, continuous batching over all of them.
+
+    Implements deltaserve.engine.core.EngineCore."""
 
     def __init__(self, config: EngineConfig, policy: SchedulerPolicy | None = None) -> None:
         from transformers import AutoConfig, AutoTokenizer
@@ -110,6 +112,10 @@ class LLMEngine:
         if busy:
             raise FailedPreconditionError(f"tenant {tenant!r} has {len(busy)} unfinished requests")
         self.slots.unload(tenant)
+
+    @property
+    def slot_capacity(self) -> int:
+        return self.config.max_slots
 
     def resident_tenants(self) -> list[str]:
         return sorted(self.slots.entries)

@@ -63,11 +63,11 @@ class Tier(StrEnum):
 class DeltaSink(Protocol):
     """The engine side of the cache: where compute-ready deltas live."""
 
-    async def load_delta(self, tenant: str, delta: TenantDelta) -> None: ...
+    async def load_delta(self, key: str, delta: TenantDelta) -> int:
+        """Make `delta` compute-ready under `key`; returns the bytes it occupies there."""
+        ...
 
-    async def unload_delta(self, tenant: str) -> None: ...
-
-    def delta_bytes(self, tenant: str) -> int: ...
+    async def unload_delta(self, key: str) -> None: ...
 
 
 @dataclass(frozen=True)
@@ -486,12 +486,12 @@ class DeltaCache:
             need = delta.nbytes()
             await self._reserve_device(need, v)
             try:
-                await self._sink.load_delta(v.key, delta)
+                resident = await self._sink.load_delta(v.key, delta)
             finally:
                 self._device_reserved -= need
                 self._reserved_entries -= 1
             v.on_device = True
-            v.device_bytes = self._sink.delta_bytes(v.key)
+            v.device_bytes = resident
             if v.host is None:
                 self._keep_host(v, delta)
             v.load_seconds = time.monotonic() - t0
@@ -594,6 +594,8 @@ class DeltaCache:
         v.host = None
         v.host_bytes = 0
         self._all.discard(v)
+        if v.tenant not in self._current and all(o.tenant != v.tenant for o in self._all):
+            self._next_version.pop(v.tenant, None)  # last version gone: forget its counter too
         self._publish()
 
     def _count_miss(self, tier: Tier) -> None:

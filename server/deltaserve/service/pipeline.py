@@ -20,12 +20,12 @@ from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from deltaserve.engine.async_engine import AsyncEngine
 from deltaserve.engine.stats import EngineStats
 from deltaserve.engine.types import GenerationRequest, RequestOutput
 from deltaserve.errors import InvalidArgumentError, ResourceExhaustedError, UnavailableError
 from deltaserve.service.cache import DeltaCache, Lease
 from deltaserve.service.convert import GenerateInput, Usage
-from deltaserve.service.engine_handle import ServedEngine
 from deltaserve.service.interceptor import DeadlineExceededError
 from deltaserve.service.lifecycle import Lifecycle
 from deltaserve.service.metrics import ServerMetrics
@@ -72,7 +72,7 @@ def input_chars(inp: GenerateInput) -> int:
 class GenerationPipeline:
     def __init__(
         self,
-        engine: ServedEngine,
+        engine: AsyncEngine,
         cache: DeltaCache,
         lifecycle: Lifecycle,
         limits: RequestLimits,

@@ -7,8 +7,8 @@ store, warms what fits while health says NOT_SERVING, then flips to SERVING.
 `RunningServer.drain(grace)` is what SIGTERM triggers: NOT_SERVING, new requests
 get UNAVAILABLE, running ones finish within `grace` seconds, then the port closes.
 
-The engine is any `ServedEngine` (the seam for baselines such as the "swap"
-mode): `make_engine(config)` builds the default one.
+The engine is an `AsyncEngine` over any `EngineCore` (the seam for baselines such as
+the "swap" mode): `make_engine(config)` builds the default one.
 """
 
 from __future__ import annotations
@@ -29,12 +29,12 @@ from deltaserve_client._proto.deltaserve.v1 import (
 from grpc_health.v1 import health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from deltaserve.engine.async_engine import AsyncEngine
 from deltaserve.errors import FailedPreconditionError, InvalidArgumentError, NotFoundError
 from deltaserve.service.auth import Authenticator
 from deltaserve.service.cache import CacheConfig, DeltaCache, DeltaSource, Tier
 from deltaserve.service.config import ServerConfig
 from deltaserve.service.deltas_admin import DeltasServicer, ServerFacts
-from deltaserve.service.engine_handle import ServedEngine
 from deltaserve.service.generation import GenerationServicer
 from deltaserve.service.interceptor import ServiceInterceptor
 from deltaserve.service.lifecycle import Lifecycle, Phase
@@ -79,11 +79,10 @@ def file_source(base: BaseFacts, dtype: str) -> DeltaSource:
     return DeltaSource(read_meta, load)
 
 
-def make_engine(config: ServerConfig) -> ServedEngine:
+def make_engine(config: ServerConfig) -> AsyncEngine:
     """The default engine for `config.mode`: one resident base serving every tenant's delta."""
     from deltaserve.engine.config import EngineConfig
     from deltaserve.engine.llm_engine import LLMEngine
-    from deltaserve.service.engine_handle import EngineHandle
 
     if config.mode != "deltas":
         raise InvalidArgumentError(
@@ -106,7 +105,7 @@ def make_engine(config: ServerConfig) -> ServedEngine:
         max_waiting=config.max_queue,
         **kw,
     )
-    return EngineHandle(LLMEngine(engine_config))
+    return AsyncEngine(LLMEngine(engine_config))
 
 
 FLUSH_SECONDS = 5.0  # at most this long for aborted streams to deliver their final message
@@ -130,7 +129,7 @@ class RunningServer:
     grpc_server: grpc.aio.Server
     port: int
     metrics_port: int | None
-    engine: ServedEngine
+    engine: AsyncEngine
     cache: DeltaCache
     pipeline: GenerationPipeline
     lifecycle: Lifecycle
@@ -158,7 +157,7 @@ class RunningServer:
             await self.pipeline.wait_idle(FLUSH_SECONDS)  # the aborted streams send their last message
         await self.grpc_server.stop(FLUSH_SECONDS)
         self.metrics.stop_http()
-        await self.engine.shutdown()
+        await self.engine.stop()
         self.pipeline.close()
         return DrainResult(in_flight=in_flight, aborted=aborted)
 
@@ -201,7 +200,7 @@ def _mib(n: int) -> str:
 
 
 async def start_server(
-    config: ServerConfig, engine: ServedEngine | None = None, source: DeltaSource | None = None
+    config: ServerConfig, engine: AsyncEngine | None = None, source: DeltaSource | None = None
 ) -> RunningServer:
     """Start serving `config`. `engine` defaults to `make_engine(config)`; `source` (how delta
     files are read) to `file_source` checked against the base's fingerprint and config."""
@@ -221,7 +220,7 @@ async def start_server(
     if engine is None:
         engine = await asyncio.to_thread(make_engine, config)
     await engine.start()
-    max_tenants = min(config.max_device_tenants or engine.max_slots, engine.max_slots)
+    max_tenants = min(config.max_device_tenants or engine.slot_capacity, engine.slot_capacity)
     max_len = int(engine.max_model_len)
     facts = ServerFacts(
         base_model=str(config.base),
@@ -277,7 +276,7 @@ async def start_server(
     except RuntimeError:  # grpc's "Failed to bind to address"
         port = 0
     if port == 0:
-        await engine.shutdown()
+        await engine.stop()
         raise FailedPreconditionError(f"cannot listen on {address}: the address is in use or not available")
     metrics_port = None
     if config.metrics_port is not None:
@@ -285,7 +284,7 @@ async def start_server(
         try:
             metrics_port = metrics.start_http(config.metrics_port, host)
         except OSError as exc:
-            await engine.shutdown()
+            await engine.stop()
             raise FailedPreconditionError(
                 f"cannot serve /metrics on {host}:{config.metrics_port}: {exc.strerror}"
             ) from None
@@ -302,7 +301,7 @@ async def start_server(
     return running
 
 
-async def warmup_request(engine: ServedEngine, cache: DeltaCache) -> None:
+async def warmup_request(engine: AsyncEngine, cache: DeltaCache) -> None:
     """One 1-token generation through the engine (with a device-resident tenant if any) before
     health says SERVING, so that one-time costs (kernel builds, JIT, allocator growth) are not
     paid by the first client."""

@@ -1,8 +1,8 @@
 """Serving baselines for `deltaserve bench serve`: the alternatives users would pick instead.
 
-Each baseline is an engine core with the surface AsyncEngine and EngineHandle drive
-(add_request / abort / step / has_unfinished / requests / stats, load_delta / unload_delta,
-tokenizer, max_model_len, config.max_slots, delta_bytes), so it runs behind the very same
+Each baseline implements deltaserve.engine.core.EngineCore (add_request / abort / step /
+has_unfinished / requests / stats, load_delta / unload_delta / delta_bytes, tokenizer,
+max_model_len, slot_capacity), the interface AsyncEngine drives, so it runs behind the very same
 gRPC server, pipeline and delta cache as deltaserve itself:
 
 - ``swap``:   one merged fine-tune resident at a time, swapped in from safetensors on disk

@@ -76,6 +76,10 @@ class HfEngine:
     def requests(self) -> dict[str, object]:
         return {r.request_id: r for _, r, _ in self._pending}
 
+    @property
+    def slot_capacity(self) -> int:
+        return self.config.max_slots
+
     def load_delta(self, key: str, delta: TenantDelta) -> None:
         tenant = tenant_of_key(key)
         if tenant not in self.checkpoints:

@@ -65,30 +65,30 @@ def engine_config(cfg: LaunchConfig, model: Path, max_slots: int):
 
 
 def build_engine(cfg: LaunchConfig):
-    """(EngineHandle, engine core) of `cfg.mode`; loads every model the mode keeps resident."""
+    """(AsyncEngine, engine core) of `cfg.mode`; loads every model the mode keeps resident."""
+    from deltaserve.engine.async_engine import AsyncEngine
     from deltaserve.engine.llm_engine import LLMEngine
-    from deltaserve.service.engine_handle import EngineHandle
 
     n = len(cfg.tenants)
     checkpoints = {"": cfg.base, **{t: cfg.merged / t for t in cfg.tenants}}
     if cfg.mode == "deltas":
         core = LLMEngine(engine_config(cfg, cfg.base, n))
-        return EngineHandle(core), core
+        return AsyncEngine(core), core
     if cfg.mode == "swap":
         from deltaserve.bench.baselines.swap import SwapEngine
 
         core = SwapEngine(LLMEngine(engine_config(cfg, cfg.base, 1)), checkpoints)
-        return EngineHandle(core), core
+        return AsyncEngine(core), core
     if cfg.mode == "merged":
         from deltaserve.bench.baselines.merged import MergedEngine
 
         engines = {t: LLMEngine(engine_config(cfg, p, 1)) for t, p in checkpoints.items()}
         core = MergedEngine(engines)
-        return EngineHandle(core), core
+        return AsyncEngine(core), core
     from deltaserve.bench.baselines.hf import HfConfig, HfEngine
 
     core = HfEngine(checkpoints, HfConfig(max_batch=cfg.max_seqs, dtype=cfg.dtype))
-    return EngineHandle(core), core
+    return AsyncEngine(core), core
 
 
 def _counters(core) -> dict:

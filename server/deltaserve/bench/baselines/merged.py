@@ -40,6 +40,10 @@ class MergedEngine:
             out.update(e.requests)
         return out
 
+    @property
+    def slot_capacity(self) -> int:
+        return self.config.max_slots
+
     def load_delta(self, key: str, delta: TenantDelta) -> None:
         tenant = tenant_of_key(key)
         if tenant not in self.engines:

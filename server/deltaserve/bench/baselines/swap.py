@@ -42,7 +42,7 @@ class SwapEngine:
         self.swaps = 0
         self.swap_seconds = 0.0
 
-    # ---- what EngineHandle reads ----
+    # ---- what AsyncEngine reads (EngineCore) ----
     @property
     def tokenizer(self):
         return self.engine.tokenizer
@@ -57,6 +57,10 @@ class SwapEngine:
         return {**{r.request_id: r for r in self._pending}, **self.engine.requests}
 
     # ---- tenants: registered through the delta cache, served from merged checkpoints ----
+    @property
+    def slot_capacity(self) -> int:
+        return self.config.max_slots
+
     def load_delta(self, key: str, delta: TenantDelta) -> None:
         tenant = tenant_of_key(key)
         if tenant not in self.checkpoints:
