@@ -66,7 +66,7 @@ def _engine(model, slots: int = 2):
     from deltaserve.engine.config import EngineConfig
     from deltaserve.engine.llm_engine import LLMEngine
 
-    return LLMEngine(EngineConfig(model=model, max_num_seqs=8, max_slots=slots, num_kv_blocks=64))
+    return LLMEngine(EngineConfig(model=model, max_running=8, tenant_slots=slots, num_kv_blocks=64))
 
 
 @pytest.mark.parametrize("kind", ["swap", "merged", "hf"])

@@ -56,7 +56,7 @@ def test_preemption_and_chunked_prefill_keep_outputs(tiny_dir):
 
 def test_abort_frees_blocks_and_reports(tiny_dir):
     base, _ = tiny_dir("llama")
-    eng = engine(base, max_num_seqs=2)
+    eng = engine(base, max_running=2)
     prompts = random_prompts([6, 8, 4], seed=41)
     for i, p in enumerate(prompts):
         eng.add_request(GenerationRequest(f"r{i}", tuple(p), greedy(50)))
@@ -102,7 +102,7 @@ def test_fair_tenant_policy_interleaves_tenants(tiny_dir, tmp_path):
     reqs.append(GenerationRequest("base", (10,), greedy(3)))
     admitted = {}
     for name, policy in (("fcfs", None), ("fair", FairTenantPolicy())):
-        eng = LLMEngine(EngineConfig(model=base, block_size=4, max_num_seqs=3), policy=policy)
+        eng = LLMEngine(EngineConfig(model=base, block_size=4, max_running=3), policy=policy)
         eng.load_delta("a", delta)
         eng.load_delta("b", delta)
         for r in reqs:

@@ -78,7 +78,7 @@ def test_raw_and_lowrank_deltas_equal_their_merges(tiny_dir, tmp_path):
 def test_slot_lifecycle_and_errors(tiny_dir, tmp_path):
     base, ft = tiny_dir("llama")
     delta = load_delta(base, make_delta(base, ft, tmp_path / "d.delta"))
-    eng = engine(base, max_slots=2)
+    eng = engine(base, tenant_slots=2)
     eng.load_delta("a", delta)
     eng.load_delta("b", delta)
     with pytest.raises(ResourceExhaustedError):
@@ -157,7 +157,7 @@ def test_swap_base_weights_runs_the_other_checkpoint(tiny_dir):
 
 
 @pytest.mark.parametrize("bad", [
-    {"dtype": "int4"}, {"block_size": 0}, {"base_quant": "fp8"}, {"max_slots": 0},
+    {"dtype": "int4"}, {"block_size": 0}, {"base_quant": "fp8"}, {"tenant_slots": 0},
     {"num_kv_blocks": 4, "kv_cache_bytes": 1 << 20}, {"max_model_len": -1},
 ])
 def test_engine_config_validation(bad, tmp_path):

@@ -15,11 +15,11 @@ def test_toml_and_yaml_with_flag_overrides(tmp_path):
     toml = tmp_path / "c.toml"
     toml.write_text(
         'base = "models/b"\n[cache]\ndevice_cache_bytes = "64MiB"\nhost_cache_bytes = 1000\n'
-        "[limits]\nmax_queue = 7\n[engine]\nmax_slots = 3\n"
+        "[limits]\nmax_queue = 7\n[engine]\nmax_running = 3\n"
     )
     c = ServerConfig.from_sources(toml, max_queue=9, port=None)
     assert c.base == tmp_path / "models/b"  # relative to the config file
-    assert (c.device_cache_bytes, c.host_cache_bytes, c.max_queue, c.max_slots) == (64 * 2**20, 1000, 9, 3)
+    assert (c.device_cache_bytes, c.host_cache_bytes, c.max_queue, c.max_running) == (64 * 2**20, 1000, 9, 3)
     assert c.bind_host == "127.0.0.1"  # no keys file: loopback
     yaml = tmp_path / "c.yaml"
     yaml.write_text("server:\n  base: /abs/b\n  keys: k.toml\n  port: 6000\n")

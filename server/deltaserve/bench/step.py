@@ -73,8 +73,8 @@ def measure_point(base: Path, seqs: int, tenants: int, steps: int, prompt_len: i
     eng = LLMEngine(
         EngineConfig(
             model=base,
-            max_num_seqs=seqs,
-            max_slots=max(1, tenants),
+            max_running=seqs,
+            tenant_slots=max(1, tenants),
             max_num_batched_tokens=max(2048, seqs * prompt_len),
             max_model_len=prompt_len + steps + 8,
             num_kv_blocks=seqs * (-(-(prompt_len + steps + 8) // 16)),

@@ -30,9 +30,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", action="store_true", help="one JSON line per prompt (input order)")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--max-slots", type=int, default=None, help="resident tenant slots (default: enough)")
+    parser.add_argument(
+        "--tenant-slots", type=int, default=None, help="tenant deltas resident at once (default: enough)"
+    )
     parser.add_argument("--max-new-tokens", type=int, default=64, help="default per prompt (64)")
-    parser.add_argument("--max-num-seqs", type=int, default=16, help="running sequences per step (16)")
+    parser.add_argument("--max-running", type=int, default=16, help="running sequences per step (16)")
     parser.add_argument("--max-batched-tokens", type=int, default=512, help="tokens per step (512)")
     parser.add_argument("--base-quant", default="none", choices=["none", "int8", "nf4"])
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
@@ -54,12 +56,12 @@ def run(args: argparse.Namespace) -> int:
     if len(set(names)) != len(names):
         raise InvalidArgumentError("each --delta tenant name must be unique")
     config = EngineConfig(
-        model=args.base, device=args.device, dtype=args.dtype, max_slots=args.max_slots or max(1, len(names)),
-        max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_batched_tokens,
+        model=args.base, device=args.device, dtype=args.dtype,
+        tenant_slots=args.tenant_slots or max(1, len(names)), max_running=args.max_running, max_num_batched_tokens=args.max_batched_tokens,
         base_quant=args.base_quant, max_waiting=1 << 30,
     )
-    if len(names) > config.max_slots:
-        raise InvalidArgumentError(f"{len(names)} deltas do not fit --max-slots {config.max_slots}")
+    if len(names) > config.tenant_slots:
+        raise InvalidArgumentError(f"{len(names)} deltas do not fit --tenant-slots {config.tenant_slots}")
     start = time.perf_counter()
     engine = LLMEngine(config)
     if names:

@@ -23,7 +23,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", help="torch device (default cpu)")
     parser.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), help="compute dtype")
     parser.add_argument("--keys", type=Path, help="API keys file (see deltaserve.service.auth)")
-    parser.add_argument("--max-slots", type=int, help="requests decoded together at most")
+    parser.add_argument("--max-running", type=int, help="requests decoded together at most")
     parser.add_argument("--max-queue", type=int, help="requests held at most before RESOURCE_EXHAUSTED")
     parser.add_argument("--max-device-tenants", type=int, help="tenant deltas resident on the device at most")
     parser.add_argument("--device-cache-bytes", help="device tier budget, e.g. 2GiB")
@@ -64,7 +64,7 @@ def run(args: argparse.Namespace) -> int:
         device=args.device,
         dtype=args.dtype,
         keys=args.keys,
-        max_slots=args.max_slots,
+        max_running=args.max_running,
         max_queue=args.max_queue,
         max_device_tenants=args.max_device_tenants,
         device_cache_bytes=args.device_cache_bytes,

@@ -19,8 +19,8 @@ class EngineConfig:
     """Engine settings.
 
     KV budget: num_kv_blocks when given, else kv_cache_bytes (default 512 MiB, capped at what
-    max_num_seqs sequences of max_model_len tokens need). max_model_len 0 = the model's
-    max_position_embeddings (capped at 4096). max_slots: tenant deltas resident at once.
+    max_running sequences of max_model_len tokens need). max_model_len 0 = the model's
+    max_position_embeddings (capped at 4096). tenant_slots: tenant deltas resident at once.
     max_waiting: bounded queue; add_request raises ResourceExhaustedError past it.
     """
 
@@ -30,10 +30,10 @@ class EngineConfig:
     block_size: int = 16
     num_kv_blocks: int | None = None
     kv_cache_bytes: int | None = None
-    max_num_seqs: int = 16
+    max_running: int = 16
     max_num_batched_tokens: int = 512
     max_model_len: int = 0
-    max_slots: int = 8
+    tenant_slots: int = 8
     max_waiting: int = 1024
     base_quant: str = "none"
 
@@ -45,7 +45,7 @@ class EngineConfig:
             raise InvalidArgumentError(f"base_quant must be one of {', '.join(BASE_QUANTS)}")
         if self.base_quant != "none" and torch.device(self.device).type != "cpu":
             raise InvalidArgumentError("base_quant is supported on the CPU device only")
-        for name in ("block_size", "max_num_seqs", "max_num_batched_tokens", "max_slots", "max_waiting"):
+        for name in ("block_size", "max_running", "max_num_batched_tokens", "tenant_slots", "max_waiting"):
             if getattr(self, name) < 1:
                 raise InvalidArgumentError(f"{name} must be >= 1")
         if self.num_kv_blocks is not None and self.kv_cache_bytes is not None:

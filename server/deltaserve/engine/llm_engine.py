@@ -84,11 +84,11 @@ class LLMEngine:
         if config.num_kv_blocks is not None:
             num_blocks = config.num_kv_blocks
         else:
-            wanted = config.max_num_seqs * -(-self.max_model_len // bs)
+            wanted = config.max_running * -(-self.max_model_len // bs)
             num_blocks = max(1, min(wanted, (config.kv_cache_bytes or DEFAULT_KV_BYTES) // per_block))
         self.blocks = BlockManager(num_blocks, bs)
-        self.slots = DeltaSlots(self.model, config.max_slots, config.torch_dtype, self.device)
-        self.scheduler = Scheduler(self.blocks, config.max_num_seqs, config.max_num_batched_tokens, policy)
+        self.slots = DeltaSlots(self.model, config.tenant_slots, config.torch_dtype, self.device)
+        self.scheduler = Scheduler(self.blocks, config.max_running, config.max_num_batched_tokens, policy)
         self.runner = ModelRunner(self.model, self.slots, num_blocks, bs, window, self.device)
         self.requests: dict[str, Sequence] = {}
         self._last = (0, 0, 0)  # tokens, sequences, tenant segments of the last step
@@ -115,7 +115,7 @@ class LLMEngine:
 
     @property
     def slot_capacity(self) -> int:
-        return self.config.max_slots
+        return self.config.tenant_slots
 
     def resident_tenants(self) -> list[str]:
         return sorted(self.slots.entries)

@@ -64,11 +64,11 @@ class SchedulerOutput:
 
 class Scheduler:
     def __init__(
-        self, blocks: BlockManager, max_num_seqs: int, max_num_batched_tokens: int,
+        self, blocks: BlockManager, max_running: int, max_num_batched_tokens: int,
         policy: SchedulerPolicy | None = None,
     ) -> None:
         self.blocks = blocks
-        self.max_num_seqs = max_num_seqs
+        self.max_running = max_running
         self.max_num_batched_tokens = max_num_batched_tokens
         self.policy: SchedulerPolicy = policy or FCFSPolicy()
         self.waiting: deque[Sequence] = deque()
@@ -106,7 +106,7 @@ class Scheduler:
         if out.preempted:
             return out
         for seq in self.policy.candidates(self.waiting, self.running):
-            if len(self.running) >= self.max_num_seqs or budget == 0:
+            if len(self.running) >= self.max_running or budget == 0:
                 break
             n = min(seq.num_tokens - seq.num_computed, budget)
             if not self.blocks.can_grow(seq.block_table, seq.num_computed + n):

@@ -25,9 +25,9 @@ class SlotEntry:
 
 
 class DeltaSlots:
-    def __init__(self, model: LlamaFamilyModel, max_slots: int, dtype: torch.dtype, device: torch.device):
+    def __init__(self, model: LlamaFamilyModel, capacity: int, dtype: torch.dtype, device: torch.device):
         self.model = model
-        self.max_slots = max_slots
+        self.capacity = capacity
         self.dtype = dtype
         self.device = device
         self.linears = model.delta_linears()
@@ -86,9 +86,9 @@ class DeltaSlots:
             raise FailedPreconditionError(f"tenant {tenant!r} is already resident; unload it first")
         self._validate(delta)
         used = {e.slot for e in self.entries.values()}
-        free = [s for s in range(self.max_slots) if s not in used]
+        free = [s for s in range(self.capacity) if s not in used]
         if not free:
-            raise ResourceExhaustedError(f"all {self.max_slots} delta slots are taken")
+            raise ResourceExhaustedError(f"all {self.capacity} delta slots are taken")
         slot = free[0]
         signed = {n for n, d in delta.linears.items() if isinstance(d, SignDelta)}
         entry = SlotEntry(slot, bool(signed), 0)

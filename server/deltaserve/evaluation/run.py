@@ -142,7 +142,7 @@ def evaluate(cfg: EvalConfig, on_update: Callable[[EvalResult], None] | None = N
     base_cfg = read_config_dict(cfg.base)
     fingerprint = base_fingerprint(cfg.base)
     engine = LLMEngine(
-        EngineConfig(model=cfg.base, max_slots=2, max_num_seqs=32, max_num_batched_tokens=1024)
+        EngineConfig(model=cfg.base, tenant_slots=2, max_running=32, max_num_batched_tokens=1024)
     )
     tok = engine.tokenizer
     result = EvalResult(

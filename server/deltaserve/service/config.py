@@ -72,7 +72,7 @@ class ServerConfig:
     dtype: str = "float32"
     keys: Path | None = None
     # scheduler / engine
-    max_slots: int = 16
+    max_running: int = 16  # requests decoded together (the batch)
     max_tokens_per_step: int | None = None
     kv_blocks: int | None = None
     block_size: int | None = None
@@ -102,7 +102,7 @@ class ServerConfig:
             self.metrics_port is None or 0 <= self.metrics_port <= 65535,
             f"metrics_port must be in [0, 65535], got {self.metrics_port}",
         )
-        req(self.max_slots >= 1, "max_slots must be >= 1")
+        req(self.max_running >= 1, "max_running must be >= 1")
         req(self.max_queue >= 1, "max_queue must be >= 1")
         req(self.max_prompt_tokens >= 1, "max_prompt_tokens must be >= 1")
         req(self.max_new_tokens >= 1, "max_new_tokens must be >= 1")

@@ -100,8 +100,8 @@ def make_engine(config: ServerConfig) -> AsyncEngine:
         model=config.base,
         device=config.device,
         dtype=config.dtype,
-        max_num_seqs=config.max_slots,
-        max_slots=config.max_device_tenants or 8,
+        max_running=config.max_running,
+        tenant_slots=config.max_device_tenants or 8,
         max_waiting=config.max_queue,
         **kw,
     )
@@ -184,7 +184,7 @@ class RunningServer:
             f"  deltas      {c.deltas or '(no store)'}: {tiers['disk']} registered, "
             f"{tiers['device']} on device, {tiers['host']} in host memory",
             f"  budgets     device {_mib(c.device_cache_bytes)}, host {_mib(c.host_cache_bytes)}; "
-            f"max running {c.max_slots}, queue {c.max_queue}",
+            f"max running {c.max_running}, queue {c.max_queue}",
             f"  limits      prompt {f.max_prompt_tokens} tokens, new {f.max_new_tokens}, context "
             f"{f.max_context_tokens}, message {_mib(c.max_message_bytes)}",
         ]
@@ -234,7 +234,7 @@ async def start_server(
         max_new_tokens=config.max_new_tokens,
         max_context_tokens=max_len,
         max_queued_requests=config.max_queue,
-        max_batch_requests=config.max_slots,
+        max_batch_requests=config.max_running,
         max_message_bytes=config.max_message_bytes,
     )
     cache = DeltaCache(

@@ -32,7 +32,7 @@ class HfConfig:
     max_batch: int = 16
     max_waiting: int = 1024
     dtype: str = "float32"
-    max_slots: int = 1
+    tenant_slots: int = 1
 
     def __post_init__(self) -> None:
         if self.max_batch < 1 or self.max_waiting < 1:
@@ -51,7 +51,7 @@ class HfEngine:
             raise InvalidArgumentError("hf baseline needs the base checkpoint under tenant ''")
         self.checkpoints = {t: Path(p) for t, p in checkpoints.items()}
         cfg = config or HfConfig()
-        self.config = replace(cfg, max_slots=max(1, len(self.checkpoints)))
+        self.config = replace(cfg, tenant_slots=max(1, len(self.checkpoints)))
         base = self.checkpoints[""]
         self.tokenizer = AutoTokenizer.from_pretrained(base)
         hf_config = AutoConfig.from_pretrained(base)
@@ -78,7 +78,7 @@ class HfEngine:
 
     @property
     def slot_capacity(self) -> int:
-        return self.config.max_slots
+        return self.config.tenant_slots
 
     def load_delta(self, key: str, delta: TenantDelta) -> None:
         tenant = tenant_of_key(key)

@@ -47,7 +47,7 @@ class LaunchConfig:
             raise ValueError("max_seqs must be >= 1 and max_model_len >= 2")
 
 
-def engine_config(cfg: LaunchConfig, model: Path, max_slots: int):
+def engine_config(cfg: LaunchConfig, model: Path, tenant_slots: int):
     from deltaserve.engine.config import EngineConfig
 
     block = 16
@@ -57,9 +57,9 @@ def engine_config(cfg: LaunchConfig, model: Path, max_slots: int):
         dtype=cfg.dtype,
         block_size=block,
         num_kv_blocks=blocks,
-        max_num_seqs=cfg.max_seqs,
+        max_running=cfg.max_seqs,
         max_model_len=cfg.max_model_len,
-        max_slots=max(1, max_slots),
+        tenant_slots=max(1, tenant_slots),
         max_waiting=4096,
     )
 
@@ -128,7 +128,7 @@ async def serve(cfg: LaunchConfig, store: Path) -> dict:
         metrics_port=None,
         mode="swap" if cfg.mode == "swap" else "deltas",
         dtype=cfg.dtype,
-        max_slots=cfg.max_seqs,
+        max_running=cfg.max_seqs,
         max_device_tenants=max(1, n),
         device_cache_bytes=64 * 2**30,
         host_cache_bytes=64 * 2**30,

@@ -27,7 +27,7 @@ class MergedEngine:
             raise InvalidArgumentError("merged baseline needs the base engine under tenant ''")
         self.engines = dict(engines)
         base = self.engines[""]
-        self.config = replace(base.config, max_slots=max(1, len(self.engines)))
+        self.config = replace(base.config, tenant_slots=max(1, len(self.engines)))
         self.tokenizer = base.tokenizer
         self.max_model_len = min(e.max_model_len for e in self.engines.values())
         self.registered: dict[str, str] = {}  # engine key -> tenant
@@ -42,7 +42,7 @@ class MergedEngine:
 
     @property
     def slot_capacity(self) -> int:
-        return self.config.max_slots
+        return self.config.tenant_slots
 
     def load_delta(self, key: str, delta: TenantDelta) -> None:
         tenant = tenant_of_key(key)

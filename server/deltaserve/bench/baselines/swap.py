@@ -34,7 +34,7 @@ class SwapEngine:
             raise InvalidArgumentError("swap baseline needs the base checkpoint under tenant ''")
         self.engine = engine
         self.checkpoints = dict(checkpoints)
-        self.config = replace(engine.config, max_slots=max(1, len(self.checkpoints)))
+        self.config = replace(engine.config, tenant_slots=max(1, len(self.checkpoints)))
         self.resident = ""  # the engine starts with the base weights
         self.registered: dict[str, str] = {}  # engine key -> tenant
         self._pending: deque[GenerationRequest] = deque()
@@ -59,7 +59,7 @@ class SwapEngine:
     # ---- tenants: registered through the delta cache, served from merged checkpoints ----
     @property
     def slot_capacity(self) -> int:
-        return self.config.max_slots
+        return self.config.tenant_slots
 
     def load_delta(self, key: str, delta: TenantDelta) -> None:
         tenant = tenant_of_key(key)
