@@ -57,7 +57,8 @@ def run(args: argparse.Namespace) -> int:
         raise InvalidArgumentError("each --delta tenant name must be unique")
     config = EngineConfig(
         model=args.base, device=args.device, dtype=args.dtype,
-        tenant_slots=args.tenant_slots or max(1, len(names)), max_running=args.max_running, max_num_batched_tokens=args.max_batched_tokens,
+        tenant_slots=args.tenant_slots or max(1, len(names)), max_running=args.max_running,
+        max_num_batched_tokens=args.max_batched_tokens,
         base_quant=args.base_quant, max_waiting=1 << 30,
     )
     if len(names) > config.tenant_slots:
