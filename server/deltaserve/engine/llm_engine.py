@@ -240,11 +240,12 @@ class LLMEngine:
             tenants.add((seq.delta_key, seq.alpha if seq.delta_key else 0.0))
         self._last = (sum(n for _, n in scheduled), len(scheduled), len(tenants))
         outputs = []
-        # one pass gives every plain greedy row's token and the finiteness check: max
-        # propagates NaN and +inf (a -inf logit is a legal "never this token")
-        top, argmax_t = logits.max(dim=-1)
-        argmax = argmax_t.tolist()
-        finite = torch.isfinite(top).tolist()
+        # The finiteness check from the row maxima (amax propagates NaN and +inf; a -inf logit
+        # is a legal "never this token"), every plain greedy row's token from numpy's argmax
+        # (first maximal index, as torch.argmax): on the CPU both are vectorised, while
+        # torch's max-with-indices over [64, 49152] takes ~4 ms against ~1.2 ms for the two.
+        finite = torch.isfinite(logits.amax(dim=-1)).tolist()
+        argmax = logits.numpy().argmax(axis=-1).tolist()
         for row, seq in enumerate(sampled):
             try:
                 if not finite[row]:
