@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -47,6 +48,21 @@ def models(tmp_path_factory) -> Models:
         other, make_finetune(other, root / "ft-other", seed=7), store / "other" / "foreign.delta.safetensors"
     )
     return Models(base, store)
+
+
+def serve_command(base: Path, store: Path, *flags: str) -> list[str]:
+    """`deltaserve serve --base BASE --deltas STORE FLAGS...` as a subprocess argv."""
+    return [
+        sys.executable,
+        "-m",
+        "deltaserve.cli.main",
+        "serve",
+        "--base",
+        str(base),
+        "--deltas",
+        str(store),
+        *flags,
+    ]
 
 
 def config_for(models: Models, **overrides):

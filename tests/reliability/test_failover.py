@@ -35,7 +35,6 @@ import json
 import os
 import re
 import subprocess
-import sys
 import threading
 import time
 import urllib.request
@@ -47,7 +46,7 @@ from deltaserve_client import ClientConfig, DeltaServeClient, RetryPolicy
 from deltaserve_client.errors import DeltaServeClientError
 from deltaserve_client.types import SamplingOptions
 from test_loadtest_proxy import CFG, HAPROXY, _free_port, loopback_config
-from test_service_support import PROMPTS, _compress
+from test_service_support import PROMPTS, _compress, serve_command
 from tiny_models import make_checkpoint, make_finetune
 
 TENANTS = tuple(f"tenant-{i}" for i in range(6))
@@ -166,22 +165,8 @@ class Replica:
 
     def start(self) -> None:
         self.starts += 1
-        cmd = [
-            sys.executable,
-            "-m",
-            "deltaserve.cli.main",
-            "serve",
-            "--base",
-            str(self.base),
-            "--deltas",
-            str(self.store),
-            "--port",
-            str(self.port),
-            "--metrics-port",
-            "0",
-            "--no-warm",
-            "--json",
-        ]
+        flags = ("--port", str(self.port), "--metrics-port", "0", "--no-warm", "--json")
+        cmd = serve_command(self.base, self.store, *flags)
         log = open(self.log_path, "w")  # noqa: SIM115 (the child writes it; closed right after the fork)
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
         self.started_at = time.monotonic()

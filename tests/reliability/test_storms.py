@@ -21,7 +21,7 @@ from deltaserve_client import (
     RetryPolicy,
     SamplingOptions,
 )
-from test_service_support import PROMPTS, TENANTS, ServerThread, config_for, models
+from test_service_support import PROMPTS, TENANTS, ServerThread, config_for, models, serve_command
 
 __all__ = ["models"]  # fixture
 
@@ -158,22 +158,8 @@ class ServeProcess:
     """`deltaserve serve` in a subprocess; `info` is its --json start-up line."""
 
     def __init__(self, models, port: int = 0, grace: float = 5.0) -> None:
-        cmd = [
-            sys.executable,
-            "-m",
-            "deltaserve.cli.main",
-            "serve",
-            "--base",
-            str(models.base),
-            "--deltas",
-            str(models.store),
-            "--port",
-            str(port),
-            "--no-metrics",
-            "--drain-grace",
-            str(grace),
-            "--json",
-        ]
+        flags = ("--port", str(port), "--no-metrics", "--drain-grace", str(grace), "--json")
+        cmd = serve_command(models.base, models.store, *flags)
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
         self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
         line = self.proc.stdout.readline()
