@@ -29,6 +29,7 @@ import hashlib
 import json
 import os
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -263,16 +264,23 @@ def read_delta_layout(path: Path) -> DeltaLayout:
     )
 
 
-def read_delta(path: Path) -> EncodedDelta:
-    """Read a whole delta file into memory; DeltaFormatError on any inconsistency."""
+def read_delta(path: Path, check: Callable[[DeltaMeta], None] | None = None) -> EncodedDelta:
+    """Read a whole delta file into memory; DeltaFormatError on any inconsistency.
+
+    `check` sees the header's metadata (parsed once) before any tensor data is read, and
+    may raise to refuse the file (e.g. a fingerprint for another base).
+    """
     path = Path(path)
     header, meta = _header(path)
+    parsed = _meta(meta, path)
+    if check is not None:
+        check(parsed)
     shapes = _linear_shapes(meta, path)
     for k, v in header.items():
         if v.get("dtype") not in SAFETENSORS_DTYPES:
             raise DeltaFormatError(f"{path}: tensor {k} has unsupported dtype {v.get('dtype')!r}")
     out = EncodedDelta(
-        meta=_meta(meta, path),
+        meta=parsed,
         base_model_type=meta.get("base_model_type", ""),
         stats=_json(meta, "stats", path),
     )

@@ -32,10 +32,14 @@ def check_header(path: Path, base_fingerprint: str | None) -> DeltaMeta:
     names a codec this build cannot decode, FingerprintMismatchError when it was built for
     another base (when `base_fingerprint` is given)."""
     meta = read_delta_header(path)
+    _check_meta(meta, base_fingerprint, path)
+    return meta
+
+
+def _check_meta(meta: DeltaMeta, base_fingerprint: str | None, path: Path) -> None:
     if base_fingerprint is not None and meta.base_fingerprint != base_fingerprint:
         raise FingerprintMismatchError(meta.base_fingerprint, base_fingerprint, what=f"delta {path}")
     codec_from_header(meta.codec, json.dumps(meta.codec_params))
-    return meta
 
 
 def validate_against_config(enc: EncodedDelta, config: dict, path: Path) -> None:
@@ -98,8 +102,7 @@ def load_tenant_delta(
     (DeltaFormatError), and its parts decode (DeltaFormatError).
     """
     path = Path(path)
-    check_header(path, base_fingerprint)
-    enc = read_delta(path)
+    enc = read_delta(path, check=lambda meta: _check_meta(meta, base_fingerprint, path))  # one header parse
     if base_config is not None:
         validate_against_config(enc, base_config, path)
     try:
