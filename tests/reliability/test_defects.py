@@ -230,6 +230,10 @@ def test_undecodable_bytes_are_invalid_argument_after_authentication(models, tmp
             with pytest.raises(grpc.RpcError) as err:
                 list(stream(garbage, metadata=(("authorization", "Bearer the-key-0123"),), timeout=10))
             assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+            bidi = ch.stream_stream("/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo")
+            with pytest.raises(grpc.RpcError) as err:
+                list(bidi(iter([garbage]), timeout=10))
+            assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
         labels = {"tenant": "__invalid__", "code": "UNAUTHENTICATED"}
         assert srv.wait_metric("deltaserve:requests_total", 1, **labels) == 1
     finally:
