@@ -45,7 +45,7 @@ import pytest
 from deltaserve_client import ClientConfig, DeltaServeClient, RetryPolicy
 from deltaserve_client.errors import DeltaServeClientError
 from deltaserve_client.types import SamplingOptions
-from test_loadtest_proxy import CFG, HAPROXY, _free_port, loopback_config
+from test_loadtest_proxy import CFG, _free_port, loopback_config, require_haproxy
 from test_service_support import PROMPTS, _compress, serve_command
 from tiny_models import make_checkpoint, make_finetune
 
@@ -61,12 +61,6 @@ RETRY = RetryPolicy(max_attempts=5, initial_backoff=0.2, max_backoff=2.0, multip
 START_TIMEOUT = 180.0  # seconds for a replica to print its ready line (torch import on a busy CI box)
 
 
-def _require_haproxy() -> str:
-    if HAPROXY is None:
-        if os.environ.get("CI"):
-            pytest.fail("haproxy is not installed, and CI is set: .ci/run must install it")
-        pytest.skip("haproxy not installed (apt-get install haproxy)")
-    return HAPROXY
 
 
 # ---------------------------------------------------------------------------- the shipped health check
@@ -284,7 +278,7 @@ class Cluster:
 
 @pytest.fixture
 def cluster(request, tmp_path) -> Cluster:
-    haproxy = _require_haproxy()
+    haproxy = require_haproxy()
     base = make_checkpoint(tmp_path / "base", "llama", seed=3)
     store = tmp_path / "store"
     store.mkdir()
@@ -338,7 +332,7 @@ def test_shipped_health_check_follows_grpc_health_status(tmp_path, record_proper
     import grpc
     from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-    haproxy = _require_haproxy()
+    haproxy = require_haproxy()
     server = grpc.server(ThreadPoolExecutor(2))
     status = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(status, server)
