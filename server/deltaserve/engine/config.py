@@ -8,9 +8,22 @@ from pathlib import Path
 import torch
 
 from deltaserve.errors import InvalidArgumentError
-from deltaserve.layers.quant import BASE_QUANTS
+from deltaserve.layers.onednn_linear import onednn_available
+from deltaserve.layers.quant import BASE_QUANTS, LINEAR_BACKENDS
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DTYPE_CHOICES = ("auto", *DTYPES)
+
+
+def resolve_dtype(name: str, device: str) -> str:
+    """The compute dtype `name` stands for on `device`: "auto" is bfloat16 on CUDA and on CPUs
+    whose oneDNN runs bf16 natively (AVX-512-BF16 / AMX), float32 elsewhere (AVX2 hosts emulate
+    bf16 arithmetic, which measured 2–7× slower than fp32 there: docs/BENCHMARKS.md)."""
+    if name != "auto":
+        return name
+    if torch.device(device).type == "cuda":
+        return "bfloat16"
+    return "bfloat16" if onednn_available(torch.bfloat16) else "float32"
 DEFAULT_KV_BYTES = 512 * 2**20
 
 
@@ -22,6 +35,9 @@ class EngineConfig:
     max_running sequences of max_model_len tokens need). max_model_len 0 = the model's
     max_position_embeddings (capped at 4096). tenant_slots: tenant deltas resident at once.
     max_waiting: bounded queue; add_request raises ResourceExhaustedError past it.
+    dtype: a name of DTYPES, or "auto" (resolved on construction, see resolve_dtype).
+    linear_backend: base projections through "torch" (F.linear), "onednn" (prepacked weights,
+    CPU) or "auto" (oneDNN where it runs the dtype, see layers.quant.resolve_linear_backend).
     """
 
     model: Path
@@ -36,11 +52,19 @@ class EngineConfig:
     tenant_slots: int = 8
     max_waiting: int = 1024
     base_quant: str = "none"
+    linear_backend: str = "auto"
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "model", Path(self.model))
-        if self.dtype not in DTYPES:
-            raise InvalidArgumentError(f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
+        if self.dtype not in DTYPE_CHOICES:
+            raise InvalidArgumentError(
+                f"dtype must be one of {', '.join(DTYPE_CHOICES)}, got {self.dtype!r}"
+            )
+        object.__setattr__(self, "dtype", resolve_dtype(self.dtype, self.device))
+        if self.linear_backend not in LINEAR_BACKENDS:
+            raise InvalidArgumentError(
+                f"linear_backend must be one of {', '.join(LINEAR_BACKENDS)}, got {self.linear_backend!r}"
+            )
         if self.base_quant not in BASE_QUANTS:
             raise InvalidArgumentError(f"base_quant must be one of {', '.join(BASE_QUANTS)}")
         if self.base_quant != "none" and torch.device(self.device).type != "cpu":

@@ -69,7 +69,7 @@ class LLMEngine:
         window = sliding_window(self.hf_config, spec)
         state = load_state_dict(config.model)
         self.model = LlamaFamilyModel(
-            self.hf_config, state, config.torch_dtype, self.device, config.base_quant
+            self.hf_config, state, config.torch_dtype, self.device, config.base_quant, config.linear_backend
         )
         del state
         self.tokenizer = AutoTokenizer.from_pretrained(config.model)
@@ -318,20 +318,6 @@ class LLMEngine:
         if self.config.base_quant != "none":
             raise FailedPreconditionError("swap_base_weights needs an unquantized base")
         state = load_state_dict(Path(checkpoint_dir))
-        targets: dict[str, torch.Tensor] = {"model.embed_tokens.weight": self.model.embed_tokens.weight}
-        if not self.model.tied:
-            targets["lm_head.weight"] = self.model.lm_head.weight
-        for name, norm in self.model.norms().items():
-            targets[name] = norm.weight
-        for name, lin in self.model.delta_linears().items():
-            targets[f"{name}.weight"] = lin.base.weight
-            if lin.base.bias is not None:
-                targets[f"{name}.bias"] = lin.base.bias
-        for name, t in targets.items():
-            src = state.get(name)
-            if src is None or src.shape != t.shape:
-                raise FailedPreconditionError(
-                    f"{checkpoint_dir}: tensor {name} is missing or has another shape"
-                )
-        for name, t in targets.items():
-            t.copy_(state[name])
+        problem = self.model.replace_base_weights(state)
+        if problem:
+            raise FailedPreconditionError(f"{checkpoint_dir}: {problem}")

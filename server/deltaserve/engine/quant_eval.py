@@ -19,6 +19,7 @@ import torch
 from deltaserve.engine.config import EngineConfig
 from deltaserve.engine.llm_engine import LLMEngine
 from deltaserve.engine.types import GenerationRequest, SamplingParams
+from deltaserve.layers.quant import base_module_bytes
 
 
 @dataclass(frozen=True)
@@ -35,12 +36,7 @@ class QuantResult:
 
 def base_linear_bytes(engine: LLMEngine) -> int:
     """Bytes held by the base linear layers (weights, biases and quantization state)."""
-    total = 0
-    for lin in engine.model.delta_linears().values():
-        for t in lin.base.state_dict().values():
-            if isinstance(t, torch.Tensor):
-                total += t.numel() * t.element_size()
-    return total
+    return sum(base_module_bytes(proj.base) for proj in engine.model.projections())
 
 
 def _last_logits(engine: LLMEngine, prompts: list[list[int]]) -> torch.Tensor:

@@ -1,6 +1,11 @@
-"""DeltaLinear: one base GEMM for all tokens, then each tenant's delta on its segment.
+"""Base projections and per-module tenant delta slots.
 
-    y = x @ W_base^T + b                                   (all T tokens at once)
+FusedLinear runs ONE base GEMM for all tokens over one or more HF modules that share their
+input (q/k/v as `qkv_proj`, gate/up as `gate_up_proj`, as vLLM and nano-vllm fuse them; o_proj
+and down_proj are fusions of one). Each HF module keeps its own DeltaLinear, the owner of that
+module's tenant slots, which adds its deltas into its column range of the fused output:
+
+    y = x @ W_base^T + b                                   (all T tokens, all parts at once)
     y[seg] += alpha * scale_t * x[seg] @ Sign_t^T          (1-bit slots: one kernel call per layer)
     y[seg] += alpha * x[seg] @ D_t^T  or  alpha * (x[seg] @ A_t^T) @ B_t^T   (dense / low-rank slots)
     y[seg] += alpha * db_t                                 (bias deltas)
@@ -20,15 +25,46 @@ from torch.nn import functional as F
 from deltaserve.deltas.types import DenseDelta, LinearDelta, LowRankDelta, SignDelta
 from deltaserve.kernels.ops import sign_delta_matmul
 from deltaserve.kernels.segments import Segments
+from deltaserve.layers.quant import set_base_weight
+
+
+class FusedLinear(nn.Module):
+    """One base GEMM over the concatenated weights of `parts` (HF modules sharing an input).
+
+    Output columns are the parts' outputs in order; each part adds its tenant deltas into its
+    own column range, so a delta file stays per HF module while the base runs fused.
+    """
+
+    def __init__(self, base: nn.Module, parts: list[DeltaLinear]) -> None:
+        super().__init__()
+        self.base = base  # nn.Linear, OneDnnLinear, bnb.nn.Linear8bitLt or bnb.nn.Linear4bit
+        self.parts = nn.ModuleList(parts)
+        self.splits = [p.out_features for p in parts]
+        self.in_features = parts[0].in_features
+
+    def forward(self, x: torch.Tensor, sign_segments: Segments, delta_segments: Segments) -> torch.Tensor:
+        """x: [T, K] -> y: [T, sum of the parts' N]."""
+        y = self.base(x)
+        if len(self.parts) == 1:
+            self.parts[0].add_deltas(x, y, sign_segments, delta_segments)
+            return y
+        start = 0
+        for part, n in zip(self.parts, self.splits, strict=True):
+            part.add_deltas(x, y[:, start : start + n], sign_segments, delta_segments)
+            start += n
+        return y
+
+    def set_base_weight(self, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
+        """Replace the fused base weight [sum N, K] (and bias) in place; same shapes only."""
+        set_base_weight(self.base, weight, bias)
 
 
 class DeltaLinear(nn.Module):
-    """A base linear layer (plain, or bitsandbytes-quantized) plus tenant delta slots."""
+    """The tenant delta slots of one HF linear module (its base weight lives in a FusedLinear)."""
 
-    def __init__(self, name: str, base: nn.Module, out_features: int, in_features: int) -> None:
+    def __init__(self, name: str, out_features: int, in_features: int) -> None:
         super().__init__()
         self.name = name  # HF module name, e.g. "model.layers.0.self_attn.q_proj"
-        self.base = base  # nn.Linear, bnb.nn.Linear8bitLt or bnb.nn.Linear4bit
         self.out_features = out_features
         self.in_features = in_features
         self.packed: torch.Tensor | None = None  # int32 [C, N, Kw]
@@ -40,9 +76,10 @@ class DeltaLinear(nn.Module):
     def words(self) -> int:
         return (self.in_features + 31) // 32
 
-    def forward(self, x: torch.Tensor, sign_segments: Segments, delta_segments: Segments) -> torch.Tensor:
-        """x: [T, K] -> y: [T, N]."""
-        y = self.base(x)
+    def add_deltas(self, x: torch.Tensor, y: torch.Tensor, sign_segments: Segments,
+                   delta_segments: Segments) -> None:
+        """y[seg] += this module's tenant deltas, in place; x: [T, K], y: [T, N] (may be a column
+        view of a fused output: any row stride, unit column stride)."""
         if self.packed is not None and len(sign_segments):
             sign_delta_matmul(x, y, self.packed, self.scales, sign_segments)
         if self.others or self.bias_deltas:
@@ -61,7 +98,6 @@ class DeltaLinear(nn.Module):
                 db = self.bias_deltas.get(slot)
                 if db is not None:
                     y[rows] += alpha * db
-        return y
 
     # ---- slot management (called by the engine between steps) ----
 

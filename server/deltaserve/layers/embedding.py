@@ -7,6 +7,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from deltaserve.kernels.segments import Segments
+from deltaserve.layers.onednn_linear import OneDnnLinear
 
 
 def _segments(segments: Segments):
@@ -34,16 +35,26 @@ class DeltaEmbedding(nn.Module):
 
 
 class DeltaLMHead(nn.Module):
-    """logits = h @ W^T (+ alpha * h @ dW_t^T per segment). W may be the tied embedding weight."""
+    """logits = h @ W^T (+ alpha * h @ dW_t^T per segment). W may be the tied embedding weight.
 
-    def __init__(self, weight: nn.Parameter) -> None:
+    With the oneDNN backend the product runs over a prepacked copy of W (the dense W stays for
+    the embedding lookup when tied); `refresh` re-packs it after W changed in place.
+    """
+
+    def __init__(self, weight: nn.Parameter, backend: str = "torch") -> None:
         super().__init__()
         self.weight = weight  # [vocab, hidden]; the embedding's Parameter itself when tied
+        self.packed = OneDnnLinear(weight.detach(), None) if backend == "onednn" else None
         self.deltas: dict[int, torch.Tensor] = {}  # slot -> dW [vocab, hidden]
+
+    def refresh(self) -> None:
+        """Re-pack after `weight` was overwritten in place."""
+        if self.packed is not None:
+            self.packed.set_weight(self.weight.detach(), None)
 
     def forward(self, h: torch.Tensor, segments: Segments) -> torch.Tensor:
         """h: [R, hidden] -> fp32 logits [R, vocab]."""
-        logits = h @ self.weight.T
+        logits = self.packed(h) if self.packed is not None else h @ self.weight.T
         if self.deltas:
             for start, length, slot, alpha in _segments(segments):
                 d = self.deltas.get(slot)

@@ -12,19 +12,23 @@ from torch.nn import functional as F
 
 from deltaserve.errors import InvalidArgumentError
 from deltaserve.layers.attention import paged_attention
-from deltaserve.layers.delta_linear import DeltaLinear
+from deltaserve.layers.delta_linear import DeltaLinear, FusedLinear
 from deltaserve.layers.embedding import DeltaEmbedding, DeltaLMHead
 from deltaserve.layers.forward_batch import ForwardBatch
 from deltaserve.layers.norm import DeltaRMSNorm
-from deltaserve.layers.quant import make_base_linear
+from deltaserve.layers.quant import make_base_linear, resolve_linear_backend
 from deltaserve.layers.rotary import RotaryEmbedding, apply_rotary
 
 
 class _Weights:
     """Pops named tensors out of a state dict, failing clearly on missing ones."""
 
-    def __init__(self, state: dict[str, torch.Tensor], dtype: torch.dtype, device: torch.device) -> None:
+    def __init__(
+        self, state: dict[str, torch.Tensor], dtype: torch.dtype, device: torch.device, quant: str,
+        backend: str,
+    ) -> None:
         self.state, self.dtype, self.device = state, dtype, device
+        self.quant, self.backend = quant, backend
 
     def take(self, name: str) -> torch.Tensor:
         if name not in self.state:
@@ -34,14 +38,24 @@ class _Weights:
     def maybe(self, name: str) -> torch.Tensor | None:
         return self.take(name) if name in self.state else None
 
-    def linear(self, name: str, quant: str) -> DeltaLinear:
-        w = self.take(f"{name}.weight")
-        base = make_base_linear(w, self.maybe(f"{name}.bias"), quant, self.device)
-        return DeltaLinear(name, base, w.shape[0], w.shape[1])
+    def fused(self, names: list[str]) -> FusedLinear:
+        """One base GEMM over the HF modules `names` (same input), one DeltaLinear per module."""
+        ws = [self.take(f"{n}.weight") for n in names]
+        bs = [self.maybe(f"{n}.bias") for n in names]
+        if any(b is not None for b in bs):
+            bs = [torch.zeros(w.shape[0], dtype=w.dtype, device=w.device) if b is None else b
+                  for b, w in zip(bs, ws, strict=True)]
+            bias = torch.cat(bs)
+        else:
+            bias = None
+        weight = ws[0] if len(ws) == 1 else torch.cat(ws)
+        base = make_base_linear(weight, bias, self.quant, self.device, self.backend)
+        parts = [DeltaLinear(n, w.shape[0], w.shape[1]) for n, w in zip(names, ws, strict=True)]
+        return FusedLinear(base, parts)
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, config, idx: int, w: _Weights, quant: str, head_dim: int) -> None:
+    def __init__(self, config, idx: int, w: _Weights, head_dim: int) -> None:
         super().__init__()
         p = f"model.layers.{idx}"
         eps = config.rms_norm_eps
@@ -51,22 +65,21 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = DeltaRMSNorm(
             w.take(f"{p}.post_attention_layernorm.weight"), eps, f"{p}.post_attention_layernorm.weight"
         )
-        self.q_proj = w.linear(f"{p}.self_attn.q_proj", quant)
-        self.k_proj = w.linear(f"{p}.self_attn.k_proj", quant)
-        self.v_proj = w.linear(f"{p}.self_attn.v_proj", quant)
-        self.o_proj = w.linear(f"{p}.self_attn.o_proj", quant)
-        self.gate_proj = w.linear(f"{p}.mlp.gate_proj", quant)
-        self.up_proj = w.linear(f"{p}.mlp.up_proj", quant)
-        self.down_proj = w.linear(f"{p}.mlp.down_proj", quant)
+        attn, mlp = f"{p}.self_attn", f"{p}.mlp"
+        self.qkv_proj = w.fused([f"{attn}.q_proj", f"{attn}.k_proj", f"{attn}.v_proj"])
+        self.o_proj = w.fused([f"{attn}.o_proj"])
+        self.gate_up_proj = w.fused([f"{mlp}.gate_proj", f"{mlp}.up_proj"])
+        self.down_proj = w.fused([f"{mlp}.down_proj"])
         self.num_heads = config.num_attention_heads
         self.num_kv_heads = config.num_key_value_heads
         self.head_dim = head_dim
         self.scale = head_dim**-0.5
+        self.q_size = self.num_heads * head_dim
+        self.kv_size = self.num_kv_heads * head_dim
+        self.inter = config.intermediate_size
 
-    def linears(self) -> list[DeltaLinear]:
-        return [
-            self.q_proj, self.k_proj, self.v_proj, self.o_proj, self.gate_proj, self.up_proj, self.down_proj
-        ]
+    def projections(self) -> list[FusedLinear]:
+        return [self.qkv_proj, self.o_proj, self.gate_up_proj, self.down_proj]
 
     def forward(
         self, h: torch.Tensor, batch: ForwardBatch, cos: torch.Tensor, sin: torch.Tensor,
@@ -76,14 +89,16 @@ class DecoderLayer(nn.Module):
         sg, dg = batch.sign_segments, batch.delta_segments
         t = h.shape[0]
         x = self.input_layernorm(h, dg)
-        q = self.q_proj(x, sg, dg).view(t, self.num_heads, self.head_dim)
-        k = self.k_proj(x, sg, dg).view(t, self.num_kv_heads, self.head_dim)
-        v = self.v_proj(x, sg, dg).view(t, self.num_kv_heads, self.head_dim)
-        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        qkv = self.qkv_proj(x, sg, dg)  # [T, q + 2 kv]
+        q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        q = apply_rotary(q.view(t, self.num_heads, self.head_dim), cos, sin)
+        k = apply_rotary(k.view(t, self.num_kv_heads, self.head_dim), cos, sin)
+        v = v.view(t, self.num_kv_heads, self.head_dim)
         a = paged_attention(q, k, v, k_cache, v_cache, batch, self.scale)
-        h = h + self.o_proj(a.reshape(t, self.num_heads * self.head_dim), sg, dg)
+        h = h + self.o_proj(a.reshape(t, self.q_size), sg, dg)
         x = self.post_attention_layernorm(h, dg)
-        m = F.silu(self.gate_proj(x, sg, dg)) * self.up_proj(x, sg, dg)
+        gate_up = self.gate_up_proj(x, sg, dg)  # [T, 2 inter]
+        m = F.silu(gate_up[:, : self.inter]) * gate_up[:, self.inter :]
         return h + self.down_proj(m, sg, dg)
 
 
@@ -92,29 +107,73 @@ class LlamaFamilyModel(nn.Module):
 
     def __init__(
         self, config, state: dict[str, torch.Tensor], dtype: torch.dtype, device: torch.device,
-        base_quant: str = "none",
+        base_quant: str = "none", linear_backend: str = "auto",
     ) -> None:
+        """linear_backend: "auto", "torch" or "onednn" (see layers.quant.resolve_linear_backend);
+        the lm_head, never quantized, resolves it for the unquantized case."""
         super().__init__()
-        w = _Weights(dict(state), dtype, device)
+        self.linear_backend = resolve_linear_backend(linear_backend, device, dtype, base_quant)
+        head_backend = resolve_linear_backend(linear_backend, device, dtype, "none")
+        w = _Weights(dict(state), dtype, device, base_quant, self.linear_backend)
         self.config = config
         self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
         self.num_kv_heads = config.num_key_value_heads
         self.embed_tokens = DeltaEmbedding(w.take("model.embed_tokens.weight"))
         self.layers = nn.ModuleList(
-            DecoderLayer(config, i, w, base_quant, self.head_dim) for i in range(config.num_hidden_layers)
+            DecoderLayer(config, i, w, self.head_dim) for i in range(config.num_hidden_layers)
         )
         self.norm = DeltaRMSNorm(w.take("model.norm.weight"), config.rms_norm_eps, "model.norm.weight")
         self.tied = bool(getattr(config, "tie_word_embeddings", False)) or "lm_head.weight" not in w.state
         if self.tied:
             w.state.pop("lm_head.weight", None)
-            self.lm_head = DeltaLMHead(self.embed_tokens.weight)
+            self.lm_head = DeltaLMHead(self.embed_tokens.weight, head_backend)
         else:
-            self.lm_head = DeltaLMHead(nn.Parameter(w.take("lm_head.weight"), requires_grad=False))
+            head = nn.Parameter(w.take("lm_head.weight"), requires_grad=False)
+            self.lm_head = DeltaLMHead(head, head_backend)
         self.rotary = RotaryEmbedding(config, self.head_dim).to(device)
         self.dtype = dtype
 
+    def projections(self) -> list[FusedLinear]:
+        """Every base projection (fused GEMM) of the blocks."""
+        return [proj for layer in self.layers for proj in layer.projections()]
+
     def delta_linears(self) -> dict[str, DeltaLinear]:
-        return {lin.name: lin for layer in self.layers for lin in layer.linears()}
+        """The delta slot owners of the block linears, by HF module name."""
+        return {part.name: part for proj in self.projections() for part in proj.parts}
+
+    @torch.inference_mode()
+    def replace_base_weights(self, state: dict[str, torch.Tensor]) -> str | None:
+        """Overwrite every base weight with the same-named tensor of `state` (HF names).
+
+        Returns the first problem (missing tensor, other shape) without changing anything,
+        or None once all weights are replaced. Unquantized bases only.
+        """
+        plain: dict[str, torch.Tensor] = {"model.embed_tokens.weight": self.embed_tokens.weight}
+        if not self.tied:
+            plain["lm_head.weight"] = self.lm_head.weight
+        for name, norm in self.norms().items():
+            plain[name] = norm.weight
+        wanted = {name: tuple(t.shape) for name, t in plain.items()}
+        for proj in self.projections():
+            for part in proj.parts:
+                wanted[f"{part.name}.weight"] = (part.out_features, part.in_features)
+        for name, shape in wanted.items():
+            if name not in state or tuple(state[name].shape) != shape:
+                return f"tensor {name} is missing or has another shape"
+        for name, t in plain.items():
+            t.copy_(state[name])
+        self.lm_head.refresh()
+        dtype = self.dtype
+        for proj in self.projections():
+            weight = torch.cat([state[f"{p.name}.weight"] for p in proj.parts]).to(dtype)
+            biases = [state.get(f"{p.name}.bias") for p in proj.parts]
+            bias = None
+            if any(b is not None for b in biases):
+                parts = zip(proj.parts, biases, strict=True)
+                bias = torch.cat([torch.zeros(p.out_features) if b is None else b for p, b in parts])
+                bias = bias.to(dtype)
+            proj.set_base_weight(weight, bias)
+        return None
 
     def norms(self) -> dict[str, DeltaRMSNorm]:
         out = {self.norm.name: self.norm}
