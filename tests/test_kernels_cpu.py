@@ -143,7 +143,7 @@ def test_fallback_to_reference_when_build_fails(tmp_path):
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "FALLBACK-OK" in proc.stdout
-    assert proc.stderr.count("CPU 1-bit delta kernel unavailable") == 1, proc.stderr[-3000:]
+    assert proc.stderr.count("CPU kernels unavailable") == 1, proc.stderr[-3000:]
 
 
 def test_autograd_callers_get_gradients(ext):

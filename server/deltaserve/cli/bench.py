@@ -1,4 +1,4 @@
-"""`deltaserve bench kernel|serve`: benchmarks that print human tables or JSON."""
+"""`deltaserve bench kernel|serve|step|peer`: benchmarks that print human tables or JSON."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ SUITES = {
     "kernel": "deltaserve.bench.kernel",
     "serve": "deltaserve.bench.serve",
     "step": "deltaserve.bench.step",
+    "peer": "deltaserve.bench.peer",
 }
 
 

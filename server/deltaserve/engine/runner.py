@@ -113,13 +113,14 @@ class ModelRunner:
                     logit_seg.append((g_logits, len(logits_rows) - g_logits, slot, alpha))
         decode = None
         if dec_tok:
-            width = max(dec_len)
-            kv = self._table_rows(dec_tables, width)
-            mask = self._mask(torch.tensor(dec_len) - 1, width)  # [B, width]
+            width = max(len(t) for t in dec_tables)
+            pad = self.pad_block
+            tables = [t + [pad] * (width - len(t)) for t in dec_tables]
             decode = DecodeAttention(
                 torch.tensor(dec_tok, dtype=torch.long, device=self.device),
-                kv.to(self.device),
-                mask[:, None, None, :].to(self.device),
+                torch.tensor(tables, dtype=torch.int32, device=self.device),
+                torch.tensor(dec_len, dtype=torch.int32, device=self.device),
+                max(dec_len), self.block_size, self.window or 0,
             )
         dev = self.device
         batch = ForwardBatch(

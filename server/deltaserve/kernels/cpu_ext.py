@@ -1,4 +1,7 @@
-"""Build and load the CPU sign-GEMV extension (kernels/cpu/sign_gemv.cpp) at first use.
+"""Build and load the CPU kernels extension (kernels/cpu/*.cpp) at first use.
+
+One module holds the segmented 1-bit delta matmul (sign_gemv.cpp) and the paged decode
+attention (paged_attention.cpp); bindings.cpp declares both to Python.
 
 The build goes through torch.utils.cpp_extension (needs a C++ compiler and
 ninja) into a cache directory outside the repository, keyed by the hash of the
@@ -24,7 +27,8 @@ import torch
 
 log = logging.getLogger(__name__)
 
-SOURCE = Path(__file__).parent / "cpu" / "sign_gemv.cpp"
+_CPU_DIR = Path(__file__).parent / "cpu"
+SOURCES = tuple(_CPU_DIR / f for f in ("bindings.cpp", "sign_gemv.cpp", "paged_attention.cpp"))
 
 # instruction-set levels understood by the extension's `isa_cap` argument
 ISA_SCALAR, ISA_AVX2, ISA_AVX512 = 0, 1, 2
@@ -58,7 +62,7 @@ def cache_root() -> Path:
 
 
 def _build_key() -> str:
-    digest = hashlib.sha256(SOURCE.read_bytes())
+    digest = hashlib.sha256(b"".join(src.read_bytes() for src in SOURCES))
     # the library links against this torch and this Python's ABI
     digest.update(f"{torch.__version__}|{sys.implementation.cache_tag}|{platform.machine()}".encode())
     return digest.hexdigest()[:16]
@@ -70,12 +74,12 @@ def load_cpu_extension() -> ModuleType | None:
     from torch.utils import cpp_extension
 
     key = _build_key()
-    build_dir = cache_root() / f"sign_gemv_{key}"
+    build_dir = cache_root() / f"cpu_kernels_{key}"
     try:
         build_dir.mkdir(parents=True, exist_ok=True)
         return cpp_extension.load(
-            name=f"deltaserve_sign_gemv_{key}",
-            sources=[str(SOURCE)],
+            name=f"deltaserve_cpu_kernels_{key}",
+            sources=[str(src) for src in SOURCES],
             extra_cflags=["-O3", "-fopenmp"],
             extra_ldflags=["-fopenmp"],
             build_directory=str(build_dir),
@@ -83,7 +87,7 @@ def load_cpu_extension() -> ModuleType | None:
         )
     except Exception as exc:  # compiler, ninja or loader missing: any failure means "no fast path"
         log.warning(
-            "CPU 1-bit delta kernel unavailable (%s: %s); using the slower plain-torch reference",
+            "CPU kernels unavailable (%s: %s); using the slower plain-torch references",
             type(exc).__name__,
             str(exc).splitlines()[0] if str(exc) else "",
         )

@@ -3,7 +3,8 @@
 The cache of one layer is k_cache, v_cache: [num_blocks * block_size, kv_heads, head_dim]
 (flat rows; row = block * block_size + offset). New keys/values are scattered into it at
 `slot_mapping`; prefills attend per sequence, all single-token (decode) sequences of the
-step attend in one batched SDPA call over their gathered rows with a length mask.
+step attend in one call over the paged cache (kernels/attention.py: the CPU kernel reads
+keys and values in place, other devices gather and run SDPA).
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 import torch
 from torch.nn import functional as F
 
+from deltaserve.kernels.attention import paged_decode_attention
 from deltaserve.layers.forward_batch import ForwardBatch
 
 
@@ -26,6 +28,11 @@ def paged_attention(
     """Write k/v into the cache, attend, return [T, Hq, D]."""
     k_cache.index_copy_(0, batch.slot_mapping, k)
     v_cache.index_copy_(0, batch.slot_mapping, v)
+    d = batch.decode
+    if d is not None and not batch.prefills:  # a decode-only step: token i is sequence i
+        return paged_decode_attention(
+            q, k_cache, v_cache, d.block_tables, d.ctx_lens, d.max_len, d.block_size, scale, d.window
+        )
     out = torch.empty_like(q)
     for p in batch.prefills:
         rows = slice(p.start, p.start + p.q_len)
@@ -39,11 +46,10 @@ def paged_attention(
             qs, ks, vs, attn_mask=p.mask, is_causal=p.mask is None, scale=scale, enable_gqa=True
         )
         out[rows] = o.transpose(0, 1)
-    d = batch.decode
     if d is not None:
-        qd = q[d.token_index].unsqueeze(2)  # [B, Hq, 1, D]
-        kd = k_cache[d.kv_index].transpose(1, 2)  # [B, Hkv, L, D]
-        vd = v_cache[d.kv_index].transpose(1, 2)
-        o = F.scaled_dot_product_attention(qd, kd, vd, attn_mask=d.mask, scale=scale, enable_gqa=True)
-        out[d.token_index] = o.squeeze(2)
+        o = paged_decode_attention(
+            q[d.token_index], k_cache, v_cache, d.block_tables, d.ctx_lens, d.max_len, d.block_size, scale,
+            d.window,
+        )
+        out[d.token_index] = o
     return out

@@ -30,15 +30,20 @@ class PrefillAttention:
 
 @dataclass(frozen=True)
 class DecodeAttention:
-    """All single-token sequences of the step, attended in ONE batched call.
+    """All single-token sequences of the step, attended in ONE batched call over the paged cache.
 
-    token_index: int64 [B] rows of the batch; kv_index: int64 [B, L] flat KV rows
-    (padding points at row 0); mask: bool [B, 1, 1, L] (True = attend).
+    token_index: int64 [B] rows of the batch; block_tables: int32 [B, max_blocks] (ragged
+    tables padded with the never-allocated zero block); ctx_lens: int32 [B] keys per sequence
+    (the current token included); max_len: max(ctx_lens) on the host; block_size: KV rows
+    per block; window: sliding-window length (0 = none).
     """
 
     token_index: torch.Tensor
-    kv_index: torch.Tensor
-    mask: torch.Tensor
+    block_tables: torch.Tensor
+    ctx_lens: torch.Tensor
+    max_len: int
+    block_size: int
+    window: int
 
 
 @dataclass(frozen=True)

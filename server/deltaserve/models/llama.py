@@ -90,10 +90,10 @@ class DecoderLayer(nn.Module):
         t = h.shape[0]
         x = self.input_layernorm(h, dg)
         qkv = self.qkv_proj(x, sg, dg)  # [T, q + 2 kv]
-        q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
-        q = apply_rotary(q.view(t, self.num_heads, self.head_dim), cos, sin)
-        k = apply_rotary(k.view(t, self.num_kv_heads, self.head_dim), cos, sin)
-        v = v.view(t, self.num_kv_heads, self.head_dim)
+        # rotate q and k heads in one pass: [T, Hq + Hkv, D]
+        qk = apply_rotary(qkv[:, : self.q_size + self.kv_size].view(t, -1, self.head_dim), cos, sin)
+        q, k = qk.split([self.num_heads, self.num_kv_heads], dim=1)
+        v = qkv[:, self.q_size + self.kv_size :].view(t, self.num_kv_heads, self.head_dim)
         a = paged_attention(q, k, v, k_cache, v_cache, batch, self.scale)
         h = h + self.o_proj(a.reshape(t, self.q_size), sg, dg)
         x = self.post_attention_layernorm(h, dg)

@@ -16,7 +16,6 @@
 // Work is split over output rows with OpenMP (at::parallel_for).
 
 #include <ATen/ATen.h>
-#include <torch/csrc/utils/pybind.h>
 #include <ATen/Parallel.h>
 #include <immintrin.h>
 
@@ -327,8 +326,3 @@ void sign_delta_matmul(const at::Tensor& x, at::Tensor& y, const at::Tensor& pac
 }
 
 int64_t best_isa() { return static_cast<int64_t>(detect_isa()); }
-
-PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("sign_delta_matmul", &sign_delta_matmul, "segmented 1-bit delta matmul (in place on y)");
-  m.def("best_isa", &best_isa, "0 = scalar, 1 = AVX2, 2 = AVX-512 (what this CPU supports)");
-}
