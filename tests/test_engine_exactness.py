@@ -20,15 +20,19 @@ from tiny_models import ARCHES, make_finetune
 NEW = 8
 
 
-@pytest.mark.parametrize("arch", ARCHES)
-def test_mixed_tenants_equal_merged_checkpoints(arch, tiny_dir, tmp_path):
+CASES = [(arch, "auto") for arch in ARCHES] + [("qwen2", "torch"), ("llama-tied", "torch")]
+
+
+@pytest.mark.parametrize(("arch", "backend"), CASES)
+def test_mixed_tenants_equal_merged_checkpoints(arch, backend, tiny_dir, tmp_path):
+    # backend "auto" is oneDNN with prepacked weights on x86 CPUs, "torch" plain F.linear
     base, ft_a = tiny_dir(arch, dense=arch == "llama-tied")
     ft_b = make_finetune(base, tmp_path / "ft-b", seed=7, scale=0.03)
     tenants = {
         "a": make_delta(base, ft_a, tmp_path / "a.delta"),
         "b": make_delta(base, ft_b, tmp_path / "b.delta"),
     }
-    eng = engine(base, max_num_batched_tokens=24)
+    eng = engine(base, max_num_batched_tokens=24, linear_backend=backend)
     for name, path in tenants.items():
         eng.load_delta(name, load_delta(base, path))
     prompts = random_prompts([5, 11, 3, 17, 7, 1], seed=3)

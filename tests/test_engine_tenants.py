@@ -140,9 +140,14 @@ def test_request_validation_errors(tiny_dir):
     assert eng.stats().num_waiting == 2
 
 
-def test_swap_base_weights_runs_the_other_checkpoint(tiny_dir):
-    base, ft = tiny_dir("mistral")
-    eng = engine(base)
+@pytest.mark.parametrize(
+    ("arch", "backend"), [("mistral", "onednn"), ("qwen2", "onednn"), ("qwen2", "torch")]
+)
+def test_swap_base_weights_runs_the_other_checkpoint(tiny_dir, arch, backend):
+    # fused qkv / gate_up base weights (qwen2: with q/k/v biases) are re-packed from the
+    # other checkpoint's per-module tensors, on both linear backends
+    base, ft = tiny_dir(arch)
+    eng = engine(base, linear_backend=backend)
     prompts = random_prompts([5, 9], seed=2)
     eng.add_request(GenerationRequest("busy", tuple(prompts[0]), greedy(3)))
     eng.step()
@@ -158,7 +163,7 @@ def test_swap_base_weights_runs_the_other_checkpoint(tiny_dir):
 
 @pytest.mark.parametrize("bad", [
     {"dtype": "int4"}, {"block_size": 0}, {"base_quant": "fp8"}, {"tenant_slots": 0},
-    {"num_kv_blocks": 4, "kv_cache_bytes": 1 << 20}, {"max_model_len": -1},
+    {"num_kv_blocks": 4, "kv_cache_bytes": 1 << 20}, {"max_model_len": -1}, {"linear_backend": "mkl"},
 ])
 def test_engine_config_validation(bad, tmp_path):
     from deltaserve.engine.config import EngineConfig

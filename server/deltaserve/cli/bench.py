@@ -1,4 +1,4 @@
-"""`deltaserve bench kernel|serve|step|peer`: benchmarks that print human tables or JSON."""
+"""`deltaserve bench kernel|serve|step|peer|ops`: benchmarks that print human tables or JSON."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ SUITES = {
     "serve": "deltaserve.bench.serve",
     "step": "deltaserve.bench.step",
     "peer": "deltaserve.bench.peer",
+    "ops": "deltaserve.bench.ops",
 }
 
 

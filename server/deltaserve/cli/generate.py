@@ -28,7 +28,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "temperature, top_k, top_p, seed, stop, ...",
     )
     parser.add_argument("--json", action="store_true", help="one JSON line per prompt (input order)")
-    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    parser.add_argument(
+        "--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+        help="compute dtype (auto: bfloat16 on CUDA and AVX-512-BF16/AMX CPUs, else float32)",
+    )
+    parser.add_argument("--linear-backend", default="auto", choices=["auto", "torch", "onednn"])
     parser.add_argument("--device", default="cpu")
     parser.add_argument(
         "--tenant-slots", type=int, default=None, help="tenant deltas resident at once (default: enough)"
@@ -56,7 +60,7 @@ def run(args: argparse.Namespace) -> int:
     if len(set(names)) != len(names):
         raise InvalidArgumentError("each --delta tenant name must be unique")
     config = EngineConfig(
-        model=args.base, device=args.device, dtype=args.dtype,
+        model=args.base, device=args.device, dtype=args.dtype, linear_backend=args.linear_backend,
         tenant_slots=args.tenant_slots or max(1, len(names)), max_running=args.max_running,
         max_num_batched_tokens=args.max_batched_tokens,
         base_quant=args.base_quant, max_waiting=1 << 30,

@@ -21,7 +21,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-metrics", action="store_true", help="do not serve /metrics")
     parser.add_argument("--mode", choices=("deltas", "swap"), help="serving mode (default deltas)")
     parser.add_argument("--device", help="torch device (default cpu)")
-    parser.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), help="compute dtype")
+    parser.add_argument(
+        "--dtype", choices=("auto", "float32", "bfloat16", "float16"),
+        help="compute dtype (default auto: bfloat16 on CUDA and on CPUs with AVX-512-BF16/AMX, else float32)",
+    )
+    parser.add_argument(
+        "--linear-backend", choices=("auto", "torch", "onednn"),
+        help="base projections (default auto: oneDNN with prepacked weights on the CPU)",
+    )
+    parser.add_argument(
+        "--threads", type=int,
+        help="CPU compute threads (default 0: chosen online between 1 and all cores by measured step times)",
+    )
     parser.add_argument("--keys", type=Path, help="API keys file (see deltaserve.service.auth)")
     parser.add_argument("--max-running", type=int, help="requests decoded together at most")
     parser.add_argument("--max-queue", type=int, help="requests held at most before RESOURCE_EXHAUSTED")
@@ -63,6 +74,8 @@ def run(args: argparse.Namespace) -> int:
         mode=args.mode,
         device=args.device,
         dtype=args.dtype,
+        linear_backend=args.linear_backend,
+        threads=args.threads,
         keys=args.keys,
         max_running=args.max_running,
         max_queue=args.max_queue,

@@ -38,6 +38,9 @@ class EngineConfig:
     dtype: a name of DTYPES, or "auto" (resolved on construction, see resolve_dtype).
     linear_backend: base projections through "torch" (F.linear), "onednn" (prepacked weights,
     CPU) or "auto" (oneDNN where it runs the dtype, see layers.quant.resolve_linear_backend).
+    threads: torch intra-op threads on the CPU; 0 = chosen online between 1 and torch's default
+    by measured step times (engine/threads.py), so a CPU shared with busy processes does not
+    stall the engine at every thread barrier.
     """
 
     model: Path
@@ -53,6 +56,7 @@ class EngineConfig:
     max_waiting: int = 1024
     base_quant: str = "none"
     linear_backend: str = "auto"
+    threads: int = 0
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "model", Path(self.model))
@@ -61,6 +65,8 @@ class EngineConfig:
                 f"dtype must be one of {', '.join(DTYPE_CHOICES)}, got {self.dtype!r}"
             )
         object.__setattr__(self, "dtype", resolve_dtype(self.dtype, self.device))
+        if self.threads < 0:
+            raise InvalidArgumentError("threads must be >= 0 (0 = chosen by measurement)")
         if self.linear_backend not in LINEAR_BACKENDS:
             raise InvalidArgumentError(
                 f"linear_backend must be one of {', '.join(LINEAR_BACKENDS)}, got {self.linear_backend!r}"

@@ -22,6 +22,7 @@ from deltaserve.engine.scheduler import Scheduler, SchedulerPolicy
 from deltaserve.engine.sequence import Sequence
 from deltaserve.engine.slots import DeltaSlots
 from deltaserve.engine.stats import EngineStats, StepTimes
+from deltaserve.engine.threads import ThreadTuner
 from deltaserve.engine.types import FinishReason, GenerationRequest, RequestOutput
 from deltaserve.errors import (
     DeltaServeError,
@@ -32,6 +33,7 @@ from deltaserve.errors import (
     RequestInternalError,
     ResourceExhaustedError,
 )
+from deltaserve.kernels import fused
 from deltaserve.models.checkpoint import load_state_dict, read_config_dict
 from deltaserve.models.llama import LlamaFamilyModel
 from deltaserve.models.registry import arch_spec, sliding_window
@@ -51,6 +53,17 @@ def _eos_ids(model_dir: Path, hf_config) -> frozenset[int]:
     if ids is None:
         return frozenset()
     return frozenset([ids] if isinstance(ids, int) else ids)
+
+
+def _thread_tuner(config: EngineConfig, device: torch.device) -> ThreadTuner | None:
+    """Fixed threads when configured, else (CPU with several threads) the online tuner."""
+    if device.type != "cpu":
+        return None
+    if config.threads:
+        torch.set_num_threads(config.threads)
+        return None
+    most = torch.get_num_threads()
+    return ThreadTuner((1, most)) if most > 1 else None
 
 
 class LLMEngine:
@@ -95,6 +108,7 @@ class LLMEngine:
         self._preemptions = 0
         self._failed = 0  # requests failed alone for a per-request cause
         self.last_step_times = StepTimes(0.0, 0.0, 0.0, 0.0)
+        self.threads = _thread_tuner(config, self.device)
 
     # ---- tenants ----
 
@@ -157,6 +171,9 @@ class LLMEngine:
             seed = sp.seed if sp.seed is not None else secrets.randbits(63)
             gen = torch.Generator(device="cpu").manual_seed(seed)
         seq = Sequence(req, IncrementalDetokenizer(self.tokenizer, sp.stop), gen)
+        if seq.delta_key is not None:  # resident (checked above) and pinned while the request lives
+            entry = self.slots.slot_of(seq.delta_key)
+            seq.slot, seq.sign_slot = entry.slot, entry.has_sign
         self.requests[req.request_id] = seq
         self.scheduler.add(seq)
 
@@ -218,10 +235,15 @@ class LLMEngine:
             return []
         t1 = time.perf_counter()
         batch, sampled = self.runner.build(sched.scheduled)
+        if self.threads is not None:
+            self.threads.before_step()
         t2 = time.perf_counter()
         logits = self.runner.forward(batch)
         logits = logits.cpu()  # sampling runs on the host with per-request CPU generators
         t3 = time.perf_counter()
+        if self.threads is not None:
+            decode_only = batch.decode is not None and not batch.prefills
+            self.threads.after_step(t3 - t2, batch.num_tokens, decode_only)
         outputs = self._finish_step(sched.scheduled, sampled, logits)
         t4 = time.perf_counter()
         self.last_step_times = StepTimes(t1 - t0, t2 - t1, t3 - t2, t4 - t3)
@@ -240,12 +262,11 @@ class LLMEngine:
             tenants.add((seq.delta_key, seq.alpha if seq.delta_key else 0.0))
         self._last = (sum(n for _, n in scheduled), len(scheduled), len(tenants))
         outputs = []
-        # The finiteness check from the row maxima (amax propagates NaN and +inf; a -inf logit
-        # is a legal "never this token"), every plain greedy row's token from numpy's argmax
-        # (first maximal index, as torch.argmax): on the CPU both are vectorised, while
-        # torch's max-with-indices over [64, 49152] takes ~4 ms against ~1.2 ms for the two.
-        finite = torch.isfinite(logits.amax(dim=-1)).tolist()
-        argmax = logits.numpy().argmax(axis=-1).tolist()
+        # Every row's greedy token (first maximal index, as torch.argmax) and whether it is free
+        # of NaN / +inf (a -inf logit is a legal "never this token") in one pass over the logits
+        # (a CPU kernel: ~0.3 ms over [64, 49152] against ~1.2 ms for amax + numpy's argmax).
+        argmax_t, finite_t = fused.greedy_rows(logits)
+        argmax, finite = argmax_t.tolist(), finite_t.tolist()
         for row, seq in enumerate(sampled):
             try:
                 if not finite[row]:

@@ -61,11 +61,11 @@ class ModelRunner:
             mask &= k_pos[None, :] > q_pos[:, None] - self.window
         return mask
 
-    def _order(self, scheduled: list[tuple[Sequence, int]]) -> list[tuple[tuple[int, float], list]]:
+    @staticmethod
+    def _order(scheduled: list[tuple[Sequence, int]]) -> list[tuple[tuple[int, float], list]]:
         groups: dict[tuple[int, float], list[tuple[Sequence, int]]] = {}
         for seq, n in scheduled:
-            key_tenant = seq.delta_key
-            key = (-1, 0.0) if key_tenant is None else (self.slots.slot_of(key_tenant).slot, seq.alpha)
+            key = (-1, 0.0) if seq.slot < 0 else (seq.slot, seq.alpha)
             groups.setdefault(key, []).append((seq, n))
         return sorted(groups.items(), key=lambda kv: kv[0][0] >= 0)  # base group first, stable otherwise
 
@@ -107,7 +107,7 @@ class ModelRunner:
             if slot >= 0:
                 seg = (g_start, len(ids) - g_start, slot, alpha)
                 delta_seg.append(seg)
-                if self.slots.has_sign(slot):
+                if members[0][0].sign_slot:
                     sign_seg.append(seg)
                 if len(logits_rows) > g_logits:
                     logit_seg.append((g_logits, len(logits_rows) - g_logits, slot, alpha))

@@ -30,6 +30,8 @@ class Sequence:
     finish_reason: FinishReason | None = None
     pending_logprobs: list[TokenLogprob] = field(default_factory=list)
     num_preemptions: int = 0
+    slot: int = -1  # the delta slot of delta_key, resolved once at admission (-1: base only)
+    sign_slot: bool = False  # whether that slot holds 1-bit deltas (its segment goes to the kernel)
 
     def __post_init__(self) -> None:
         if not self.tokens:

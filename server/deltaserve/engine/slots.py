@@ -1,9 +1,10 @@
 """Compute-resident tenant deltas, one slot each, installed into the model's layers.
 
 Memory kept per resident tenant: its 1-bit rows in every layer's stacked buffer
-(packed int32 [N, K/32] + one fp32 scale; stacks hold max(sign slot)+1 rows and shrink
-on unload), its dense / low-rank linear deltas and its dense parts (embedding, lm_head,
-norms, biases) converted to the compute dtype. Nothing is merged into base weights.
+(packed int32 [N, K/32] + one fp32 scale; stacks hold max(sign slot)+1 rows rounded up
+to a chunk of SIGN_CHUNK, grown on load and shrunk on unload only across chunk boundaries),
+its dense / low-rank linear deltas and its dense parts (embedding, lm_head, norms, biases)
+converted to the compute dtype. Nothing is merged into base weights.
 """
 
 from __future__ import annotations
@@ -24,6 +25,9 @@ class SlotEntry:
     nbytes: int
 
 
+SIGN_CHUNK = 4  # stacked 1-bit buffers grow and shrink in steps of this many slots
+
+
 class DeltaSlots:
     def __init__(self, model: LlamaFamilyModel, capacity: int, dtype: torch.dtype, device: torch.device):
         self.model = model
@@ -39,10 +43,6 @@ class DeltaSlots:
         if entry is None:
             raise NotFoundError(f"tenant {tenant!r} is not resident")
         return entry
-
-    def has_sign(self, slot: int) -> bool:
-        """Whether the tenant in `slot` holds 1-bit deltas (its segments go to the sign kernel)."""
-        return any(e.slot == slot and e.has_sign for e in self.entries.values())
 
     def _dense_target(self, name: str, t: torch.Tensor) -> tuple[dict, torch.Tensor]:
         """The per-slot dict and base tensor a dense delta named `name` applies to."""
@@ -74,7 +74,11 @@ class DeltaSlots:
                 )
 
     def _sign_capacity(self) -> int:
-        return max((e.slot + 1 for e in self.entries.values() if e.has_sign), default=0)
+        """Rows the stacked 1-bit buffers need: the highest signed slot + 1, rounded up to a
+        chunk of SIGN_CHUNK slots (capped at the slot count), so loads and unloads re-copy every
+        layer's stacks only when they cross a chunk boundary; 0 frees them."""
+        need = max((e.slot + 1 for e in self.entries.values() if e.has_sign), default=0)
+        return 0 if need == 0 else min(self.capacity, -(-need // SIGN_CHUNK) * SIGN_CHUNK)
 
     def _resize(self, capacity: int, newly_signed: set[str]) -> None:
         for name, lin in self.linears.items():
@@ -93,7 +97,8 @@ class DeltaSlots:
         signed = {n for n, d in delta.linears.items() if isinstance(d, SignDelta)}
         entry = SlotEntry(slot, bool(signed), 0)
         if signed:
-            self._resize(max(self._sign_capacity(), slot + 1), signed)
+            need = min(self.capacity, -(-(slot + 1) // SIGN_CHUNK) * SIGN_CHUNK)
+            self._resize(max(self._sign_capacity(), need), signed)
         nbytes = 0
         for name, d in delta.linears.items():
             self.linears[name].set_delta(slot, d, self.dtype, self.device)

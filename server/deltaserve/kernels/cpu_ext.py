@@ -28,7 +28,9 @@ import torch
 log = logging.getLogger(__name__)
 
 _CPU_DIR = Path(__file__).parent / "cpu"
-SOURCES = tuple(_CPU_DIR / f for f in ("bindings.cpp", "sign_gemv.cpp", "paged_attention.cpp"))
+SOURCES = tuple(
+    _CPU_DIR / f for f in ("bindings.cpp", "sign_gemv.cpp", "paged_attention.cpp", "fused_ops.cpp")
+)
 
 # instruction-set levels understood by the extension's `isa_cap` argument
 ISA_SCALAR, ISA_AVX2, ISA_AVX512 = 0, 1, 2

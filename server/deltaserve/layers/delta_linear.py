@@ -6,7 +6,7 @@ and down_proj are fusions of one). Each HF module keeps its own DeltaLinear, the
 module's tenant slots, which adds its deltas into its column range of the fused output:
 
     y = x @ W_base^T + b                                   (all T tokens, all parts at once)
-    y[seg] += alpha * scale_t * x[seg] @ Sign_t^T          (1-bit slots: one kernel call per layer)
+    y[seg] += alpha * scale_t * x[seg] @ Sign_t^T          (1-bit slots: one kernel call per module)
     y[seg] += alpha * x[seg] @ D_t^T  or  alpha * (x[seg] @ A_t^T) @ B_t^T   (dense / low-rank slots)
     y[seg] += alpha * db_t                                 (bias deltas)
 

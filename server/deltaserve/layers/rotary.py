@@ -1,4 +1,7 @@
-"""Rotary position embedding (RoPE), frequencies from transformers' rope utilities."""
+"""Rotary position embedding (RoPE), frequencies from transformers' rope utilities.
+
+The rotation itself is kernels.fused.rotary (a CPU kernel, or the plain-torch reference).
+"""
 
 from __future__ import annotations
 
@@ -12,7 +15,7 @@ def _default_inv_freq(theta: float, dim: int) -> torch.Tensor:
 
 
 class RotaryEmbedding(nn.Module):
-    """cos/sin tables from a HF config; `apply` rotates q/k of shape [T, heads, head_dim]."""
+    """cos/sin tables from a HF config for the positions of a batch."""
 
     def __init__(self, config, head_dim: int) -> None:
         super().__init__()
@@ -28,19 +31,9 @@ class RotaryEmbedding(nn.Module):
         self.scaling = float(scaling)
 
     def cos_sin(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """positions: int64 [T] -> cos, sin: [T, 1, head_dim] (computed in fp32 as transformers does)."""
+        """positions: int64 [T] -> cos, sin: [T, head_dim] (computed in fp32 as transformers does)."""
         freqs = positions[:, None].float() * self.inv_freq[None, :].float()
         emb = torch.cat((freqs, freqs), dim=-1)
-        cos = (emb.cos() * self.scaling).to(dtype)[:, None, :]
-        sin = (emb.sin() * self.scaling).to(dtype)[:, None, :]
+        cos = (emb.cos() * self.scaling).to(dtype)
+        sin = (emb.sin() * self.scaling).to(dtype)
         return cos, sin
-
-
-def rotate_half(x: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-
-
-def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x: [T, heads, head_dim]."""
-    return x * cos + rotate_half(x) * sin

@@ -8,16 +8,16 @@ from __future__ import annotations
 
 import torch
 from torch import nn
-from torch.nn import functional as F
 
 from deltaserve.errors import InvalidArgumentError
+from deltaserve.kernels import fused
 from deltaserve.layers.attention import paged_attention
 from deltaserve.layers.delta_linear import DeltaLinear, FusedLinear
 from deltaserve.layers.embedding import DeltaEmbedding, DeltaLMHead
 from deltaserve.layers.forward_batch import ForwardBatch
 from deltaserve.layers.norm import DeltaRMSNorm
 from deltaserve.layers.quant import make_base_linear, resolve_linear_backend
-from deltaserve.layers.rotary import RotaryEmbedding, apply_rotary
+from deltaserve.layers.rotary import RotaryEmbedding
 
 
 class _Weights:
@@ -91,14 +91,14 @@ class DecoderLayer(nn.Module):
         x = self.input_layernorm(h, dg)
         qkv = self.qkv_proj(x, sg, dg)  # [T, q + 2 kv]
         # rotate q and k heads in one pass: [T, Hq + Hkv, D]
-        qk = apply_rotary(qkv[:, : self.q_size + self.kv_size].view(t, -1, self.head_dim), cos, sin)
+        qk = fused.rotary(qkv[:, : self.q_size + self.kv_size].view(t, -1, self.head_dim), cos, sin)
         q, k = qk.split([self.num_heads, self.num_kv_heads], dim=1)
         v = qkv[:, self.q_size + self.kv_size :].view(t, self.num_kv_heads, self.head_dim)
         a = paged_attention(q, k, v, k_cache, v_cache, batch, self.scale)
         h = h + self.o_proj(a.reshape(t, self.q_size), sg, dg)
         x = self.post_attention_layernorm(h, dg)
         gate_up = self.gate_up_proj(x, sg, dg)  # [T, 2 inter]
-        m = F.silu(gate_up[:, : self.inter]) * gate_up[:, self.inter :]
+        m = fused.silu_and_mul(gate_up)
         return h + self.down_proj(m, sg, dg)
 
 

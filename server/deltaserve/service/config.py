@@ -16,7 +16,8 @@ from typing import Any
 from deltaserve.errors import InvalidArgumentError
 
 MODES = ("deltas", "swap")
-DTYPES = ("float32", "bfloat16", "float16")
+DTYPES = ("auto", "float32", "bfloat16", "float16")  # auto: per host (engine.config)
+LINEAR_BACKENDS = ("auto", "torch", "onednn")
 LOOPBACK = "127.0.0.1"
 _SECTIONS = ("server", "cache", "limits", "engine", "metrics", "auth")
 _UNITS = {
@@ -69,7 +70,9 @@ class ServerConfig:
     metrics_port: int | None = 9400
     mode: str = "deltas"
     device: str = "cpu"
-    dtype: str = "float32"
+    dtype: str = "auto"
+    linear_backend: str = "auto"  # base projections: oneDNN prepacked (CPU) or F.linear
+    threads: int = 0  # CPU intra-op threads; 0 = chosen online by measured step times
     keys: Path | None = None
     # scheduler / engine
     max_running: int = 16  # requests decoded together (the batch)
@@ -97,6 +100,11 @@ class ServerConfig:
 
         req(self.mode in MODES, f"mode must be one of {', '.join(MODES)}, got {self.mode!r}")
         req(self.dtype in DTYPES, f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
+        req(self.threads >= 0, f"threads must be >= 0 (0 = chosen by measurement), got {self.threads}")
+        req(
+            self.linear_backend in LINEAR_BACKENDS,
+            f"linear_backend must be one of {', '.join(LINEAR_BACKENDS)}, got {self.linear_backend!r}",
+        )
         req(0 <= self.port <= 65535, f"port must be in [0, 65535], got {self.port}")
         req(
             self.metrics_port is None or 0 <= self.metrics_port <= 65535,

@@ -30,6 +30,7 @@ from grpc_health.v1 import health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from deltaserve.engine.async_engine import AsyncEngine
+from deltaserve.engine.config import resolve_dtype
 from deltaserve.errors import FailedPreconditionError, InvalidArgumentError, NotFoundError
 from deltaserve.service.auth import Authenticator
 from deltaserve.service.cache import CacheConfig, DeltaCache, DeltaSource, Tier
@@ -100,6 +101,8 @@ def make_engine(config: ServerConfig) -> AsyncEngine:
         model=config.base,
         device=config.device,
         dtype=config.dtype,
+        linear_backend=config.linear_backend,
+        threads=config.threads,
         max_running=config.max_running,
         tenant_slots=config.max_device_tenants or 8,
         max_waiting=config.max_queue,
@@ -222,6 +225,7 @@ async def start_server(
     await engine.start()
     max_tenants = min(config.max_device_tenants or engine.slot_capacity, engine.slot_capacity)
     max_len = int(engine.max_model_len)
+    dtype = resolve_dtype(config.dtype, config.device)  # what the engine computes in
     facts = ServerFacts(
         base_model=str(config.base),
         architecture=base.architecture,
@@ -229,7 +233,7 @@ async def start_server(
         codecs=_codecs(),
         version=__version__,
         device=config.device,
-        dtype=config.dtype,
+        dtype=dtype,
         max_prompt_tokens=min(config.max_prompt_tokens, max_len - 1),
         max_new_tokens=config.max_new_tokens,
         max_context_tokens=max_len,
@@ -240,7 +244,7 @@ async def start_server(
     cache = DeltaCache(
         CacheConfig(config.deltas, config.device_cache_bytes, config.host_cache_bytes, max_tenants),
         engine,
-        source or file_source(base, config.dtype),
+        source or file_source(base, dtype),
         metrics,
     )
     limits = RequestLimits(config.max_prompt_tokens, config.max_new_tokens, config.max_queue, max_tenants)

@@ -97,7 +97,7 @@ def run_deltaserve(work: PeerWorkload) -> dict:
     from deltaserve.engine.llm_engine import LLMEngine
     from deltaserve.engine.types import GenerationRequest, SamplingParams
 
-    torch.set_num_threads(work.threads)
+    torch.set_num_threads(work.threads)  # the most the engine's thread tuner may use
     engine = LLMEngine(EngineConfig(
         model=work.model, dtype=work.dtype, max_running=work.batch, max_model_len=work.max_model_len,
         max_num_batched_tokens=max(512, work.batch * len(work.prompts[0])), max_waiting=len(work.prompts),
@@ -124,7 +124,9 @@ def run_deltaserve(work: PeerWorkload) -> dict:
         first = first or outs
     return {
         "rounds": rounds, "outputs": first,
-        "settings": {"torch_threads": torch.get_num_threads(), "linear_backend": engine.model.linear_backend},
+        "settings": {
+            "torch_threads_at_end": torch.get_num_threads(), "linear_backend": engine.model.linear_backend,
+        },
     }
 
 

@@ -1,0 +1,61 @@
+"""`deltaserve bench peer` (deltaserve vs a vLLM driver) and `deltaserve bench ops` (engine ops)."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import stat
+import sys
+
+from deltaserve.cli.main import main
+
+
+def _run(argv):
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        assert main(argv) == 0
+    return json.loads(out.getvalue())
+
+
+def test_peer_alone_reports_rounds(tmp_path):
+    r = _run(["bench", "peer", "--model", "tiny", "--workdir", str(tmp_path), "--requests", "6",
+              "--prompt-len", "5", "--max-new-tokens", "4", "--batch", "4", "--rounds", "2", "--json"])
+    assert r["workload"]["requests"] == 6 and r["workload"]["dtype"] in ("float32", "bfloat16")
+    rounds = r["deltaserve"]["rounds"]
+    assert len(rounds) == 2 and all(x["tokens"] == 24 and x["tok_s"] > 0 for x in rounds)
+    assert "vllm" not in r and "ratio" not in r
+    assert "avx2" in r["machine"]["cpu_flags"] or r["machine"]["cpu_flags"] == []
+
+
+def test_peer_against_a_driver(tmp_path):
+    # a stand-in for vLLM's interpreter that speaks the driver's file protocol and echoes
+    # each prompt's first ids as "generated" tokens (so outputs differ from deltaserve's)
+    fake = tmp_path / "fake-python"
+    fake.write_text(
+        f"#!{sys.executable}\n"
+        "import json, sys\n"
+        "w = json.load(open(sys.argv[2]))\n"
+        "n = w['max_new_tokens']\n"
+        "outs = [p[:n] + [0] * (n - len(p[:n])) for p in w['prompts']]\n"
+        "rounds = [{'seconds': 2.0, 'tokens': n * len(outs), 'tok_s': n * len(outs) / 2.0}] * w['rounds']\n"
+        "json.dump({'rounds': rounds, 'outputs': outs, 'env': {}}, open(sys.argv[3], 'w'))\n"
+    )
+    fake.chmod(fake.stat().st_mode | stat.S_IEXEC)
+    r = _run(["bench", "peer", "--model", "tiny", "--workdir", str(tmp_path), "--requests", "4",
+              "--prompt-len", "6", "--max-new-tokens", "3", "--batch", "2", "--rounds", "1",
+              "--vllm-python", str(fake), "--json"])
+    assert r["vllm"]["median_tok_s"] == 6.0
+    assert abs(r["ratio"] - r["deltaserve"]["median_tok_s"] / 6.0) < 1e-9
+    assert r["identical_outputs"].endswith("/4")
+
+
+def test_bench_ops_reports_linear_and_attention():
+    r = _run(["bench", "ops", "--shapes", "64x32", "--rows", "1,4", "--layers", "2", "--contexts", "16,40",
+              "--batch", "2", "--repeats", "2", "--json"])
+    fp32 = [p for p in r["linear"] if p["dtype"] == "float32"]
+    assert {p["m"] for p in fp32} == {1, 4} and all(p["torch_ms"] > 0 for p in fp32)
+    assert all(p["onednn_ms"] > 0 for p in fp32)  # oneDNN runs fp32 on every x86 CPU
+    assert [p["m"] for p in r["model_projections"]] == [1, 4]
+    assert [p["context"] for p in r["attention"]] == [16, 40]
+    assert all(p["kernel_ms"] > 0 and p["gather_sdpa_ms"] > 0 for p in r["attention"])
