@@ -200,7 +200,7 @@ class LLMEngine:
             finished=seq.finish_reason is not None,
             finish_reason=seq.finish_reason,
             prompt_tokens=seq.prompt_len,
-            completion_tokens=len(seq.output_ids),
+            completion_tokens=seq.num_output,
             logprobs=lps,
             arrival_time=seq.arrival_time,
             first_scheduled_time=seq.first_scheduled_time,
@@ -220,7 +220,7 @@ class LLMEngine:
         if hit:
             seq.finish_reason = FinishReason.STOP
             return text
-        if len(out) >= sp.max_new_tokens or seq.num_tokens >= self.max_model_len:
+        if seq.num_output >= sp.max_new_tokens or seq.num_tokens >= self.max_model_len:
             seq.finish_reason = FinishReason.LENGTH
             text += seq.detok.flush()
         return text
@@ -271,10 +271,14 @@ class LLMEngine:
             try:
                 if not finite[row]:
                     raise NonFiniteLogitsError(
-                        f"the model's logits became non-finite at output token {len(seq.output_ids)} "
+                        f"the model's logits became non-finite at output token {seq.num_output} "
                         f"(alpha {seq.alpha:g}); this request was stopped, others are unaffected"
                     )
-                token, text = self._sample(seq, logits[row], argmax[row])
+                if seq.plain_greedy:
+                    token = argmax[row]
+                    text = self._append(seq, token)
+                else:
+                    token, text = self._sample(seq, logits[row], argmax[row])
             except Exception as exc:  # a per-request cause: fail this request alone
                 outputs.append(self._fail(seq, exc))
                 continue

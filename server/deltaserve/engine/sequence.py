@@ -32,10 +32,14 @@ class Sequence:
     num_preemptions: int = 0
     slot: int = -1  # the delta slot of delta_key, resolved once at admission (-1: base only)
     sign_slot: bool = False  # whether that slot holds 1-bit deltas (its segment goes to the kernel)
+    plain_greedy: bool = field(init=False, default=False)
 
     def __post_init__(self) -> None:
         if not self.tokens:
             self.tokens = list(self.request.prompt_token_ids)
+        sp = self.request.sampling
+        # plain greedy: the batched argmax is the token (no sampling, penalty or logprobs)
+        self.plain_greedy = sp.temperature == 0.0 and sp.repetition_penalty == 1.0 and sp.logprobs == 0
 
     @property
     def request_id(self) -> str:
@@ -56,6 +60,10 @@ class Sequence:
     @property
     def num_tokens(self) -> int:
         return len(self.tokens)
+
+    @property
+    def num_output(self) -> int:
+        return len(self.tokens) - len(self.request.prompt_token_ids)
 
     @property
     def output_ids(self) -> list[int]:

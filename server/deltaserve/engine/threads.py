@@ -5,9 +5,11 @@ the end of every parallel region: a thread descheduled by the OS stalls the rest
 slice, and a decode step has a few hundred such regions. With one of two cores busy, two
 threads measured 5–6× slower per step than one (docs/ENGINE.md); on an idle machine two
 are ~1.6× faster. No static setting is right for both, so the engine measures: it runs on
-the current count, and every `period` steps tries the other candidates for `trial` steps
-each; the count with the lowest median seconds per token over its last trial is kept.
-A trial costs at most `trial` slow steps per candidate every `period` steps.
+the current count, and every `period` decode steps tries the other candidates for `trial`
+steps each; the count with the lowest median seconds per token over its last trial is kept
+(a change needs a margin: noise on a small machine must not flip it).
+A trial that confirms the current count doubles the period (up to `max_period`), one that
+changes it resets the period, so a steady machine pays for a trial rarely.
 """
 
 from __future__ import annotations
@@ -29,12 +31,15 @@ class ThreadTuner:
     """
 
     candidates: tuple[int, ...]
-    period: int = 64
-    trial: int = 4
+    period: int = 32
+    trial: int = 3
+    max_period: int = 512
+    margin: float = 0.15  # another count must be this much faster per token to be switched to
     set_threads: Callable[[int], None] = torch.set_num_threads
     current: int = field(init=False)
     _recent: dict[int, list[float]] = field(init=False, default_factory=dict)
-    _steps: int = field(init=False, default=0)
+    _steps: int = field(init=False, default=0)  # decode steps since the last trial
+    _every: int = field(init=False)  # the current trial period
     _queue: list[int] = field(init=False, default_factory=list)  # trial counts still to run
     _active: int = field(init=False)  # the count running now (current, or one on trial)
 
@@ -43,20 +48,20 @@ class ThreadTuner:
             raise ValueError("thread candidates must be positive")
         self.current = max(self.candidates)
         self._active = self.current
+        self._every = self.period
         self.set_threads(self.current)
 
     def before_step(self) -> None:
-        if self._queue or len(self.candidates) < 2:
+        if self._queue or len(self.candidates) < 2 or self._steps < self._every:
             return
-        self._steps += 1
-        if self._steps % self.period == 0:
-            others = [c for c in self.candidates if c != self.current]
-            self._queue = [c for c in others for _ in range(self.trial)] + [self.current] * self.trial
-            self._switch(self._queue[0])
+        others = [c for c in self.candidates if c != self.current]
+        self._queue = [c for c in others for _ in range(self.trial)] + [self.current] * self.trial
+        self._switch(self._queue[0])
 
     def after_step(self, seconds: float, tokens: int, decode_only: bool) -> None:
         if tokens <= 0 or not decode_only:
             return
+        self._steps += 1
         times = self._recent.setdefault(self._active, [])
         times.append(seconds / tokens)
         del times[: -self.trial]
@@ -66,8 +71,14 @@ class ThreadTuner:
         if self._queue:
             self._switch(self._queue[0])
             return
-        # trial over: keep the count whose last `trial` steps were fastest per token
-        best = min(self.candidates, key=lambda c: statistics.median(self._recent.get(c) or [float("inf")]))
+        # trial over: switch to the fastest count per token only when it beats the current one by
+        # the margin (a 2-core machine's step times are noisy; a wrong switch costs a period)
+        med = {c: statistics.median(self._recent.get(c) or [float("inf")]) for c in self.candidates}
+        best = min(self.candidates, key=med.__getitem__)
+        if med[best] > (1.0 - self.margin) * med[self.current]:
+            best = self.current
+        self._every = self.period if best != self.current else min(2 * self._every, self.max_period)
+        self._steps = 0
         self.current = best
         self._switch(best)
 
