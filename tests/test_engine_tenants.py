@@ -75,6 +75,34 @@ def test_raw_and_lowrank_deltas_equal_their_merges(tiny_dir, tmp_path):
             assert token_ids(outs[f"{tenant}{i}"]) == ref, (tenant, i)
 
 
+def test_sign_stacks_grow_and_shrink_in_chunks(tiny_dir, tmp_path):
+    from deltaserve.engine.slots import SIGN_CHUNK
+
+    base, ft = tiny_dir("llama")
+    delta = load_delta(base, make_delta(base, ft, tmp_path / "d.delta"))
+    eng = engine(base, tenant_slots=3 * SIGN_CHUNK)
+    lin = eng.model.delta_linears()["model.layers.0.mlp.down_proj"]
+    names = [f"t{i}" for i in range(SIGN_CHUNK + 1)]
+    eng.load_delta(names[0], delta)
+    first = lin.packed
+    assert first.shape[0] == SIGN_CHUNK
+    for name in names[1:SIGN_CHUNK]:
+        eng.load_delta(name, delta)
+    assert lin.packed is first  # loads inside the chunk copy nothing
+    eng.load_delta(names[-1], delta)
+    assert lin.packed.shape[0] == 2 * SIGN_CHUNK
+    # a request resolves its slot at admission and keeps it
+    eng.add_request(GenerationRequest("r", (5, 6, 7), greedy(2), tenant=names[-1]))
+    assert eng.requests["r"].slot == SIGN_CHUNK and eng.requests["r"].sign_slot
+    while eng.has_unfinished():
+        eng.step()
+    eng.unload_delta(names[-1])
+    assert lin.packed.shape[0] == SIGN_CHUNK
+    for name in names[:SIGN_CHUNK]:
+        eng.unload_delta(name)
+    assert lin.packed is None
+
+
 def test_slot_lifecycle_and_errors(tiny_dir, tmp_path):
     base, ft = tiny_dir("llama")
     delta = load_delta(base, make_delta(base, ft, tmp_path / "d.delta"))

@@ -102,7 +102,7 @@ class LLMEngine:
         self.blocks = BlockManager(num_blocks, bs)
         self.slots = DeltaSlots(self.model, config.tenant_slots, config.torch_dtype, self.device)
         self.scheduler = Scheduler(self.blocks, config.max_running, config.max_num_batched_tokens, policy)
-        self.runner = ModelRunner(self.model, self.slots, num_blocks, bs, window, self.device)
+        self.runner = ModelRunner(self.model, num_blocks, bs, window, self.device)
         self.requests: dict[str, Sequence] = {}
         self._last = (0, 0, 0)  # tokens, sequences, tenant segments of the last step
         self._preemptions = 0
@@ -264,7 +264,7 @@ class LLMEngine:
         outputs = []
         # Every row's greedy token (first maximal index, as torch.argmax) and whether it is free
         # of NaN / +inf (a -inf logit is a legal "never this token") in one pass over the logits
-        # (a CPU kernel: ~0.3 ms over [64, 49152] against ~1.2 ms for amax + numpy's argmax).
+        # (a CPU kernel at memory speed: ~0.7 ms over [64, 49152] against ~1.2 ms for amax + argmax).
         argmax_t, finite_t = fused.greedy_rows(logits)
         argmax, finite = argmax_t.tolist(), finite_t.tolist()
         for row, seq in enumerate(sampled):

@@ -9,7 +9,6 @@ from __future__ import annotations
 import torch
 
 from deltaserve.engine.sequence import Sequence
-from deltaserve.engine.slots import DeltaSlots
 from deltaserve.kernels.segments import Segments
 from deltaserve.layers.forward_batch import DecodeAttention, ForwardBatch, PrefillAttention
 from deltaserve.models.llama import LlamaFamilyModel
@@ -17,11 +16,10 @@ from deltaserve.models.llama import LlamaFamilyModel
 
 class ModelRunner:
     def __init__(
-        self, model: LlamaFamilyModel, slots: DeltaSlots, num_blocks: int, block_size: int,
+        self, model: LlamaFamilyModel, num_blocks: int, block_size: int,
         sliding_window: int | None, device: torch.device,
     ) -> None:
         self.model = model
-        self.slots = slots
         self.block_size = block_size
         self.window = sliding_window
         self.device = device
