@@ -4,7 +4,7 @@ It is the only engine object the service holds. All engine calls happen on the l
 thread: asyncio callers post commands (add, abort, load/unload delta, stats) that run
 between steps, and outputs come back through loop.call_soon_threadsafe into one
 asyncio.Queue per request. Only the engine's immutable facts (tokenizer, max_model_len,
-slot_capacity) are read directly.
+dtype, slot_capacity) are read directly.
 """
 
 from __future__ import annotations
@@ -48,6 +48,10 @@ class AsyncEngine:
     @property
     def max_model_len(self) -> int:
         return self.engine.max_model_len
+
+    @property
+    def dtype(self) -> str:
+        return self.engine.dtype
 
     @property
     def slot_capacity(self) -> int:

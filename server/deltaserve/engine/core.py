@@ -3,7 +3,7 @@
 LLMEngine implements it, and so does every benchmark baseline (swap, merged, hf);
 AsyncEngine drives any EngineCore from one thread and is the only engine object the
 service holds. Everything here is called on that one thread, except the immutable
-facts (tokenizer, max_model_len, slot_capacity), which are fixed at construction.
+facts (tokenizer, max_model_len, dtype, slot_capacity), which are fixed at construction.
 """
 
 from __future__ import annotations
@@ -28,6 +28,11 @@ class EngineCore(Protocol):
 
     @property
     def max_model_len(self) -> int: ...
+
+    @property
+    def dtype(self) -> str:
+        """The compute dtype's name ("float32", "bfloat16", "float16"; never "auto")."""
+        ...
 
     @property
     def slot_capacity(self) -> int:

@@ -131,6 +131,10 @@ class LLMEngine:
     def slot_capacity(self) -> int:
         return self.config.tenant_slots
 
+    @property
+    def dtype(self) -> str:
+        return self.config.dtype  # resolved by EngineConfig ("auto" never survives construction)
+
     def resident_tenants(self) -> list[str]:
         return sorted(self.slots.entries)
 

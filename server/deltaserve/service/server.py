@@ -30,7 +30,6 @@ from grpc_health.v1 import health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from deltaserve.engine.async_engine import AsyncEngine
-from deltaserve.engine.config import resolve_dtype
 from deltaserve.errors import FailedPreconditionError, InvalidArgumentError, NotFoundError
 from deltaserve.service.auth import Authenticator
 from deltaserve.service.cache import CacheConfig, DeltaCache, DeltaSource, Tier
@@ -225,7 +224,7 @@ async def start_server(
     await engine.start()
     max_tenants = min(config.max_device_tenants or engine.slot_capacity, engine.slot_capacity)
     max_len = int(engine.max_model_len)
-    dtype = resolve_dtype(config.dtype, config.device)  # what the engine computes in
+    dtype = engine.dtype  # the resolved compute dtype ("auto" in the config is the engine's choice)
     facts = ServerFacts(
         base_model=str(config.base),
         architecture=base.architecture,

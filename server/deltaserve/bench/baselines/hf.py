@@ -52,6 +52,7 @@ class HfEngine:
         self.checkpoints = {t: Path(p) for t, p in checkpoints.items()}
         cfg = config or HfConfig()
         self.config = replace(cfg, tenant_slots=max(1, len(self.checkpoints)))
+        self.dtype = self.config.dtype
         base = self.checkpoints[""]
         self.tokenizer = AutoTokenizer.from_pretrained(base)
         hf_config = AutoConfig.from_pretrained(base)

@@ -30,6 +30,7 @@ class MergedEngine:
         self.config = replace(base.config, tenant_slots=max(1, len(self.engines)))
         self.tokenizer = base.tokenizer
         self.max_model_len = min(e.max_model_len for e in self.engines.values())
+        self.dtype = base.dtype
         self.registered: dict[str, str] = {}  # engine key -> tenant
         self._engine_of: dict[str, LLMEngine] = {}
 

@@ -52,6 +52,10 @@ class SwapEngine:
         return self.engine.max_model_len
 
     @property
+    def dtype(self) -> str:
+        return self.engine.dtype
+
+    @property
     def requests(self) -> dict[str, object]:
         """Every unfinished request id (waiting outside or inside the engine)."""
         return {**{r.request_id: r for r in self._pending}, **self.engine.requests}
