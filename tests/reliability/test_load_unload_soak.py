@@ -72,10 +72,10 @@ def _engine_state(srv: ServerThread) -> dict:
     tensors = []
     for lin in slots.linears.values():
         tensors += [t for t in (lin.packed, lin.scales) if t is not None]
-        tensors += list(lin.bias_deltas.values())
+        tensors += list(lin.bias.deltas.values())
         for d in lin.others.values():
             tensors += [t for t in vars(d).values() if isinstance(t, torch.Tensor)]
-    dense = [model.embed_tokens.deltas, model.lm_head.deltas, *(n.deltas for n in slots.norms.values())]
+    dense = [model.embed_tokens.deltas, model.lm_head.deltas, *(n.deltas for n in model.norms().values())]
     for deltas in dense:
         tensors += list(deltas.values())
     return {

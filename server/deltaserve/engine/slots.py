@@ -15,6 +15,7 @@ import torch
 
 from deltaserve.deltas.types import SignDelta, TenantDelta
 from deltaserve.errors import FailedPreconditionError, NotFoundError, ResourceExhaustedError
+from deltaserve.layers.slots import DeltaSlotModule
 from deltaserve.models.llama import LlamaFamilyModel
 
 
@@ -29,13 +30,16 @@ SIGN_CHUNK = 4  # stacked 1-bit buffers grow and shrink in steps of this many sl
 
 
 class DeltaSlots:
+    """The slot allocator: which slot each resident delta key holds, and installing / removing a
+    delta through the model's delta modules (all through the same slot API, layers/slots.py)."""
+
     def __init__(self, model: LlamaFamilyModel, capacity: int, dtype: torch.dtype, device: torch.device):
         self.model = model
         self.capacity = capacity
         self.dtype = dtype
         self.device = device
         self.linears = model.delta_linears()
-        self.norms = model.norms()
+        self.modules = model.delta_modules()
         self.entries: dict[str, SlotEntry] = {}
 
     def slot_of(self, tenant: str) -> SlotEntry:
@@ -44,34 +48,25 @@ class DeltaSlots:
             raise NotFoundError(f"tenant {tenant!r} is not resident")
         return entry
 
-    def _dense_target(self, name: str, t: torch.Tensor) -> tuple[dict, torch.Tensor]:
-        """The per-slot dict and base tensor a dense delta named `name` applies to."""
-        m = self.model
-        if name == "model.embed_tokens.weight":
-            return m.embed_tokens.deltas, m.embed_tokens.weight
-        if name == "lm_head.weight":
-            return m.lm_head.deltas, m.lm_head.weight
-        if name in self.norms:
-            return self.norms[name].deltas, self.norms[name].weight
-        if name.endswith(".bias") and name[: -len(".bias")] in self.linears:
-            lin = self.linears[name[: -len(".bias")]]
-            return lin.bias_deltas, torch.empty(lin.out_features, device="meta")
-        raise FailedPreconditionError(f"delta tensor {name} matches no parameter of the base model")
-
-    def _validate(self, delta: TenantDelta) -> None:
+    def _parts(self, delta: TenantDelta) -> list[tuple[str, object, DeltaSlotModule]]:
+        """(name, part, owning module) of every part of `delta`; FailedPreconditionError for a
+        part that matches nothing in the base or does not fit its module."""
+        parts = []
         for name, d in delta.linears.items():
-            lin = self.linears.get(name)
-            if lin is None:
+            owner = self.linears.get(name)
+            if owner is None:
                 raise FailedPreconditionError(f"delta layer {name} matches no linear layer of the base model")
-            reason = lin.check(d)
+            parts.append((name, d, owner))
+        for name, t in delta.dense.items():
+            owner = self.modules.get(name)
+            if owner is None or name in self.linears:
+                raise FailedPreconditionError(f"delta tensor {name} matches no parameter of the base model")
+            parts.append((name, t, owner))
+        for name, d, owner in parts:
+            reason = owner.check(name, d)
             if reason:
                 raise FailedPreconditionError(reason)
-        for name, t in delta.dense.items():
-            _, base = self._dense_target(name, t)
-            if tuple(t.shape) != tuple(base.shape):
-                raise FailedPreconditionError(
-                    f"delta tensor {name} has shape {tuple(t.shape)}, the base has {tuple(base.shape)}"
-                )
+        return parts
 
     def _sign_capacity(self) -> int:
         """Rows the stacked 1-bit buffers need: the highest signed slot + 1, rounded up to a
@@ -88,38 +83,26 @@ class DeltaSlots:
     def load(self, tenant: str, delta: TenantDelta) -> None:
         if tenant in self.entries:
             raise FailedPreconditionError(f"tenant {tenant!r} is already resident; unload it first")
-        self._validate(delta)
+        parts = self._parts(delta)
         used = {e.slot for e in self.entries.values()}
         free = [s for s in range(self.capacity) if s not in used]
         if not free:
             raise ResourceExhaustedError(f"all {self.capacity} delta slots are taken")
         slot = free[0]
         signed = {n for n, d in delta.linears.items() if isinstance(d, SignDelta)}
-        entry = SlotEntry(slot, bool(signed), 0)
         if signed:
             need = min(self.capacity, -(-(slot + 1) // SIGN_CHUNK) * SIGN_CHUNK)
             self._resize(max(self._sign_capacity(), need), signed)
-        nbytes = 0
-        for name, d in delta.linears.items():
-            self.linears[name].set_delta(slot, d, self.dtype, self.device)
-            nbytes += d.nbytes()
-        for name, t in delta.dense.items():
-            target, _ = self._dense_target(name, t)
-            target[slot] = t.to(device=self.device, dtype=self.dtype)
-            nbytes += t.numel() * target[slot].element_size()
+        nbytes = sum(owner.set_slot(slot, name, d, self.dtype, self.device) for name, d, owner in parts)
         m = self.model
         if m.tied and "lm_head.weight" not in delta.dense and slot in m.embed_tokens.deltas:
-            m.lm_head.deltas[slot] = m.embed_tokens.deltas[slot]  # tied: same tensor, no extra memory
-        self.entries[tenant] = SlotEntry(slot, entry.has_sign, nbytes)
+            # tied: the lm_head applies the embedding's delta tensor itself (no extra memory)
+            m.lm_head.set_slot(slot, "lm_head.weight", m.embed_tokens.deltas[slot], self.dtype, self.device)
+        self.entries[tenant] = SlotEntry(slot, bool(signed), nbytes)
 
     def unload(self, tenant: str) -> None:
-        entry = self.slot_of(tenant)
-        slot = entry.slot
-        for lin in self.linears.values():
-            lin.clear_slot(slot)
-        m = self.model
-        for deltas in (m.embed_tokens.deltas, m.lm_head.deltas, *(n.deltas for n in self.norms.values())):
-            deltas.pop(slot, None)
+        slot = self.slot_of(tenant).slot
+        for owner in {id(o): o for o in self.modules.values()}.values():
+            owner.clear_slot(slot)
         del self.entries[tenant]
-        capacity = self._sign_capacity()
-        self._resize(capacity, set())
+        self._resize(self._sign_capacity(), set())

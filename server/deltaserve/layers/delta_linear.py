@@ -26,6 +26,7 @@ from deltaserve.deltas.types import DenseDelta, LinearDelta, LowRankDelta, SignD
 from deltaserve.kernels.ops import sign_delta_matmul
 from deltaserve.kernels.segments import Segments
 from deltaserve.layers.quant import set_base_weight
+from deltaserve.layers.slots import DenseSlots
 
 
 class FusedLinear(nn.Module):
@@ -70,7 +71,8 @@ class DeltaLinear(nn.Module):
         self.packed: torch.Tensor | None = None  # int32 [C, N, Kw]
         self.scales: torch.Tensor | None = None  # fp32 [C]
         self.others: dict[int, LinearDelta] = {}  # slot -> DenseDelta | LowRankDelta (compute dtype)
-        self.bias_deltas: dict[int, torch.Tensor] = {}  # slot -> db [N]
+        self.bias = DenseSlots((out_features,))  # slot -> db [N], the delta named "<name>.bias"
+        self._linear_bytes: dict[int, int] = {}  # slot -> bytes of its linear delta
 
     @property
     def words(self) -> int:
@@ -82,7 +84,7 @@ class DeltaLinear(nn.Module):
         view of a fused output: any row stride, unit column stride)."""
         if self.packed is not None and len(sign_segments):
             sign_delta_matmul(x, y, self.packed, self.scales, sign_segments)
-        if self.others or self.bias_deltas:
+        if self.others or self.bias.deltas:
             for start, length, slot, alpha in zip(
                 delta_segments.starts_list, delta_segments.lengths_list, delta_segments.slots_list,
                 delta_segments.alphas_list, strict=True,
@@ -95,7 +97,7 @@ class DeltaLinear(nn.Module):
                     y[rows] += alpha * F.linear(x[rows], d.delta)
                 elif isinstance(d, LowRankDelta):
                     y[rows] += alpha * F.linear(F.linear(x[rows], d.a), d.b)
-                db = self.bias_deltas.get(slot)
+                db = self.bias.deltas.get(slot)
                 if db is not None:
                     y[rows] += alpha * db
 
@@ -117,8 +119,12 @@ class DeltaLinear(nn.Module):
             scales[:keep] = self.scales[:keep]
         self.packed, self.scales = packed, scales
 
-    def check(self, delta: LinearDelta) -> str | None:
-        """None when `delta` fits this layer, else the reason it does not."""
+    def check(self, name: str, delta: object) -> str | None:
+        """None when `delta` (the linear delta `name`, or its bias delta "<name>.bias") fits."""
+        if name != self.name:
+            return self.bias.check(name, delta)
+        if not isinstance(delta, SignDelta | DenseDelta | LowRankDelta):
+            return f"{self.name}: unsupported delta type {type(delta).__name__}"
         if (delta.out_features, delta.in_features) != (self.out_features, self.in_features):
             return (
                 f"{self.name}: delta is [{delta.out_features}, {delta.in_features}] but the base layer is "
@@ -126,12 +132,12 @@ class DeltaLinear(nn.Module):
             )
         if isinstance(delta, SignDelta) and tuple(delta.packed.shape) != (self.out_features, self.words):
             return f"{self.name}: packed signs have shape {tuple(delta.packed.shape)}"
-        if not isinstance(delta, SignDelta | DenseDelta | LowRankDelta):
-            return f"{self.name}: unsupported delta type {type(delta).__name__}"
         return None
 
-    def set_delta(self, slot: int, delta: LinearDelta, dtype: torch.dtype, device: torch.device) -> None:
-        """Install `delta` in `slot` (sign capacity must already cover the slot for SignDelta)."""
+    def set_slot(self, slot: int, name: str, delta: object, dtype: torch.dtype, device: torch.device) -> int:
+        """Install `delta` in `slot`; bytes it holds (sign capacity must already cover the slot)."""
+        if name != self.name:
+            return self.bias.set_slot(slot, name, delta, dtype, device)
         if isinstance(delta, SignDelta):
             self.packed[slot].copy_(delta.packed)
             self.scales[slot] = delta.scale.float()
@@ -141,10 +147,17 @@ class DeltaLinear(nn.Module):
         else:
             a, b = delta.a.to(device=device, dtype=dtype), delta.b.to(device=device, dtype=dtype)
             self.others[slot] = LowRankDelta(a, b, delta.out_features, delta.in_features)
+        self._linear_bytes[slot] = delta.nbytes()
+        return self._linear_bytes[slot]
 
     def clear_slot(self, slot: int) -> None:
         if self.packed is not None and slot < self.packed.shape[0]:
             self.packed[slot].zero_()
             self.scales[slot] = 0.0
         self.others.pop(slot, None)
-        self.bias_deltas.pop(slot, None)
+        self._linear_bytes.pop(slot, None)
+        self.bias.clear_slot(slot)
+
+    def nbytes(self, slot: int) -> int:
+        """Bytes `slot` holds here (its linear delta as stored, plus its bias delta)."""
+        return self._linear_bytes.get(slot, 0) + self.bias.nbytes(slot)

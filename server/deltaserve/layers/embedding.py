@@ -8,6 +8,7 @@ from torch.nn import functional as F
 
 from deltaserve.kernels.segments import Segments
 from deltaserve.layers.onednn_linear import OneDnnLinear
+from deltaserve.layers.slots import DenseSlots
 
 
 def _segments(segments: Segments):
@@ -16,13 +17,13 @@ def _segments(segments: Segments):
     )
 
 
-class DeltaEmbedding(nn.Module):
-    """out[t] = E[id_t] + alpha * dE_tenant[id_t] on each tenant segment."""
+class DeltaEmbedding(nn.Module, DenseSlots):
+    """out[t] = E[id_t] + alpha * dE_tenant[id_t] on each tenant segment (slots: dE [vocab, hidden])."""
 
     def __init__(self, weight: torch.Tensor) -> None:
-        super().__init__()
+        nn.Module.__init__(self)
+        DenseSlots.__init__(self, tuple(weight.shape))
         self.weight = nn.Parameter(weight, requires_grad=False)  # [vocab, hidden]
-        self.deltas: dict[int, torch.Tensor] = {}  # slot -> dE [vocab, hidden]
 
     def forward(self, ids: torch.Tensor, segments: Segments) -> torch.Tensor:
         out = F.embedding(ids, self.weight)  # [T, hidden]
@@ -34,7 +35,7 @@ class DeltaEmbedding(nn.Module):
         return out
 
 
-class DeltaLMHead(nn.Module):
+class DeltaLMHead(nn.Module, DenseSlots):
     """logits = h @ W^T (+ alpha * h @ dW_t^T per segment). W may be the tied embedding weight.
 
     With the oneDNN backend the product runs over a prepacked copy of W (the dense W stays for
@@ -42,10 +43,10 @@ class DeltaLMHead(nn.Module):
     """
 
     def __init__(self, weight: nn.Parameter, backend: str = "torch") -> None:
-        super().__init__()
+        nn.Module.__init__(self)
+        DenseSlots.__init__(self, tuple(weight.shape))  # slots: dW [vocab, hidden]
         self.weight = weight  # [vocab, hidden]; the embedding's Parameter itself when tied
         self.packed = OneDnnLinear(weight.detach(), None) if backend == "onednn" else None
-        self.deltas: dict[int, torch.Tensor] = {}  # slot -> dW [vocab, hidden]
 
     def refresh(self) -> None:
         """Re-pack after `weight` was overwritten in place."""

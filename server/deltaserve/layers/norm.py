@@ -7,17 +7,18 @@ from torch import nn
 
 from deltaserve.kernels import fused
 from deltaserve.kernels.segments import Segments
+from deltaserve.layers.slots import DenseSlots
 
 
-class DeltaRMSNorm(nn.Module):
+class DeltaRMSNorm(nn.Module, DenseSlots):
     """y = (w + alpha * dw_t) * x / rms(x) on each tenant segment; dw_t never merged into w."""
 
     def __init__(self, weight: torch.Tensor, eps: float, name: str) -> None:
-        super().__init__()
+        nn.Module.__init__(self)
+        DenseSlots.__init__(self, tuple(weight.shape))  # slots: dw [hidden]
         self.weight = nn.Parameter(weight, requires_grad=False)
         self.eps = eps
         self.name = name  # HF parameter name of the weight
-        self.deltas: dict[int, torch.Tensor] = {}  # slot -> dw [hidden]
 
     def forward(self, x: torch.Tensor, segments: Segments) -> torch.Tensor:
         """x: [T, hidden]; segments index rows of x."""

@@ -18,6 +18,7 @@ from deltaserve.layers.forward_batch import ForwardBatch
 from deltaserve.layers.norm import DeltaRMSNorm
 from deltaserve.layers.quant import make_base_linear, resolve_linear_backend
 from deltaserve.layers.rotary import RotaryEmbedding
+from deltaserve.layers.slots import DeltaSlotModule
 
 
 class _Weights:
@@ -140,6 +141,18 @@ class LlamaFamilyModel(nn.Module):
     def delta_linears(self) -> dict[str, DeltaLinear]:
         """The delta slot owners of the block linears, by HF module name."""
         return {part.name: part for proj in self.projections() for part in proj.parts}
+
+    def delta_modules(self) -> dict[str, DeltaSlotModule]:
+        """Every delta-carrying module by the delta name it takes (layers/slots.py): linear
+        deltas by HF module name, their bias deltas as "<module>.bias", embedding, lm_head and
+        norm deltas by HF parameter name."""
+        out: dict[str, DeltaSlotModule] = {
+            "model.embed_tokens.weight": self.embed_tokens, "lm_head.weight": self.lm_head, **self.norms()
+        }
+        for name, lin in self.delta_linears().items():
+            out[name] = lin
+            out[f"{name}.bias"] = lin
+        return out
 
     @torch.inference_mode()
     def replace_base_weights(self, state: dict[str, torch.Tensor]) -> str | None:
