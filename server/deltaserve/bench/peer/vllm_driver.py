@@ -6,9 +6,9 @@ This file is standalone on purpose: it runs inside a separate virtualenv that ha
     VLLM_PYTHON vllm_driver.py WORKLOAD.json RESULT.json
 
 WORKLOAD.json: {"model", "dtype", "max_num_seqs", "max_model_len", "prompts": [[ids...]],
-"max_new_tokens", "rounds", "warmup_prompts", "lora": null | {"adapters": [[name, dir]...],
-"max_rank"}}. RESULT.json: {"rounds": [{"seconds", "tokens", "tok_s"}], "outputs": [[ids]]
-(the first round's generated ids, prompt order), "env": {...}}.
+"max_new_tokens", "rounds", "warmup_prompts"}.
+RESULT.json: {"rounds": [{"seconds", "tokens", "tok_s"}], "outputs": [[ids]] (the first
+round's generated ids, prompt order), "env": {...}}.
 """
 
 import json
@@ -23,28 +23,18 @@ def main() -> None:
     from vllm import LLM, SamplingParams
     from vllm.inputs import TokensPrompt
 
-    kwargs = {}
-    lora = work.get("lora")
-    if lora:
-        kwargs.update(enable_lora=True, max_loras=len(lora["adapters"]), max_lora_rank=lora["max_rank"])
     llm = LLM(
         model=work["model"], dtype=work["dtype"], max_num_seqs=work["max_num_seqs"],
-        max_model_len=work["max_model_len"], seed=0, **kwargs,
+        max_model_len=work["max_model_len"], seed=0,
     )
     params = SamplingParams(temperature=0.0, max_tokens=work["max_new_tokens"], ignore_eos=True)
     prompts = [TokensPrompt(prompt_token_ids=p) for p in work["prompts"]]
-    requests = None
-    if lora:
-        from vllm.lora.request import LoRARequest
-
-        adapters = [LoRARequest(name, i + 1, path) for i, (name, path) in enumerate(lora["adapters"])]
-        requests = [adapters[i % len(adapters)] for i in range(len(prompts))]
     warm = work.get("warmup_prompts", 8)
-    llm.generate(prompts[:warm], params, lora_request=requests[:warm] if requests else None, use_tqdm=False)
+    llm.generate(prompts[:warm], params, use_tqdm=False)
     rounds, outputs = [], None
     for _ in range(work["rounds"]):
         t0 = time.perf_counter()
-        res = llm.generate(prompts, params, lora_request=requests, use_tqdm=False)
+        res = llm.generate(prompts, params, use_tqdm=False)
         dt = time.perf_counter() - t0
         tokens = sum(len(r.outputs[0].token_ids) for r in res)
         rounds.append({"seconds": dt, "tokens": tokens, "tok_s": tokens / dt})
