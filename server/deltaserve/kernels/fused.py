@@ -12,10 +12,15 @@ from torch.nn import functional as F
 from deltaserve.kernels.cpu_ext import load_cpu_extension
 
 
-def rms_norm_ref(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
-    """x: [T, H] -> w * (x * rsqrt(mean(x^2) + eps)), normalised in fp32 (transformers' rule)."""
+def rms_normalize(x: torch.Tensor, eps: float) -> torch.Tensor:
+    """x: [T, H] -> x * rsqrt(mean(x^2) + eps), computed in fp32, returned in x's dtype."""
     x32 = x.float()
-    return w * (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
+    return (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
+
+
+def rms_norm_ref(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
+    """x: [T, H] -> w * rms_normalize(x) (transformers' LlamaRMSNorm rule)."""
+    return w * rms_normalize(x, eps)
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:

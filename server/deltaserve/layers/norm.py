@@ -24,15 +24,13 @@ class DeltaRMSNorm(nn.Module, DenseSlots):
         """x: [T, hidden]; segments index rows of x."""
         if not self.deltas:
             return fused.rms_norm(x, self.weight, self.eps)
-        x32 = x.float()
-        normed = (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype)
+        normed = fused.rms_normalize(x, self.eps)  # tenant rows add alpha * dw * normed
         out = self.weight * normed
-        if self.deltas:
-            for start, length, slot, alpha in zip(
-                segments.starts_list, segments.lengths_list, segments.slots_list, segments.alphas_list,
-                strict=True,
-            ):
-                dw = self.deltas.get(slot)
-                if dw is not None and length:
-                    out[start : start + length] += (alpha * dw) * normed[start : start + length]
+        for start, length, slot, alpha in zip(
+            segments.starts_list, segments.lengths_list, segments.slots_list, segments.alphas_list,
+            strict=True,
+        ):
+            dw = self.deltas.get(slot)
+            if dw is not None and length:
+                out[start : start + length] += (alpha * dw) * normed[start : start + length]
         return out

@@ -16,7 +16,8 @@ LINEAR_BACKENDS = ("auto", "torch", "onednn")
 
 
 def resolve_linear_backend(backend: str, device: torch.device, dtype: torch.dtype, quant: str) -> str:
-    """"torch" or "onednn": auto picks oneDNN for unquantized CPU layers whose dtype it runs."""
+    """The backend to use, "torch" or "onednn"; auto picks oneDNN for unquantized CPU layers
+    whose dtype oneDNN runs natively."""
     if backend not in LINEAR_BACKENDS:
         raise ValueError(f"unknown linear backend {backend!r}; choose from {', '.join(LINEAR_BACKENDS)}")
     usable = device.type == "cpu" and quant == "none" and onednn_available(dtype)
