@@ -17,7 +17,7 @@ def test_async_streams_match_sync_and_cancel_frees(tiny_dir, tmp_path):
     prompts = random_prompts([4, 9, 6], seed=11)
     tenants = [None, "a", "a"]
     reqs = [
-        GenerationRequest(f"r{i}", tuple(p), greedy(10), tenant=t)
+        GenerationRequest(f"r{i}", tuple(p), greedy(10), delta_key=t)
         for i, (p, t) in enumerate(zip(prompts, tenants, strict=True))
     ]
     sync = engine(base)
@@ -43,7 +43,7 @@ def test_async_streams_match_sync_and_cancel_frees(tiny_dir, tmp_path):
         await eng.start()
         await eng.load_delta("a", delta)
         with pytest.raises(NotFoundError):
-            await collect(GenerationRequest("x", (5, 6), greedy(2), tenant="nobody"))
+            await collect(GenerationRequest("x", (5, 6), greedy(2), delta_key="nobody"))
         results = await asyncio.gather(*(collect(r) for r in reqs), cancelled())
         for _ in range(100):
             stats = await eng.stats()
@@ -62,7 +62,7 @@ def test_async_streams_match_sync_and_cancel_frees(tiny_dir, tmp_path):
     assert len(results[3].new_token_ids) == 1
     assert stats.num_running == 0 and stats.kv_blocks_used == 0
     assert steps and all(dt > 0 for _, _, dt in steps)
-    assert eng.engine.resident_tenants() == []
+    assert eng.engine.resident_deltas() == []
 
 
 def test_async_abort_and_stop_end_streams(tiny_dir):

@@ -10,7 +10,7 @@ NEW = 10
 
 def _crowd(prefix, prompts, tenants, sampling):
     return [
-        GenerationRequest(f"{prefix}{i}", tuple(p), sampling, tenant=t)
+        GenerationRequest(f"{prefix}{i}", tuple(p), sampling, delta_key=t)
         for i, (p, t) in enumerate(zip(prompts, tenants, strict=True))
     ]
 
@@ -25,8 +25,8 @@ def test_batch_invariance_greedy_and_seeded(tiny_dir, tmp_path):
         max_new_tokens=NEW, temperature=0.9, top_k=40, top_p=0.95, seed=1234, ignore_eos=True
     )
     probes = [
-        GenerationRequest("g", tuple(target), greedy(NEW), tenant="a"),
-        GenerationRequest("s", tuple(target), seeded, tenant="a"),
+        GenerationRequest("g", tuple(target), greedy(NEW), delta_key="a"),
+        GenerationRequest("s", tuple(target), seeded, delta_key="a"),
     ]
     alone = {r.request_id: token_ids(run(eng, [r])[r.request_id]) for r in probes}
     crowd_prompts = random_prompts([3, 14, 6, 1, 11, 8], seed=22)
@@ -37,7 +37,7 @@ def test_batch_invariance_greedy_and_seeded(tiny_dir, tmp_path):
     for r in probes:
         assert token_ids(outs[r.request_id]) == alone[r.request_id], r.request_id
     other_seed = GenerationRequest("s2", tuple(target), SamplingParams(
-        max_new_tokens=NEW, temperature=0.9, top_k=40, top_p=0.95, seed=99, ignore_eos=True), tenant="a")
+        max_new_tokens=NEW, temperature=0.9, top_k=40, top_p=0.95, seed=99, ignore_eos=True), delta_key="a")
     assert token_ids(run(eng, [other_seed])["s2"]) != alone["s"]
 
 
@@ -64,7 +64,7 @@ def test_abort_frees_blocks_and_reports(tiny_dir):
         eng.step()
     stats = eng.stats()
     assert stats.num_running == 2 and stats.num_waiting == 1 and stats.kv_blocks_used > 0
-    assert stats.last_step_seqs == 2 and stats.running_tenants == ("", "")
+    assert stats.last_step_seqs == 2 and stats.running_deltas == ("", "")
     finals = [eng.abort(f"r{i}") for i in range(3)]
     assert all(f.finished and f.finish_reason == FinishReason.ABORT for f in finals)
     assert eng.abort("r0") is None
@@ -81,7 +81,7 @@ def test_step_groups_tenants_into_segments(tiny_dir, tmp_path):
     eng.load_delta("b", delta)
     prompts = random_prompts([3, 4, 5, 6, 7], seed=51)
     for i, (p, t) in enumerate(zip(prompts, ["a", None, "b", "a", "b"], strict=True)):
-        eng.add_request(GenerationRequest(f"r{i}", tuple(p), greedy(2), tenant=t))
+        eng.add_request(GenerationRequest(f"r{i}", tuple(p), greedy(2), delta_key=t))
     scheduled = eng.scheduler.schedule().scheduled
     batch, _ = eng.runner.build(scheduled)
     seg = batch.delta_segments
@@ -97,8 +97,8 @@ def test_fair_tenant_policy_interleaves_tenants(tiny_dir, tmp_path):
 
     base, ft = tiny_dir("llama")
     delta = load_delta(base, make_delta(base, ft, tmp_path / "d.delta"))
-    reqs = [GenerationRequest(f"a{i}", (5, 6, 7), greedy(3), tenant="a") for i in range(4)]
-    reqs.append(GenerationRequest("b0", (8, 9), greedy(3), tenant="b"))
+    reqs = [GenerationRequest(f"a{i}", (5, 6, 7), greedy(3), delta_key="a") for i in range(4)]
+    reqs.append(GenerationRequest("b0", (8, 9), greedy(3), delta_key="b"))
     reqs.append(GenerationRequest("base", (10,), greedy(3)))
     admitted = {}
     for name, policy in (("fcfs", None), ("fair", FairTenantPolicy())):
@@ -108,7 +108,7 @@ def test_fair_tenant_policy_interleaves_tenants(tiny_dir, tmp_path):
         for r in reqs:
             eng.add_request(r)
         eng.step()
-        admitted[name] = eng.stats().running_tenants
+        admitted[name] = eng.stats().running_deltas
         finished = set()
         while eng.has_unfinished():
             finished |= {o.request_id for o in eng.step() if o.finished}

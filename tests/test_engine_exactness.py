@@ -38,7 +38,7 @@ def test_mixed_tenants_equal_merged_checkpoints(arch, backend, tiny_dir, tmp_pat
     prompts = random_prompts([5, 11, 3, 17, 7, 1], seed=3)
     who = [None, "a", "b", "a", "b", None]
     reqs = [
-        GenerationRequest(f"r{i}", tuple(p), greedy(NEW), tenant=t)
+        GenerationRequest(f"r{i}", tuple(p), greedy(NEW), delta_key=t)
         for i, (p, t) in enumerate(zip(prompts, who, strict=True))
     ]
     outs = run(eng, reqs, join_at={"r3": 2, "r4": 3, "r5": 5})

@@ -18,7 +18,7 @@ def test_cuda_engine_matches_cpu_engine(arch, tiny_dir, tmp_path):
     path = make_delta(base, ft, tmp_path / "d.delta")
     prompts = random_prompts([5, 12, 1, 20], seed=111)
     reqs = [
-        GenerationRequest(f"r{i}", tuple(p), greedy(10), tenant=t, alpha=a)
+        GenerationRequest(f"r{i}", tuple(p), greedy(10), delta_key=t, alpha=a)
         for i, (p, t, a) in enumerate(zip(prompts, [None, "a", "a", "a"], [1.0, 1.0, 2.0, 0.5], strict=True))
     ]
     results = {}

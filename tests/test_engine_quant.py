@@ -25,7 +25,7 @@ def test_deltas_apply_on_a_quantized_base(tiny_dir, tmp_path):
     prompt = tuple(random_prompts([8], seed=102)[0])
     outs = run(eng, [
         GenerationRequest("base", prompt, greedy(6)),
-        GenerationRequest("a", prompt, greedy(6), tenant="a"),
-        GenerationRequest("a0", prompt, greedy(6), tenant="a", alpha=0.0),
+        GenerationRequest("a", prompt, greedy(6), delta_key="a"),
+        GenerationRequest("a0", prompt, greedy(6), delta_key="a", alpha=0.0),
     ])
     assert token_ids(outs["a0"]) == token_ids(outs["base"]) != token_ids(outs["a"])

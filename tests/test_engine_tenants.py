@@ -38,7 +38,7 @@ def test_alpha_zero_is_base_and_alpha_two_is_merge_alpha_two(tiny_dir, tmp_path)
     reqs = []
     for alpha in (0.0, 1.0, 2.0):
         reqs += [
-            GenerationRequest(f"{alpha}-{i}", tuple(p), greedy(NEW), tenant="t", alpha=alpha)
+            GenerationRequest(f"{alpha}-{i}", tuple(p), greedy(NEW), delta_key="t", alpha=alpha)
             for i, p in enumerate(prompts)
         ]
     outs = run(eng, reqs)  # the three alphas of one tenant share every batch
@@ -67,7 +67,7 @@ def test_raw_and_lowrank_deltas_equal_their_merges(tiny_dir, tmp_path):
     eng.load_delta("low", low)
     assert eng.delta_bytes("raw") > eng.delta_bytes("low") > 0
     prompts = random_prompts([7, 4], seed=8)
-    reqs = [GenerationRequest(f"{t}{i}", tuple(p), greedy(NEW), tenant=t) for t in ("raw", "low")
+    reqs = [GenerationRequest(f"{t}{i}", tuple(p), greedy(NEW), delta_key=t) for t in ("raw", "low")
             for i, p in enumerate(prompts)]
     outs = run(eng, reqs)
     for tenant, ref_dir in (("raw", ft), ("low", low_dir)):
@@ -92,7 +92,7 @@ def test_sign_stacks_grow_and_shrink_in_chunks(tiny_dir, tmp_path):
     eng.load_delta(names[-1], delta)
     assert lin.packed.shape[0] == 2 * SIGN_CHUNK
     # a request resolves its slot at admission and keeps it
-    eng.add_request(GenerationRequest("r", (5, 6, 7), greedy(2), tenant=names[-1]))
+    eng.add_request(GenerationRequest("r", (5, 6, 7), greedy(2), delta_key=names[-1]))
     assert eng.requests["r"].slot == SIGN_CHUNK and eng.requests["r"].sign_slot
     while eng.has_unfinished():
         eng.step()
@@ -113,17 +113,17 @@ def test_slot_lifecycle_and_errors(tiny_dir, tmp_path):
         eng.load_delta("c", delta)
     with pytest.raises(FailedPreconditionError):
         eng.load_delta("a", delta)
-    assert eng.resident_tenants() == ["a", "b"]
+    assert eng.resident_deltas() == ["a", "b"]
     assert eng.delta_bytes("a") == delta.nbytes()
     lin = eng.model.delta_linears()["model.layers.0.self_attn.q_proj"]
     assert lin.packed.shape[0] == 2
-    eng.add_request(GenerationRequest("r", (5, 6, 7), greedy(4), tenant="b"))
+    eng.add_request(GenerationRequest("r", (5, 6, 7), greedy(4), delta_key="b"))
     with pytest.raises(FailedPreconditionError):
         eng.unload_delta("b")
     eng.unload_delta("a")
-    assert eng.resident_tenants() == ["b"]
+    assert eng.resident_deltas() == ["b"]
     with pytest.raises(NotFoundError):
-        eng.add_request(GenerationRequest("r2", (5, 6, 7), greedy(4), tenant="a"))
+        eng.add_request(GenerationRequest("r2", (5, 6, 7), greedy(4), delta_key="a"))
     with pytest.raises(NotFoundError):
         eng.delta_bytes("a")
     while eng.has_unfinished():
@@ -140,25 +140,31 @@ def test_slot_lifecycle_and_errors(tiny_dir, tmp_path):
     unknown = TenantDelta(meta=delta.meta, dense={"model.nope.weight": torch.ones(3)})
     with pytest.raises(FailedPreconditionError):
         eng.load_delta("bad", unknown)
-    assert eng.resident_tenants() == []
+    assert eng.resident_deltas() == []
 
 
 def test_request_validation_errors(tiny_dir):
     base, _ = tiny_dir("llama")
     eng = engine(base, max_model_len=32, max_waiting=2)
-    cases = [
+    # a request is valid on its own or cannot be built: fields checked at construction
+    for build in (
+        lambda: GenerationRequest("empty", (), greedy(4)),
+        lambda: GenerationRequest("", (5, 6), greedy(4)),
+        lambda: GenerationRequest("temp", (5, 6), SamplingParams(temperature=-1.0)),
+        lambda: GenerationRequest("topp", (5, 6), SamplingParams(top_p=0.0)),
+        lambda: GenerationRequest("alpha", (5, 6), greedy(4), alpha=float("nan")),
+    ):
+        with pytest.raises(InvalidArgumentError):
+            build()
+    # what depends on the engine is checked at add_request
+    for req in (
         GenerationRequest("long", tuple(range(4, 36)), greedy(4)),
-        GenerationRequest("empty", (), greedy(4)),
         GenerationRequest("vocab", (5, 999), greedy(4)),
-        GenerationRequest("temp", (5, 6), SamplingParams(temperature=-1.0)),
-        GenerationRequest("topp", (5, 6), SamplingParams(top_p=0.0)),
-        GenerationRequest("alpha", (5, 6), greedy(4), alpha=float("nan")),
-    ]
-    for req in cases:
+    ):
         with pytest.raises(InvalidArgumentError):
             eng.add_request(req)
     with pytest.raises(NotFoundError):
-        eng.add_request(GenerationRequest("who", (5, 6), greedy(4), tenant="ghost"))
+        eng.add_request(GenerationRequest("who", (5, 6), greedy(4), delta_key="ghost"))
     eng.add_request(GenerationRequest("q1", (5, 6), greedy(4)))
     with pytest.raises(InvalidArgumentError):
         eng.add_request(GenerationRequest("q1", (5, 6), greedy(4)))

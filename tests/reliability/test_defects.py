@@ -94,7 +94,7 @@ def test_non_finite_logits_fail_that_request_alone(tiny_dir, tmp_path):
     eng.load_delta("bad", _poisoned(good))
     prompts = random_prompts([7, 5, 9], seed=11)
     reqs = [GenerationRequest(f"base{i}", tuple(p), greedy(8)) for i, p in enumerate(prompts)]
-    reqs.append(GenerationRequest("bad", tuple(prompts[0]), greedy(8), tenant="bad"))
+    reqs.append(GenerationRequest("bad", tuple(prompts[0]), greedy(8), delta_key="bad"))
     outs: dict[str, list] = {r.request_id: [] for r in reqs}
     for r in reqs:
         eng.add_request(r)
@@ -137,7 +137,7 @@ def test_engine_stream_raises_the_request_error_only_for_its_request(tiny_dir, t
 
             ok = asyncio.ensure_future(collect(GenerationRequest("ok", prompt, greedy(6))))
             with pytest.raises(NonFiniteLogitsError):
-                await collect(GenerationRequest("bad", prompt, greedy(6), tenant="bad"))
+                await collect(GenerationRequest("bad", prompt, greedy(6), delta_key="bad"))
             return await ok
         finally:
             await ae.stop()

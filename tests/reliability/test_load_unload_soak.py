@@ -79,7 +79,7 @@ def _engine_state(srv: ServerThread) -> dict:
     for deltas in dense:
         tensors += list(deltas.values())
     return {
-        "resident": llm.resident_tenants(),
+        "resident": llm.resident_deltas(),
         "slots": sorted((t, e.slot, e.nbytes) for t, e in slots.entries.items()),
         "packed": sorted(
             (n, None if lin.packed is None else tuple(lin.packed.shape)) for n, lin in slots.linears.items()

@@ -89,7 +89,7 @@ def measure_point(base: Path, seqs: int, tenants: int, steps: int, prompt_len: i
     for i in range(seqs):
         prompt = tuple(int(t) for t in torch.randint(4, vocab, (prompt_len,), generator=g))
         tenant = names[i % tenants] if tenants else None
-        eng.add_request(GenerationRequest(f"r{i}", prompt, sp, tenant=tenant))
+        eng.add_request(GenerationRequest(f"r{i}", prompt, sp, delta_key=tenant))
     while any(s.num_computed < s.prompt_len for s in eng.requests.values()):
         eng.step()  # prefill (not timed)
     parts: dict[str, list[float]] = {"schedule": [], "build": [], "forward": [], "sample": []}

@@ -96,13 +96,13 @@ def run(args: argparse.Namespace) -> int:
     for line in lines:
         rid = line.request.request_id
         record = {
-            "index": line.index, "tenant": line.request.tenant, "text": "".join(text[rid]),
+            "index": line.index, "tenant": line.request.delta_key, "text": "".join(text[rid]),
             "token_ids": ids[rid], "finish_reason": reasons[rid],
         }
         if args.json:
             print(json.dumps(record))
         else:
-            print(f"[{line.index}] ({line.request.tenant or 'base'}) {record['text']!r} ({reasons[rid]})")
+            print(f"[{line.index}] ({line.request.delta_key or 'base'}) {record['text']!r} ({reasons[rid]})")
     if not args.json:
         print(
             f"{len(lines)} prompts, {len(names)} tenants: {total} tokens in {gen_s:.2f} s "

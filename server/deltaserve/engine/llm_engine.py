@@ -112,20 +112,21 @@ class LLMEngine:
 
     # ---- tenants ----
 
-    def load_delta(self, tenant: str, delta: TenantDelta) -> None:
-        """Make `tenant` compute-resident. ResourceExhaustedError when all slots are taken,
-        FailedPreconditionError when the delta does not fit this base (or is already resident)."""
-        if not tenant:
-            raise InvalidArgumentError("tenant name must be non-empty")
-        self.slots.load(tenant, delta)
+    def load_delta(self, key: str, delta: TenantDelta) -> None:
+        """Make `delta` compute-resident under the delta key `key`. ResourceExhaustedError when
+        all slots are taken, FailedPreconditionError when the delta does not fit this base (or
+        the key is already resident)."""
+        if not key:
+            raise InvalidArgumentError("delta key must be non-empty")
+        self.slots.load(key, delta)
 
-    def unload_delta(self, tenant: str) -> None:
-        """Free a tenant's slot; FailedPreconditionError while its requests are queued or running."""
-        self.slots.slot_of(tenant)
-        busy = [s.request_id for s in self.requests.values() if s.tenant == tenant]
+    def unload_delta(self, key: str) -> None:
+        """Free a delta's slot; FailedPreconditionError while its requests are queued or running."""
+        self.slots.slot_of(key)
+        busy = [s.request_id for s in self.requests.values() if s.request.delta_key == key]
         if busy:
-            raise FailedPreconditionError(f"tenant {tenant!r} has {len(busy)} unfinished requests")
-        self.slots.unload(tenant)
+            raise FailedPreconditionError(f"delta {key!r} has {len(busy)} unfinished requests")
+        self.slots.unload(key)
 
     @property
     def slot_capacity(self) -> int:
@@ -135,22 +136,21 @@ class LLMEngine:
     def dtype(self) -> str:
         return self.config.dtype  # resolved by EngineConfig ("auto" never survives construction)
 
-    def resident_tenants(self) -> list[str]:
+    def resident_deltas(self) -> list[str]:
         return sorted(self.slots.entries)
 
-    def delta_bytes(self, tenant: str) -> int:
-        """Bytes the tenant's compute-resident delta occupies."""
-        return self.slots.slot_of(tenant).nbytes
+    def delta_bytes(self, key: str) -> int:
+        """Bytes the compute-resident delta under `key` occupies."""
+        return self.slots.slot_of(key).nbytes
 
     # ---- requests ----
 
     def check_request(self, req: GenerationRequest) -> None:
         """Raise the typed error add_request would raise, without changing any state."""
-        req.validate()
         if req.request_id in self.requests:
             raise InvalidArgumentError(f"request id {req.request_id!r} is already in use")
-        if req.tenant and req.tenant not in self.slots.entries:
-            raise NotFoundError(f"tenant {req.tenant!r} is not resident")
+        if req.delta_key and req.delta_key not in self.slots.entries:
+            raise NotFoundError(f"delta {req.delta_key!r} is not resident")
         n = len(req.prompt_token_ids)
         if n >= self.max_model_len:
             raise InvalidArgumentError(
@@ -327,8 +327,8 @@ class LLMEngine:
             last_step_tokens=self._last[0],
             last_step_seqs=self._last[1],
             last_step_tenants=self._last[2],
-            running_tenants=tuple(sorted(s.tenant or "" for s in run)),
-            waiting_tenants=tuple(sorted(s.tenant or "" for s in wait)),
+            running_deltas=tuple(sorted(s.request.delta_key or "" for s in run)),
+            waiting_deltas=tuple(sorted(s.request.delta_key or "" for s in wait)),
             num_preemptions=self._preemptions,
             num_failed_requests=self._failed,
         )

@@ -74,11 +74,10 @@ def read_prompts(path: Path, tokenizer, defaults: SamplingParams) -> list[Prompt
                 request_id=str(len(out)),
                 prompt_token_ids=encode_prompt(tokenizer, line, where),
                 sampling=sampling,
-                tenant=line.get("tenant") or None,
+                delta_key=line.get("tenant") or None,
                 alpha=float(line.get("alpha", 1.0)),
             )
-            req.validate()
-        except (TypeError, ValueError) as exc:
+        except (TypeError, ValueError) as exc:  # InvalidArgumentError is a ValueError
             raise InvalidArgumentError(f"{where}: {exc}") from exc
         out.append(PromptLine(len(out), req))
     if not out:

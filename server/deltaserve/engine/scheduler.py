@@ -35,17 +35,18 @@ class FCFSPolicy:
 
 
 class FairTenantPolicy:
-    """Per-tenant fairness: tenants with the fewest running sequences go first, each tenant's
-    requests FCFS, tenants interleaved round-robin (base-model requests count as one tenant)."""
+    """Per-tenant fairness: tenants (delta keys) with the fewest running sequences go first, each
+    tenant's requests FCFS, tenants interleaved round-robin (base-model requests count as one)."""
 
     def candidates(self, waiting: Seq[Sequence], running: Seq[Sequence]) -> Iterable[Sequence]:
         queues: dict[str, list[Sequence]] = {}
         for seq in waiting:
-            queues.setdefault(seq.tenant or "", []).append(seq)
+            queues.setdefault(seq.request.delta_key or "", []).append(seq)
         load = {t: 0 for t in queues}
         for seq in running:
-            if (seq.tenant or "") in load:
-                load[seq.tenant or ""] += 1
+            key = seq.request.delta_key or ""
+            if key in load:
+                load[key] += 1
         order: list[Sequence] = []
         while queues:
             tenant = min(queues, key=lambda t: (load[t], queues[t][0].arrival_time))

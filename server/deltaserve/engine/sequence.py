@@ -15,7 +15,7 @@ from deltaserve.engine.types import FinishReason, GenerationRequest, TokenLogpro
 class Sequence:
     """A request being served. tokens = prompt + generated; KV exists for tokens[:num_computed].
 
-    Scheduler policies read request_id, tenant, alpha, arrival_time and num_tokens.
+    Scheduler policies read request_id, request.delta_key, alpha, arrival_time and num_tokens.
     """
 
     request: GenerationRequest
@@ -46,10 +46,6 @@ class Sequence:
         return self.request.request_id
 
     @property
-    def tenant(self) -> str | None:
-        return self.request.tenant or None
-
-    @property
     def alpha(self) -> float:
         return self.request.alpha
 
@@ -71,5 +67,5 @@ class Sequence:
 
     @property
     def delta_key(self) -> str | None:
-        """The tenant whose delta applies (None when base-only or alpha == 0)."""
-        return self.tenant if self.alpha != 0.0 else None
+        """The delta key whose delta applies (None when base-only or alpha == 0)."""
+        return (self.request.delta_key or None) if self.alpha != 0.0 else None

@@ -42,10 +42,10 @@ class DeltaSlots:
         self.modules = model.delta_modules()
         self.entries: dict[str, SlotEntry] = {}
 
-    def slot_of(self, tenant: str) -> SlotEntry:
-        entry = self.entries.get(tenant)
+    def slot_of(self, key: str) -> SlotEntry:
+        entry = self.entries.get(key)
         if entry is None:
-            raise NotFoundError(f"tenant {tenant!r} is not resident")
+            raise NotFoundError(f"delta {key!r} is not resident")
         return entry
 
     def _parts(self, delta: TenantDelta) -> list[tuple[str, object, DeltaSlotModule]]:
@@ -80,9 +80,9 @@ class DeltaSlots:
             if lin.packed is not None or name in newly_signed:
                 lin.resize_sign_capacity(capacity, self.device)
 
-    def load(self, tenant: str, delta: TenantDelta) -> None:
-        if tenant in self.entries:
-            raise FailedPreconditionError(f"tenant {tenant!r} is already resident; unload it first")
+    def load(self, key: str, delta: TenantDelta) -> None:
+        if key in self.entries:
+            raise FailedPreconditionError(f"delta {key!r} is already resident; unload it first")
         parts = self._parts(delta)
         used = {e.slot for e in self.entries.values()}
         free = [s for s in range(self.capacity) if s not in used]
@@ -98,11 +98,11 @@ class DeltaSlots:
         if m.tied and "lm_head.weight" not in delta.dense and slot in m.embed_tokens.deltas:
             # tied: the lm_head applies the embedding's delta tensor itself (no extra memory)
             m.lm_head.set_slot(slot, "lm_head.weight", m.embed_tokens.deltas[slot], self.dtype, self.device)
-        self.entries[tenant] = SlotEntry(slot, bool(signed), nbytes)
+        self.entries[key] = SlotEntry(slot, bool(signed), nbytes)
 
-    def unload(self, tenant: str) -> None:
-        slot = self.slot_of(tenant).slot
+    def unload(self, key: str) -> None:
+        slot = self.slot_of(key).slot
         for owner in {id(o): o for o in self.modules.values()}.values():
             owner.clear_slot(slot)
-        del self.entries[tenant]
+        del self.entries[key]
         self._resize(self._sign_capacity(), set())

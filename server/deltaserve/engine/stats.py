@@ -14,8 +14,8 @@ class EngineStats:
     last_step_tokens: int
     last_step_seqs: int
     last_step_tenants: int  # distinct tenant segments (base counts as one) in the last step
-    running_tenants: tuple[str, ...]  # tenant per running request ("" = base), sorted
-    waiting_tenants: tuple[str, ...]
+    running_deltas: tuple[str, ...]  # delta key per running request ("" = base), sorted
+    waiting_deltas: tuple[str, ...]
     num_preemptions: int = 0  # total since start
     num_failed_requests: int = 0  # requests failed alone (non-finite logits, ...) since start
 

@@ -46,12 +46,11 @@ class SamplingParams:
     ignore_eos: bool = False
     logprobs: int = 0
 
-    def validate(self, max_new_tokens_limit: int | None = None) -> None:
-        """Raise InvalidArgumentError naming the first invalid field."""
+    def __post_init__(self) -> None:
+        """Raise InvalidArgumentError naming the first invalid field: a SamplingParams that
+        exists is valid (the server's own max_new_tokens limit is the service's check)."""
         if self.max_new_tokens < 1:
             raise InvalidArgumentError("max_new_tokens must be >= 1")
-        if max_new_tokens_limit is not None and self.max_new_tokens > max_new_tokens_limit:
-            raise InvalidArgumentError(f"max_new_tokens must be <= {max_new_tokens_limit}")
         t = self.temperature
         if not (t == 0.0 or MIN_TEMPERATURE <= t <= MAX_TEMPERATURE):
             raise InvalidArgumentError(
@@ -74,18 +73,23 @@ class SamplingParams:
 
 @dataclass(frozen=True)
 class GenerationRequest:
-    """One generation request. tenant None (or "") means the base model.
+    """One generation request as the engine sees it.
 
-    alpha scales the tenant's delta: 0 = base, 1 = the fine-tune, >1 extrapolates (EXPO).
+    delta_key: the key the engine holds the tenant's delta under (the service's cache uses
+    "<tenant>@<version>", so a replaced delta never aliases the old one); None (or "") means
+    the base model. alpha scales that delta: 0 = base, 1 = the fine-tune, >1 extrapolates (EXPO).
     """
 
     request_id: str
     prompt_token_ids: tuple[int, ...]
     sampling: SamplingParams = field(default_factory=SamplingParams)
-    tenant: str | None = None
+    delta_key: str | None = None
     alpha: float = 1.0
 
-    def validate(self) -> None:
+    def __post_init__(self) -> None:
+        """Raise InvalidArgumentError naming the first invalid field: a request that exists is
+        valid on its own; what depends on the engine (context length, vocabulary, residency,
+        ids in use) is the engine's check at add_request."""
         if not self.prompt_token_ids:
             raise InvalidArgumentError("prompt must contain at least one token")
         if not self.request_id or len(self.request_id) > MAX_REQUEST_ID_CHARS:
@@ -94,7 +98,6 @@ class GenerationRequest:
             raise InvalidArgumentError(
                 f"alpha must be in [-{MAX_ABS_ALPHA:g}, {MAX_ABS_ALPHA:g}], got {self.alpha!r}"
             )
-        self.sampling.validate()
 
 
 @dataclass(frozen=True)

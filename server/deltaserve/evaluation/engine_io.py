@@ -27,7 +27,7 @@ def generate_greedy(
     for i, p in enumerate(prompts):
         rid = f"eval-{i}"
         texts[rid] = ""
-        engine.add_request(GenerationRequest(rid, tuple(p), sampling, tenant=tenant, alpha=alpha))
+        engine.add_request(GenerationRequest(rid, tuple(p), sampling, delta_key=tenant, alpha=alpha))
     while engine.has_unfinished():
         for out in engine.step():
             texts[out.request_id] += out.new_text

@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
+import dataclasses
 import time
 import uuid
 from collections.abc import AsyncIterator, Sequence
@@ -124,7 +125,8 @@ class GenerationPipeline:
     async def prepare(self, inp: GenerateInput) -> GenerationRequest:
         """Validate and tokenize off the event loop (InvalidArgumentError naming what to fix);
         tenant not yet resolved."""
-        inp.sampling.validate(self._limits.max_new_tokens)
+        if inp.sampling.max_new_tokens > self._limits.max_new_tokens:
+            raise InvalidArgumentError(f"max_new_tokens must be <= {self._limits.max_new_tokens}")
         limit = self._prompt_token_limit()
         chars = input_chars(inp)
         if chars > limit * MAX_CHARS_PER_TOKEN:
@@ -142,10 +144,8 @@ class GenerationPipeline:
             request_id=inp.request_id or uuid.uuid4().hex,
             prompt_token_ids=tuple(ids),
             sampling=inp.sampling,
-            tenant=inp.tenant,
             alpha=inp.alpha,
         )
-        req.validate()
         return req
 
     async def run(self, inp: GenerateInput, timeout: float | None = None) -> AsyncIterator[RequestOutput]:
@@ -172,9 +172,7 @@ class GenerationPipeline:
                     raise DeadlineExceededError(
                         "deadline passed while the tenant's delta was loading"
                     ) from None
-                req = GenerationRequest(
-                    req.request_id, req.prompt_token_ids, req.sampling, lease.key, req.alpha
-                )
+                req = dataclasses.replace(req, delta_key=lease.key)
             if self._aborting:
                 raise UnavailableError("the server is shutting down; retry on another replica")
             stream = self._engine.generate(req)

@@ -317,7 +317,7 @@ async def warmup_request(engine: AsyncEngine, cache: DeltaCache) -> None:
             "deltaserve-warmup",
             (int(engine.tokenizer.bos_token_id or 0),),
             SamplingParams(max_new_tokens=1, ignore_eos=True),
-            tenant=lease.key if lease else None,
+            delta_key=lease.key if lease else None,
         )
         async for _ in engine.generate(req):
             pass

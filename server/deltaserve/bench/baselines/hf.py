@@ -94,10 +94,9 @@ class HfEngine:
         return 0
 
     def add_request(self, req: GenerationRequest) -> None:
-        req.validate()
-        if req.tenant and req.tenant not in self.registered:
-            raise NotFoundError(f"tenant {req.tenant!r} is not resident")
-        tenant = self.registered[req.tenant] if req.tenant else ""
+        if req.delta_key and req.delta_key not in self.registered:
+            raise NotFoundError(f"delta {req.delta_key!r} is not resident")
+        tenant = self.registered[req.delta_key] if req.delta_key else ""
         sp = req.sampling
         if sp.temperature != 0 or sp.stop or sp.logprobs or sp.repetition_penalty != 1.0:
             raise InvalidArgumentError(
@@ -211,6 +210,6 @@ class HfEngine:
             last_step_tokens=self._last[0],
             last_step_seqs=self._last[1],
             last_step_tenants=1 if self._last[1] else 0,
-            running_tenants=(),
-            waiting_tenants=waiting,
+            running_deltas=(),
+            waiting_deltas=waiting,
         )

@@ -58,13 +58,13 @@ class MergedEngine:
         return 0  # the tenant's full model is resident from the start (see resident_bytes)
 
     def add_request(self, req: GenerationRequest) -> None:
-        if req.tenant and req.tenant not in self.registered:
-            raise NotFoundError(f"tenant {req.tenant!r} is not resident")
-        tenant = self.registered[req.tenant] if req.tenant else ""
+        if req.delta_key and req.delta_key not in self.registered:
+            raise NotFoundError(f"delta {req.delta_key!r} is not resident")
+        tenant = self.registered[req.delta_key] if req.delta_key else ""
         if req.request_id in self._engine_of:
             raise InvalidArgumentError(f"request id {req.request_id!r} is already in use")
         engine = self.engines[tenant]
-        engine.add_request(replace(req, tenant=None))
+        engine.add_request(replace(req, delta_key=None))
         self._engine_of[req.request_id] = engine
 
     def abort(self, request_id: str) -> RequestOutput | None:
@@ -94,7 +94,7 @@ class MergedEngine:
             last_step_tokens=sum(s.last_step_tokens for _, s in parts),
             last_step_seqs=sum(s.last_step_seqs for _, s in parts),
             last_step_tenants=sum(1 for _, s in parts if s.last_step_seqs),
-            running_tenants=tuple(sorted(t for t, s in parts for _ in range(s.num_running))),
-            waiting_tenants=tuple(sorted(t for t, s in parts for _ in range(s.num_waiting))),
+            running_deltas=tuple(sorted(t for t, s in parts for _ in range(s.num_running))),
+            waiting_deltas=tuple(sorted(t for t, s in parts for _ in range(s.num_waiting))),
             num_preemptions=sum(s.num_preemptions for _, s in parts),
         )

@@ -79,12 +79,12 @@ class SwapEngine:
 
     # ---- requests ----
     def add_request(self, req: GenerationRequest) -> None:
-        if req.tenant and req.tenant not in self.registered:
-            raise NotFoundError(f"tenant {req.tenant!r} is not resident")
-        tenant = self.registered[req.tenant] if req.tenant else ""
+        if req.delta_key and req.delta_key not in self.registered:
+            raise NotFoundError(f"delta {req.delta_key!r} is not resident")
+        tenant = self.registered[req.delta_key] if req.delta_key else ""
         if req.request_id in self.requests:
             raise InvalidArgumentError(f"request id {req.request_id!r} is already in use")
-        plain = replace(req, tenant=None)
+        plain = replace(req, delta_key=None)
         self.engine.check_request(plain)
         self._tenant_of[req.request_id] = tenant
         self._pending.append(plain)
@@ -138,11 +138,11 @@ class SwapEngine:
     def stats(self) -> EngineStats:
         s = self.engine.stats()
         waiting = tuple(sorted(self._tenant_of[r.request_id] for r in self._pending))
-        running = tuple(self.resident for _ in s.running_tenants)
+        running = tuple(self.resident for _ in s.running_deltas)
         return replace(
             s,
             num_waiting=s.num_waiting + len(self._pending),
-            running_tenants=running,
-            waiting_tenants=tuple(sorted(waiting + tuple(self.resident for _ in s.waiting_tenants))),
+            running_deltas=running,
+            waiting_deltas=tuple(sorted(waiting + tuple(self.resident for _ in s.waiting_deltas))),
             last_step_tenants=1 if s.last_step_seqs else 0,
         )
