@@ -2,7 +2,7 @@
 
 What a newcomer writes: keep one model in memory; take the oldest waiting request's
 tenant, load that tenant's merged checkpoint with `from_pretrained` if another model is
-loaded, run `generate` (greedy) on up to `max_batch` of its waiting requests together
+loaded, run `generate` (greedy) on up to `max_running` of its waiting requests together
 (left padding), and return every output whole at the end, so the time to first token
 is the end-to-end latency. Greedy only; stop strings are not supported.
 """
@@ -29,14 +29,14 @@ MAX_DEFAULT_LEN = 4096
 
 @dataclass(frozen=True)
 class HfConfig:
-    max_batch: int = 16
+    max_running: int = 16
     max_waiting: int = 1024
     dtype: str = "float32"
     tenant_slots: int = 1
 
     def __post_init__(self) -> None:
-        if self.max_batch < 1 or self.max_waiting < 1:
-            raise InvalidArgumentError("max_batch and max_waiting must be >= 1")
+        if self.max_running < 1 or self.max_waiting < 1:
+            raise InvalidArgumentError("max_running and max_waiting must be >= 1")
         if self.dtype not in DTYPES:
             raise InvalidArgumentError(f"dtype must be one of {', '.join(DTYPES)}")
 
@@ -149,7 +149,7 @@ class HfEngine:
             self._last = (0, 0)
             return []
         tenant = self._pending[0][0]
-        batch = [p for p in self._pending if p[0] == tenant][: self.config.max_batch]
+        batch = [p for p in self._pending if p[0] == tenant][: self.config.max_running]
         chosen = {id(p) for p in batch}
         self._pending = [p for p in self._pending if id(p) not in chosen]
         if tenant != self.resident:

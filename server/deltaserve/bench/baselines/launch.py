@@ -27,7 +27,7 @@ class LaunchConfig:
     """Engine sizing shared by every mode, so the modes differ only in how they hold tenants.
 
     max_model_len bounds the KV cache per sequence (the benchmark's prompts + outputs fit);
-    max_seqs is the batch (running requests) limit of each engine.
+    max_running is the batch (running requests) limit of each engine.
     """
 
     mode: str
@@ -36,28 +36,28 @@ class LaunchConfig:
     merged: Path
     tenants: tuple[str, ...]
     dtype: str = "float32"
-    max_seqs: int = 16
+    max_running: int = 16
     max_model_len: int = 256
     warm: bool = True
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
             raise ValueError(f"unknown mode {self.mode!r}; choose from {', '.join(MODES)}")
-        if self.max_seqs < 1 or self.max_model_len < 2:
-            raise ValueError("max_seqs must be >= 1 and max_model_len >= 2")
+        if self.max_running < 1 or self.max_model_len < 2:
+            raise ValueError("max_running must be >= 1 and max_model_len >= 2")
 
 
 def engine_config(cfg: LaunchConfig, model: Path, tenant_slots: int):
     from deltaserve.engine.config import EngineConfig
 
     block = 16
-    blocks = cfg.max_seqs * -(-cfg.max_model_len // block)
+    blocks = cfg.max_running * -(-cfg.max_model_len // block)
     return EngineConfig(
         model=model,
         dtype=cfg.dtype,
         block_size=block,
         num_kv_blocks=blocks,
-        max_running=cfg.max_seqs,
+        max_running=cfg.max_running,
         max_model_len=cfg.max_model_len,
         tenant_slots=max(1, tenant_slots),
         max_waiting=4096,
@@ -87,7 +87,7 @@ def build_engine(cfg: LaunchConfig):
         return AsyncEngine(core), core
     from deltaserve.bench.baselines.hf import HfConfig, HfEngine
 
-    core = HfEngine(checkpoints, HfConfig(max_batch=cfg.max_seqs, dtype=cfg.dtype))
+    core = HfEngine(checkpoints, HfConfig(max_running=cfg.max_running, dtype=cfg.dtype))
     return AsyncEngine(core), core
 
 
@@ -128,7 +128,7 @@ async def serve(cfg: LaunchConfig, store: Path) -> dict:
         metrics_port=None,
         mode="swap" if cfg.mode == "swap" else "deltas",
         dtype=cfg.dtype,
-        max_running=cfg.max_seqs,
+        max_running=cfg.max_running,
         max_device_tenants=max(1, n),
         device_cache_bytes=64 * 2**30,
         host_cache_bytes=64 * 2**30,
@@ -158,7 +158,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--merged", type=Path, required=True)
     p.add_argument("--tenants", required=True, help="comma-separated tenant ids")
     p.add_argument("--dtype", default="float32")
-    p.add_argument("--max-seqs", type=int, default=16)
+    p.add_argument("--max-running", type=int, default=16)
     p.add_argument("--max-model-len", type=int, default=256)
     p.add_argument("--no-warm", action="store_true", help="leave deltas on disk until first use")
     a = p.parse_args(argv)
@@ -169,7 +169,7 @@ def main(argv: list[str] | None = None) -> int:
         a.merged,
         tuple(t for t in a.tenants.split(",") if t),
         a.dtype,
-        a.max_seqs,
+        a.max_running,
         a.max_model_len,
         not a.no_warm,
     )

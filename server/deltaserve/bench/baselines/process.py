@@ -58,8 +58,8 @@ class ServerProcess:
             ",".join(c.tenants),
             "--dtype",
             c.dtype,
-            "--max-seqs",
-            str(c.max_seqs),
+            "--max-running",
+            str(c.max_running),
             "--max-model-len",
             str(c.max_model_len),
         ]
