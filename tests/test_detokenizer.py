@@ -27,8 +27,8 @@ def _byte_level_bpe() -> PreTrainedTokenizerFast:
 def _stream(tok, ids: list[int], stop=()) -> tuple[str, bool]:
     d = IncrementalDetokenizer(tok, stop)
     out, hit = "", False
-    for i in range(1, len(ids) + 1):
-        new, hit = d.update(ids[:i])
+    for token in ids:
+        new, hit = d.push(token)
         out += new
         if hit:
             return out, True

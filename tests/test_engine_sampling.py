@@ -49,16 +49,14 @@ def test_stop_string_spanning_tokens_is_held_back():
 
     d = IncrementalDetokenizer(Chars(), stop=("cde",))
     got = []
-    out = []
     for c in "abcdefg":
-        out.append(ord(c))
-        text, hit = d.update(out)
+        text, hit = d.push(ord(c))
         got.append(text)
         if hit:
             break
     assert "".join(got) == "ab" and hit
     d2 = IncrementalDetokenizer(Chars(), stop=("xyz",))
-    pieces = [d2.update([ord(c) for c in "abcd"[: i + 1]])[0] for i in range(4)]
+    pieces = [d2.push(ord(c))[0] for c in "abcd"]
     assert "".join(pieces) + d2.flush() == "abcd" and pieces[-1] == "b"
 
 

@@ -34,29 +34,21 @@ class IncrementalDetokenizer:
         self.text = ""  # decoded text of all generated ids
         self.emitted = 0  # characters of self.text already returned
         self._stream = _stream_decoder(tokenizer)
-        self._fed = 0  # ids already given to the stream decoder
-        self._ids: list[int] = []
+        self._backend = tokenizer.backend_tokenizer if self._stream is not None else None
+        self._ids: list[int] = []  # the generated ids pushed so far
 
     def _decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
 
-    def _advance(self, output_ids: list[int]) -> str:
-        """The decoded text of all of output_ids (they only ever grow)."""
+    def push(self, token: int) -> tuple[str, bool]:
+        """Decode one new generated token; returns (new text, stop string hit). O(1) per token
+        with a fast tokenizer (plus the stop-string search over the last few characters)."""
+        self._ids.append(token)
         if self._stream is None:
-            return self._decode(output_ids)
-        backend = self.tokenizer.backend_tokenizer
-        text = self.text
-        for token in output_ids[self._fed :]:
-            piece = self._stream.step(backend, token)
-            if piece:
-                text += piece
-        self._fed = len(output_ids)
-        return text
-
-    def update(self, output_ids: list[int]) -> tuple[str, bool]:
-        """Decode after a new token; returns (new text, stop string hit)."""
-        text = self._advance(output_ids)
-        self._ids = output_ids
+            text = self._decode(self._ids)
+        else:
+            piece = self._stream.step(self._backend, token)
+            text = self.text + piece if piece else self.text
         self.text = text
         if self.stop:
             hits = [i for i in (text.find(s, max(0, self.emitted - self.hold)) for s in self.stop) if i >= 0]

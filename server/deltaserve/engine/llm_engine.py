@@ -107,7 +107,7 @@ class LLMEngine:
         self._last = (0, 0, 0)  # tokens, sequences, tenant segments of the last step
         self._preemptions = 0
         self._failed = 0  # requests failed alone for a per-request cause
-        self.last_step_times = StepTimes(0.0, 0.0, 0.0, 0.0)
+        self.last_step_times = StepTimes(0.0, 0.0, 0.0, 0.0, 0.0)
         self.threads = _thread_tuner(config, self.device)
 
     # ---- tenants ----
@@ -215,12 +215,10 @@ class LLMEngine:
         """Record a sampled token, set finish_reason when the request ends; returns its new text."""
         sp = seq.request.sampling
         seq.tokens.append(token)
-        out = seq.output_ids
         if token in sp.stop_token_ids or (token in self.eos_token_ids and not sp.ignore_eos):
-            seq.finish_reason = FinishReason.STOP
-            seq.detok.update(out[:-1])
+            seq.finish_reason = FinishReason.STOP  # the stop token's own text is not reported
             return seq.detok.flush()
-        text, hit = seq.detok.update(out)
+        text, hit = seq.detok.push(token)
         if hit:
             seq.finish_reason = FinishReason.STOP
             return text
@@ -243,46 +241,62 @@ class LLMEngine:
             self.threads.before_step()
         t2 = time.perf_counter()
         logits = self.runner.forward(batch)
-        logits = logits.cpu()  # sampling runs on the host with per-request CPU generators
         t3 = time.perf_counter()
         if self.threads is not None:
             decode_only = batch.decode is not None and not batch.prefills
             self.threads.after_step(t3 - t2, batch.num_tokens, decode_only)
-        outputs = self._finish_step(sched.scheduled, sampled, logits)
+        picks, host_logits = self._pick(logits, sampled)
         t4 = time.perf_counter()
-        self.last_step_times = StepTimes(t1 - t0, t2 - t1, t3 - t2, t4 - t3)
+        segs = batch.delta_segments
+        groups = len(segs) + (sum(segs.lengths_list) < batch.num_tokens)  # tenant segments + base
+        self._last = (batch.num_tokens, len(sched.scheduled), groups)
+        outputs = self._finish_step(sched.scheduled, sampled, picks, host_logits)
+        t5 = time.perf_counter()
+        self.last_step_times = StepTimes(t1 - t0, t2 - t1, t3 - t2, t4 - t3, t5 - t4)
         return outputs
 
+    def _pick(
+        self, logits: torch.Tensor, sampled: list[Sequence]
+    ) -> tuple[list[tuple[int, bool]], dict[int, torch.Tensor]]:
+        """Every row's greedy token (first maximal index, as torch.argmax) and whether the row is
+        free of NaN / +inf (a -inf logit is a legal "never this token"), computed where the
+        logits are (one pass at memory speed; a CPU kernel here) and brought to the host in one
+        copy; plus, on the host, the logits rows of requests that need more than the argmax
+        (sampling, repetition penalty, logprobs). Plain greedy batches copy no logits at all."""
+        argmax, finite = fused.greedy_rows(logits)
+        picks = torch.stack((argmax, finite.long()), dim=1).tolist()  # the step's one device sync
+        rows = [r for r, seq in enumerate(sampled) if not seq.plain_greedy]
+        if not rows:
+            return picks, {}
+        if logits.device.type == "cpu":
+            return picks, {r: logits[r] for r in rows}
+        host = logits[torch.tensor(rows, device=logits.device)].cpu()
+        return picks, {r: host[i] for i, r in enumerate(rows)}
+
     def _finish_step(
-        self, scheduled: list[tuple[Sequence, int]], sampled: list[Sequence], logits: torch.Tensor
+        self, scheduled: list[tuple[Sequence, int]], sampled: list[Sequence],
+        picks: list[tuple[int, bool]], host_logits: dict[int, torch.Tensor],
     ) -> list[RequestOutput]:
         """Advance the scheduled sequences, sample the rows of `sampled`, build the outputs."""
         now = time.monotonic()
-        tenants = set()
         for seq, n in scheduled:
             seq.num_computed += n
             if seq.first_scheduled_time is None:
                 seq.first_scheduled_time = now
-            tenants.add((seq.delta_key, seq.alpha if seq.delta_key else 0.0))
-        self._last = (sum(n for _, n in scheduled), len(scheduled), len(tenants))
         outputs = []
-        # Every row's greedy token (first maximal index, as torch.argmax) and whether it is free
-        # of NaN / +inf (a -inf logit is a legal "never this token") in one pass over the logits
-        # (a CPU kernel at memory speed: ~0.7 ms over [64, 49152] against ~1.2 ms for amax + argmax).
-        argmax_t, finite_t = fused.greedy_rows(logits)
-        argmax, finite = argmax_t.tolist(), finite_t.tolist()
         for row, seq in enumerate(sampled):
+            argmax, finite = picks[row]
             try:
-                if not finite[row]:
+                if not finite:
                     raise NonFiniteLogitsError(
                         f"the model's logits became non-finite at output token {seq.num_output} "
                         f"(alpha {seq.alpha:g}); this request was stopped, others are unaffected"
                     )
                 if seq.plain_greedy:
-                    token = argmax[row]
+                    token = argmax
                     text = self._append(seq, token)
                 else:
-                    token, text = self._sample(seq, logits[row], argmax[row])
+                    token, text = self._sample(seq, host_logits[row], argmax)
             except Exception as exc:  # a per-request cause: fail this request alone
                 outputs.append(self._fail(seq, exc))
                 continue

@@ -37,11 +37,6 @@ class ModelRunner:
         elem = torch.empty((), dtype=dtype).element_size()
         return 2 * model_cfg.num_hidden_layers * model_cfg.num_key_value_heads * head_dim * block_size * elem
 
-    def _rows(self, table: list[int], start: int, end: int) -> list[int]:
-        """Flat KV rows of positions [start, end) of a sequence."""
-        bs = self.block_size
-        return [table[p // bs] * bs + p % bs for p in range(start, end)]
-
     def _table_rows(self, tables: list[list[int]], length: int) -> torch.Tensor:
         """int64 [B, length]: flat KV rows of positions 0..length-1 of each block table
         (tables padded with the zero pad block; padded rows are masked by the caller)."""
@@ -68,71 +63,102 @@ class ModelRunner:
         return sorted(groups.items(), key=lambda kv: kv[0][0] >= 0)  # base group first, stable otherwise
 
     def build(self, scheduled: list[tuple[Sequence, int]]) -> tuple[ForwardBatch, list[Sequence]]:
-        """The ForwardBatch of a step and the sequences sampled from it (in logits-row order)."""
+        """The ForwardBatch of a step and the sequences sampled from it (in logits-row order).
+
+        Host cost is one Python pass over the scheduled sequences (a decode token costs a few
+        list appends) and three tensor constructions: every int64 field of the batch is a view
+        of one tensor, every int32 field (decode block tables, context lengths, segment
+        metadata) of a second, the segment alphas a third; on an accelerator each is one
+        host-to-device copy from pinned memory.
+        """
+        bs = self.block_size
         ids: list[int] = []
         positions: list[int] = []
         slot_map: list[int] = []
-        prefills: list[PrefillAttention] = []
+        prefill_spans: list[tuple[Sequence, int, int, int]] = []  # (seq, start, q_len, ctx)
         dec_tok: list[int] = []
         dec_tables: list[list[int]] = []
         dec_len: list[int] = []
         logits_rows: list[int] = []
         sampled: list[Sequence] = []
-        sign_seg: list[tuple[int, int, int, float]] = []
-        delta_seg: list[tuple[int, int, int, float]] = []
-        logit_seg: list[tuple[int, int, int, float]] = []
+        segs: tuple[list, list, list] = ([], [], [])  # sign, delta, logits: (start, len, slot, alpha)
         for (slot, alpha), members in self._order(scheduled):
             g_start, g_logits = len(ids), len(logits_rows)
             for seq, n in members:
                 c = seq.num_computed
                 start = len(ids)
-                ids.extend(seq.tokens[c : c + n])
-                positions.extend(range(c, c + n))
-                slot_map.extend(self._rows(seq.block_table, c, c + n))
+                table = seq.block_table
                 ctx = c + n
                 if n == 1:
+                    ids.append(seq.tokens[c])
+                    positions.append(c)
+                    slot_map.append(table[c // bs] * bs + c % bs)
                     dec_tok.append(start)
-                    dec_tables.append(seq.block_table)
+                    dec_tables.append(table)
                     dec_len.append(ctx)
                 else:
-                    mask = None if c == 0 and self.window is None else self._mask(torch.arange(c, ctx), ctx)
-                    rows = self._table_rows([seq.block_table], ctx)[0].to(self.device)
-                    mask = None if mask is None else mask.to(self.device)
-                    prefills.append(PrefillAttention(start, n, ctx, rows, mask))
+                    ids.extend(seq.tokens[c:ctx])
+                    positions.extend(range(c, ctx))
+                    slot_map.extend(table[p // bs] * bs + p % bs for p in range(c, ctx))
+                    prefill_spans.append((seq, start, n, ctx))
                 if ctx == seq.num_tokens:
                     logits_rows.append(start + n - 1)
                     sampled.append(seq)
             if slot >= 0:
                 seg = (g_start, len(ids) - g_start, slot, alpha)
-                delta_seg.append(seg)
+                segs[1].append(seg)
                 if members[0][0].sign_slot:
-                    sign_seg.append(seg)
+                    segs[0].append(seg)
                 if len(logits_rows) > g_logits:
-                    logit_seg.append((g_logits, len(logits_rows) - g_logits, slot, alpha))
+                    segs[2].append((g_logits, len(logits_rows) - g_logits, slot, alpha))
+        width = max((len(t) for t in dec_tables), default=0)
+        flat_tables: list[int] = []
+        for t in dec_tables:
+            flat_tables.extend(t)
+            flat_tables.extend([self.pad_block] * (width - len(t)))
+        seg_fields = [[s[i] for s in group] for group in segs for i in range(3)]
+        i64 = self._upload([ids, positions, slot_map, logits_rows, dec_tok], torch.long)
+        i32 = self._upload([dec_len, flat_tables, *seg_fields], torch.int32)
+        alphas = self._upload([[s[3] for s in group] for group in segs], torch.float32)
+        segments = [
+            Segments(*i32[2 + 3 * g : 5 + 3 * g], alphas[g], *_columns(group)) for g, group in enumerate(segs)
+        ]
         decode = None
         if dec_tok:
-            width = max(len(t) for t in dec_tables)
-            pad = self.pad_block
-            tables = [t + [pad] * (width - len(t)) for t in dec_tables]
             decode = DecodeAttention(
-                torch.tensor(dec_tok, dtype=torch.long, device=self.device),
-                torch.tensor(tables, dtype=torch.int32, device=self.device),
-                torch.tensor(dec_len, dtype=torch.int32, device=self.device),
-                max(dec_len), self.block_size, self.window or 0,
+                i64[4], i32[1].view(len(dec_tables), width), i32[0], max(dec_len), bs, self.window or 0
             )
-        dev = self.device
+        prefills = tuple(self._prefill(seq, start, n, ctx) for seq, start, n, ctx in prefill_spans)
         batch = ForwardBatch(
-            input_ids=torch.tensor(ids, dtype=torch.long, device=dev),
-            positions=torch.tensor(positions, dtype=torch.long, device=dev),
-            slot_mapping=torch.tensor(slot_map, dtype=torch.long, device=dev),
-            sign_segments=_segments(sign_seg, dev),
-            delta_segments=_segments(delta_seg, dev),
-            prefills=tuple(prefills),
+            input_ids=i64[0],
+            positions=i64[1],
+            slot_mapping=i64[2],
+            sign_segments=segments[0],
+            delta_segments=segments[1],
+            prefills=prefills,
             decode=decode,
-            logits_index=torch.tensor(logits_rows, dtype=torch.long, device=dev),
-            logits_segments=_segments(logit_seg, dev),
+            logits_index=i64[3],
+            logits_segments=segments[2],
         )
         return batch, sampled
+
+    def _upload(self, parts: list[list], dtype: torch.dtype) -> list[torch.Tensor]:
+        """One tensor on the compute device holding the concatenated `parts`; a view per part."""
+        on_cpu = self.device.type == "cpu"
+        flat = torch.tensor([v for part in parts for v in part], dtype=dtype, pin_memory=not on_cpu)
+        if not on_cpu:
+            flat = flat.to(self.device, non_blocking=True)
+        out, at = [], 0
+        for part in parts:
+            out.append(flat[at : at + len(part)])
+            at += len(part)
+        return out
+
+    def _prefill(self, seq: Sequence, start: int, n: int, ctx: int) -> PrefillAttention:
+        c = ctx - n
+        mask = None if c == 0 and self.window is None else self._mask(torch.arange(c, ctx), ctx)
+        rows = self._table_rows([seq.block_table], ctx)[0].to(self.device)
+        return PrefillAttention(start, n, ctx, rows, None if mask is None else mask.to(self.device))
 
     def scrub(self, table: list[int]) -> None:
         """Zero the KV rows of `table`'s blocks in every layer: a failed request may have left
@@ -155,7 +181,9 @@ class ModelRunner:
         return self.forward(batch), sampled
 
 
-def _segments(segs: list[tuple[int, int, int, float]], device: torch.device) -> Segments:
-    return Segments.build(
-        [s[0] for s in segs], [s[1] for s in segs], [s[2] for s in segs], [s[3] for s in segs], device
+def _columns(group: list[tuple[int, int, int, float]]) -> tuple[tuple, tuple, tuple, tuple]:
+    """(starts, lengths, slots, alphas) host tuples of segments given as (start, len, slot, alpha)."""
+    return (
+        tuple(s[0] for s in group), tuple(s[1] for s in group), tuple(s[2] for s in group),
+        tuple(float(s[3]) for s in group),
     )

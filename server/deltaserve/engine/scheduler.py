@@ -88,10 +88,16 @@ class Scheduler:
     def schedule(self) -> SchedulerOutput:
         out = SchedulerOutput()
         budget = self.max_num_batched_tokens
+        block_size = self.blocks.block_size
         i = 0
         while i < len(self.running) and budget > 0:
             seq = self.running[i]
-            n = min(seq.num_tokens - seq.num_computed, budget)
+            n = min(len(seq.tokens) - seq.num_computed, budget)
+            if len(seq.block_table) * block_size >= seq.num_computed + n:  # room in its blocks
+                out.scheduled.append((seq, n))
+                budget -= n
+                i += 1
+                continue
             while not self.blocks.can_grow(seq.block_table, seq.num_computed + n):
                 victim = self.running.pop()
                 self._preempt(victim, out)

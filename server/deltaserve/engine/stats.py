@@ -26,5 +26,6 @@ class StepTimes:
 
     schedule: float  # choosing the running set, allocating KV blocks
     build: float  # turning it into a ForwardBatch (tensors, segments, masks)
-    forward: float  # the model (and the copy of its logits to the host)
+    forward: float  # the model
+    pick: float  # greedy picks + finiteness over the logits (device work) and their copy to the host
     sample: float  # sampling, stop checks, detokenizing, building the outputs
