@@ -60,10 +60,12 @@ def rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tenso
 
 
 def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
-    ext = _ext(gate_up)
-    if ext is not None and gate_up.stride(-1) == 1:
-        return ext.silu_and_mul(gate_up)
-    return silu_and_mul_ref(gate_up)
+    """silu(gate) * up, bit-equal to the reference with one temporary fewer. On the CPU torch's
+    vectorized, threaded silu and an in-place multiply beat a one-pass C++ kernel with scalar
+    exp (37 against 90 us at 16 rows of SmolLM2's 2 x 1536; `deltaserve bench ops`)."""
+    inter = gate_up.shape[-1] // 2
+    out = F.silu(gate_up[:, :inter])
+    return out.mul_(gate_up[:, inter:])
 
 
 def greedy_rows_ref(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

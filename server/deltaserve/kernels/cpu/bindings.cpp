@@ -16,7 +16,6 @@ at::Tensor paged_decode_attention(const at::Tensor& q, const at::Tensor& k_cache
 
 at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& w, double eps);
 void rotary(at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin);
-at::Tensor silu_and_mul(const at::Tensor& gu);
 std::tuple<at::Tensor, at::Tensor> greedy_rows(const at::Tensor& logits);
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -24,7 +23,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("best_isa", &best_isa, "0 = scalar, 1 = AVX2, 2 = AVX-512 (what this CPU supports)");
   m.def("rms_norm", &rms_norm, "RMSNorm over rows");
   m.def("rotary", &rotary, "rotate-half RoPE in place");
-  m.def("silu_and_mul", &silu_and_mul, "silu(gate) * up of a fused gate_up output");
   m.def("greedy_rows", &greedy_rows, "argmax and finiteness of every logits row in one pass");
   m.def("paged_decode_attention", &paged_decode_attention, "decode attention over the paged KV cache");
 }

@@ -1,5 +1,6 @@
 // Fused elementwise steps of a decoder block (and the greedy pick) on the CPU, one pass each
-// instead of 2–8 torch ops.
+// instead of 2–8 torch ops. (silu-and-mul stays in torch: its vectorized, threaded silu plus an
+// in-place multiply beat a one-pass kernel with scalar exp 2.4x at 16 rows.)
 //
 // Semantics (plain-torch references in deltaserve.kernels.fused, fp32 arithmetic, results in
 // the input dtype):
@@ -7,7 +8,6 @@
 //   rotary(x, cos, sin)                x [T, heads, D] rotated in place, rotate-half convention:
 //                                      x1' = x1 cos1 - x2 sin1, x2' = x2 cos2 + x1 sin2
 //                                      (x1, x2 the halves; cos, sin [T, D])
-//   silu_and_mul(gu)                   gu [T, 2I] -> silu(gu[:, :I]) * gu[:, I:]  [T, I]
 //   greedy_rows(logits)                fp32 [R, V] -> (argmax [R], no NaN / +inf in the row [R])
 // Multiplications and additions are not contracted into FMAs, so rotary rounds exactly as
 // torch does; the norm's sum of squares is summed in another order.
@@ -94,26 +94,6 @@ void rotary(at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin) {
       }
     }
   });
-}
-
-at::Tensor silu_and_mul(const at::Tensor& gu) {
-  TORCH_CHECK(gu.dim() == 2 && gu.stride(1) == 1 && gu.size(1) % 2 == 0, "gu must be [T, 2I], unit column stride");
-  const int64_t T = gu.size(0), I = gu.size(1) / 2;
-  at::Tensor out = at::empty({T, I}, gu.options());
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, gu.scalar_type(), "silu_and_mul", [&] {
-    const scalar_t* g = gu.data_ptr<scalar_t>();
-    scalar_t* o = out.data_ptr<scalar_t>();
-    const int64_t gs = gu.stride(0);
-    at::parallel_for(0, T, 16, [&](int64_t b, int64_t e) {
-      for (int64_t t = b; t < e; ++t)
-        for (int64_t i = 0; i < I; ++i) {
-          const float a = static_cast<float>(g[t * gs + i]);
-          const scalar_t act = static_cast<scalar_t>(a / (1.f + std::exp(-a)));
-          o[t * I + i] = static_cast<scalar_t>(static_cast<float>(act) * static_cast<float>(g[t * gs + I + i]));
-        }
-    });
-  });
-  return out;
 }
 
 namespace {
