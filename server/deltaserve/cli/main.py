@@ -18,7 +18,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "inspect": ("inspect", "describe a delta file"),
     "merge": ("merge", "write base + alpha * delta as a Hugging Face checkpoint"),
     "generate": ("generate", "offline batched generation over a JSONL of prompts"),
-    "serve": ("serve", "run the gRPC server"),
+    "serve": ("serve", "run the gRPC server (and the OpenAI-compatible HTTP API with --http-port)"),
     "bench": ("bench", "benchmarks (kernel, serve)"),
     "import-gguf": ("import_gguf", "convert a GGUF Llama-family model into a HF checkpoint"),
     "finetune": ("finetune", "full fine-tune of a base on a built-in task or a JSONL"),

@@ -1,4 +1,5 @@
-"""`deltaserve serve`: run the gRPC server (config file, flags override it; SIGTERM drains)."""
+"""`deltaserve serve`: run the gRPC server, and with --http-port the OpenAI-compatible HTTP API
+(config file, flags override it; SIGTERM drains). docs/CONFIG.md lists every flag and key."""
 
 from __future__ import annotations
 
@@ -16,7 +17,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--host", help="bind address (default: 127.0.0.1 without --keys, all interfaces with)"
     )
     parser.add_argument("--port", type=int, help="gRPC port (default 50051; 0 = any free port)")
-    parser.add_argument("--metrics-host", help="bind address of /metrics (default 127.0.0.1)")
+    parser.add_argument(
+        "--http-port", type=int,
+        help="serve the OpenAI-compatible HTTP API (/v1/...) on this port, bound like gRPC (default off)",
+    )
+    parser.add_argument("--metrics-host", help="bind address of /metrics (default: the gRPC bind address)")
     parser.add_argument("--metrics-port", type=int, help="Prometheus /metrics port (default 9400)")
     parser.add_argument("--no-metrics", action="store_true", help="do not serve /metrics")
     parser.add_argument("--mode", choices=("deltas", "swap"), help="serving mode (default deltas)")
@@ -36,7 +41,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--keys", type=Path, help="API keys file (see deltaserve.service.auth)")
     parser.add_argument("--max-running", type=int, help="requests decoded together at most")
     parser.add_argument("--max-queue", type=int, help="requests held at most before RESOURCE_EXHAUSTED")
-    parser.add_argument("--max-device-tenants", type=int, help="tenant deltas resident on the device at most")
+    parser.add_argument(
+        "--tenant-slots", type=int, help="tenant deltas compute-resident on the device at once (default 8)"
+    )
+    # former name of --tenant-slots, kept as a hidden alias
+    parser.add_argument("--max-device-tenants", type=int, dest="tenant_slots", help=argparse.SUPPRESS)
     parser.add_argument("--device-cache-bytes", help="device tier budget, e.g. 2GiB")
     parser.add_argument("--host-cache-bytes", help="host tier budget, e.g. 4GiB")
     parser.add_argument("--kv-blocks", type=int, help="paged KV cache blocks")
@@ -71,6 +80,7 @@ def run(args: argparse.Namespace) -> int:
         port=args.port,
         metrics_host=args.metrics_host,
         metrics_port=args.metrics_port,
+        http_port=args.http_port,
         mode=args.mode,
         device=args.device,
         dtype=args.dtype,
@@ -79,7 +89,7 @@ def run(args: argparse.Namespace) -> int:
         keys=args.keys,
         max_running=args.max_running,
         max_queue=args.max_queue,
-        max_device_tenants=args.max_device_tenants,
+        tenant_slots=args.tenant_slots,
         device_cache_bytes=args.device_cache_bytes,
         host_cache_bytes=args.host_cache_bytes,
         kv_blocks=args.kv_blocks,
@@ -100,6 +110,7 @@ def run(args: argparse.Namespace) -> int:
                         "target": server.target,
                         "port": server.port,
                         "metrics_port": server.metrics_port,
+                        "http_port": server.http_port,
                         "tenants": server.cache.tenants(),
                         "fingerprint": server.facts.base_fingerprint,
                     }

@@ -520,7 +520,7 @@ class DeltaCache:
                 cap = self.config.max_device_entries
                 if cap is not None and sum(1 for o in self._all if o.on_device and o.pinned) >= cap:
                     raise ResourceExhaustedError(
-                        f"all {cap} device slots hold pinned tenants; unpin one or raise --max-device-tenants"
+                        f"all {cap} device slots hold pinned tenants; unpin one or raise --tenant-slots"
                     )
                 await self._room.wait()  # every resident delta is in use: wait for a release
             self._device_reserved += need

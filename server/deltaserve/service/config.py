@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import re
 import tomllib
-from dataclasses import dataclass, fields
+from dataclasses import InitVar, dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +19,7 @@ MODES = ("deltas", "swap")
 DTYPES = ("auto", "float32", "bfloat16", "float16")  # auto: per host (engine.config)
 LINEAR_BACKENDS = ("auto", "torch", "onednn")
 LOOPBACK = "127.0.0.1"
+DEPRECATED_KEYS = {"max_device_tenants": "tenant_slots"}  # former name -> current name
 _SECTIONS = ("server", "cache", "limits", "engine", "metrics", "auth")
 _UNITS = {
     "": 1,
@@ -57,7 +58,13 @@ class ServerConfig:
     """Everything `deltaserve serve` needs; validated on construction.
 
     host None means: loopback when there is no keys file, all interfaces with one.
+    metrics_host None means: the same address as the gRPC port (`bind_host`), so a server
+    reachable from outside (a container, a pod) can also be scraped.
     metrics_port None disables the /metrics endpoint; 0 picks a free port.
+    http_port None disables the OpenAI-compatible HTTP API; 0 picks a free port. It binds
+    `bind_host`, like gRPC, and checks the same keys.
+    tenant_slots: tenant deltas compute-resident at once (the engine's slots; default 8).
+    `max_device_tenants` is its former name, still accepted (by the constructor and in files).
     mode "deltas" serves one base + compressed deltas; "swap" is the baseline
     that keeps one merged fine-tune resident at a time (engine chosen by the factory).
     """
@@ -68,6 +75,7 @@ class ServerConfig:
     port: int = 50051
     metrics_host: str | None = None
     metrics_port: int | None = 9400
+    http_port: int | None = None
     mode: str = "deltas"
     device: str = "cpu"
     dtype: str = "auto"
@@ -82,7 +90,7 @@ class ServerConfig:
     # delta cache budgets (bytes)
     device_cache_bytes: int = 2 * 2**30
     host_cache_bytes: int = 4 * 2**30
-    max_device_tenants: int | None = None
+    tenant_slots: int | None = None
     # admission and request limits
     max_queue: int = 256
     max_prompt_tokens: int = 4096
@@ -92,8 +100,16 @@ class ServerConfig:
     drain_grace_s: float = 30.0
     metrics_max_tenants: int = 100
     warm_deltas: bool = True
+    max_device_tenants: InitVar[int | None] = None  # former name of tenant_slots
 
-    def __post_init__(self) -> None:
+    def __post_init__(self, max_device_tenants: int | None) -> None:
+        if max_device_tenants is not None:
+            if self.tenant_slots is not None and self.tenant_slots != max_device_tenants:
+                raise InvalidArgumentError(
+                    "config: give tenant_slots only (max_device_tenants is its former name)"
+                )
+            object.__setattr__(self, "tenant_slots", max_device_tenants)
+
         def req(cond: bool, msg: str) -> None:
             if not cond:
                 raise InvalidArgumentError(f"config: {msg}")
@@ -110,15 +126,17 @@ class ServerConfig:
             self.metrics_port is None or 0 <= self.metrics_port <= 65535,
             f"metrics_port must be in [0, 65535], got {self.metrics_port}",
         )
+        req(
+            self.http_port is None or 0 <= self.http_port <= 65535,
+            f"http_port must be in [0, 65535], got {self.http_port}",
+        )
         req(self.max_running >= 1, "max_running must be >= 1")
         req(self.max_queue >= 1, "max_queue must be >= 1")
         req(self.max_prompt_tokens >= 1, "max_prompt_tokens must be >= 1")
         req(self.max_new_tokens >= 1, "max_new_tokens must be >= 1")
         req(self.max_message_bytes >= 1024, "max_message_bytes must be >= 1024")
         req(self.device_cache_bytes >= 0 and self.host_cache_bytes >= 0, "cache budgets must be >= 0")
-        req(
-            self.max_device_tenants is None or self.max_device_tenants >= 1, "max_device_tenants must be >= 1"
-        )
+        req(self.tenant_slots is None or self.tenant_slots >= 1, "tenant_slots must be >= 1")
         req(self.drain_grace_s >= 0, "drain_grace_s must be >= 0")
         req(self.metrics_max_tenants >= 0, "metrics_max_tenants must be >= 0")
 
@@ -129,6 +147,11 @@ class ServerConfig:
             return self.host
         return "[::]" if self.keys is not None else LOOPBACK
 
+    @property
+    def metrics_bind_host(self) -> str:
+        """The address /metrics binds: `metrics_host`, else the gRPC port's address."""
+        return self.metrics_host if self.metrics_host is not None else self.bind_host
+
     @classmethod
     def from_sources(cls, file: Path | None = None, **overrides: Any) -> ServerConfig:
         """Build from an optional config file, then `overrides` (None values are ignored)."""
@@ -138,7 +161,7 @@ class ServerConfig:
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> ServerConfig:
-        known = {f.name for f in fields(cls)}
+        known = {f.name for f in fields(cls)} | set(DEPRECATED_KEYS)
         unknown = sorted(set(values) - known)
         if unknown:
             raise InvalidArgumentError(f"config: unknown keys {unknown}; known keys: {sorted(known)}")

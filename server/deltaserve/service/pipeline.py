@@ -119,6 +119,15 @@ class GenerationPipeline:
     def close(self) -> None:
         self._tokenize.shutdown(wait=False, cancel_futures=True)
 
+    async def token_texts(self, ids: Sequence[int]) -> list[str]:
+        """The text of each token id alone (for log-probabilities shown as strings), decoded on the
+        same single worker that tokenizes, so the tokenizer is never called from two threads."""
+        if not ids:
+            return []
+        tok = self._engine.tokenizer
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._tokenize, lambda: [tok.decode([int(i)]) for i in ids])
+
     def _prompt_token_limit(self) -> int:
         return min(self._limits.max_prompt_tokens, self._engine.max_model_len - 1)
 

@@ -2,10 +2,12 @@
 
 `start_server(config, engine)` wires: metrics (own registry and port), lifecycle
 + health, API keys, the delta cache over the engine, the generation pipeline, the
-two servicers behind one interceptor, and reflection. It registers the delta
-store, warms what fits while health says NOT_SERVING, then flips to SERVING.
+two servicers behind one interceptor, reflection (v1 and v1alpha), and, with
+`http_port`, the OpenAI-compatible HTTP API over the same pipeline. It registers the
+delta store, warms what fits while health says NOT_SERVING, then flips to SERVING.
 `RunningServer.drain(grace)` is what SIGTERM triggers: NOT_SERVING, new requests
-get UNAVAILABLE, running ones finish within `grace` seconds, then the port closes.
+get UNAVAILABLE (HTTP 503), running ones finish within `grace` seconds, then the
+ports close.
 
 The engine is an `AsyncEngine` over any `EngineCore` (the seam for baselines such as
 the "swap" mode): `make_engine(config)` builds the default one.
@@ -27,7 +29,6 @@ from deltaserve_client._proto.deltaserve.v1 import (
     generation_pb2_grpc,
 )
 from grpc_health.v1 import health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
 
 from deltaserve.engine.async_engine import AsyncEngine
 from deltaserve.errors import FailedPreconditionError, InvalidArgumentError, NotFoundError
@@ -36,10 +37,12 @@ from deltaserve.service.cache import CacheConfig, DeltaCache, DeltaSource, Tier
 from deltaserve.service.config import ServerConfig
 from deltaserve.service.deltas_admin import DeltasServicer, ServerFacts
 from deltaserve.service.generation import GenerationServicer
+from deltaserve.service.http.server import HttpServer
 from deltaserve.service.interceptor import ServiceInterceptor
 from deltaserve.service.lifecycle import Lifecycle, Phase
 from deltaserve.service.metrics import ServerMetrics
 from deltaserve.service.pipeline import GenerationPipeline, RequestLimits
+from deltaserve.service.reflection import enable_reflection
 
 log = logging.getLogger("deltaserve.serve")
 
@@ -103,7 +106,7 @@ def make_engine(config: ServerConfig) -> AsyncEngine:
         linear_backend=config.linear_backend,
         threads=config.threads,
         max_running=config.max_running,
-        tenant_slots=config.max_device_tenants or 8,
+        tenant_slots=config.tenant_slots or 8,
         max_waiting=config.max_queue,
         **kw,
     )
@@ -138,7 +141,12 @@ class RunningServer:
     metrics: ServerMetrics
     auth: Authenticator
     facts: ServerFacts
+    http: HttpServer | None = None
     problems: list[str] = field(default_factory=list)
+
+    @property
+    def http_port(self) -> int | None:
+        return None if self.http is None else self.http.port
 
     @property
     def target(self) -> str:
@@ -157,6 +165,8 @@ class RunningServer:
         if not done:
             aborted = await self.pipeline.abort_all()
             await self.pipeline.wait_idle(FLUSH_SECONDS)  # the aborted streams send their last message
+        if self.http is not None:
+            await self.http.stop()
         await self.grpc_server.stop(FLUSH_SECONDS)
         self.metrics.stop_http()
         await self.engine.stop()
@@ -170,9 +180,15 @@ class RunningServer:
             f"deltaserve {f.version} serving {f.base_model}",
             f"  model       {f.architecture}, {f.dtype} on {f.device}, mode {c.mode}",
             f"  gRPC        {c.bind_host}:{self.port}  (Generation, Deltas, health, reflection)",
+            "  HTTP        "
+            + (
+                f"http://{_url_host(c.bind_host)}:{self.http_port}/v1  (OpenAI-compatible; /health)"
+                if self.http_port
+                else "off (--http-port P serves the OpenAI-compatible API)"
+            ),
             "  metrics     "
             + (
-                f"http://{c.metrics_host or '127.0.0.1'}:{self.metrics_port}/metrics"
+                f"http://{_url_host(c.metrics_bind_host)}:{self.metrics_port}/metrics"
                 if self.metrics_port
                 else "off"
             ),
@@ -195,6 +211,11 @@ class RunningServer:
             lines.append(f"  WARNING     no keys file but bound to {host}: anyone who can reach it is admin")
         lines += [f"  skipped     {p}" for p in self.problems]
         return lines
+
+
+def _url_host(host: str) -> str:
+    host = host.strip("[]")
+    return f"[{host}]" if ":" in host else host
 
 
 def _mib(n: int) -> str:
@@ -222,7 +243,7 @@ async def start_server(
     if engine is None:
         engine = await asyncio.to_thread(make_engine, config)
     await engine.start()
-    max_tenants = min(config.max_device_tenants or engine.slot_capacity, engine.slot_capacity)
+    max_tenants = min(config.tenant_slots or engine.slot_capacity, engine.slot_capacity)
     max_len = int(engine.max_model_len)
     dtype = engine.dtype  # the resolved compute dtype ("auto" in the config is the engine's choice)
     facts = ServerFacts(
@@ -270,9 +291,8 @@ async def start_server(
         generation_pb2.DESCRIPTOR.services_by_name["Generation"].full_name,
         deltas_pb2.DESCRIPTOR.services_by_name["Deltas"].full_name,
         "grpc.health.v1.Health",
-        reflection.SERVICE_NAME,
     )
-    reflection.enable_server_reflection(names, server)
+    enable_reflection(names, server)
     address = f"{config.bind_host}:{config.port}"
     try:
         port = server.add_insecure_port(address)
@@ -283,7 +303,7 @@ async def start_server(
         raise FailedPreconditionError(f"cannot listen on {address}: the address is in use or not available")
     metrics_port = None
     if config.metrics_port is not None:
-        host = config.metrics_host or "127.0.0.1"
+        host = config.metrics_bind_host.strip("[]")
         try:
             metrics_port = metrics.start_http(config.metrics_port, host)
         except OSError as exc:
@@ -291,10 +311,19 @@ async def start_server(
             raise FailedPreconditionError(
                 f"cannot serve /metrics on {host}:{config.metrics_port}: {exc.strerror}"
             ) from None
+    http = None
+    if config.http_port is not None:
+        http = HttpServer(build_http_app(config, pipeline, cache, auth, lifecycle, metrics))
+        try:
+            await http.start(config.bind_host, config.http_port, FLUSH_SECONDS)
+        except BaseException:
+            metrics.stop_http()
+            await engine.stop()
+            raise
     await server.start()
 
     running = RunningServer(
-        config, server, port, metrics_port, engine, cache, pipeline, lifecycle, metrics, auth, facts
+        config, server, port, metrics_port, engine, cache, pipeline, lifecycle, metrics, auth, facts, http
     )
     running.problems = cache.scan_store()
     if config.warm_deltas:
@@ -302,6 +331,33 @@ async def start_server(
         await warmup_request(engine, cache)
     await lifecycle.set(Phase.SERVING)
     return running
+
+
+def build_http_app(
+    config: ServerConfig,
+    pipeline: GenerationPipeline,
+    cache: DeltaCache,
+    auth: Authenticator,
+    lifecycle: Lifecycle,
+    metrics: ServerMetrics,
+):
+    """The OpenAI-compatible ASGI app over this server's pipeline, cache, keys and metrics."""
+    import time
+
+    from deltaserve.service.http.app import HttpContext, build_app
+
+    ctx = HttpContext(
+        pipeline=pipeline,
+        cache=cache,
+        auth=auth,
+        lifecycle=lifecycle,
+        metrics=metrics,
+        base=config.base,
+        max_new_tokens=config.max_new_tokens,
+        max_body_bytes=config.max_message_bytes,
+        created=int(time.time()),
+    )
+    return build_app(ctx)
 
 
 async def warmup_request(engine: AsyncEngine, cache: DeltaCache) -> None:
