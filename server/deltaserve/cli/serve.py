@@ -5,6 +5,10 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from deltaserve.service.config import ServerConfig
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -60,18 +64,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def run(args: argparse.Namespace) -> int:
-    import asyncio
+def config_from_args(args: argparse.Namespace) -> ServerConfig:
+    """The ServerConfig that `deltaserve serve ARGS` runs with (config file, then flags)."""
     import dataclasses
-    import json
-    import logging
-    import signal
-    import sys
 
     from deltaserve.service.config import ServerConfig
-    from deltaserve.service.server import start_server
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     config = ServerConfig.from_sources(
         args.config,
         base=args.base,
@@ -100,6 +98,20 @@ def run(args: argparse.Namespace) -> int:
     )
     if args.no_metrics:
         config = dataclasses.replace(config, metrics_port=None)
+    return config
+
+
+def run(args: argparse.Namespace) -> int:
+    import asyncio
+    import json
+    import logging
+    import signal
+    import sys
+
+    from deltaserve.service.server import start_server
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    config = config_from_args(args)
 
     async def main() -> int:
         server = await start_server(config)
