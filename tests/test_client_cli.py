@@ -75,6 +75,19 @@ def test_messages_file(fake, capsys, tmp_path):
     assert code == 1 and err.startswith("INVALID_ARGUMENT: give either a prompt")
 
 
+def test_inline_chat_and_system(fake, capsys):
+    code, out, _ = run_cli(capsys, "--target", fake.target, "generate", "--chat", "hi", "--tenant", "acme")
+    assert code == 0 and out == "[acme] " + "user:hi"[::-1] + "\n"
+    req = fake.state.requests[-1]
+    assert req.WhichOneof("input") == "messages"
+    assert [(m.role, m.content) for m in req.messages.messages] == [("user", "hi")]
+    code, out, _ = run_cli(capsys, "--target", fake.target, "stream", "--system", "terse", "--chat", "yo")
+    assert code == 0 and out == "[base] " + "system:terse | user:yo"[::-1] + "\n"
+    for argv in (["--chat", "a", "raw"], ["--system", "s", "raw"], ["--chat", "a", "--messages", "f.json"]):
+        code, _, err = run_cli(capsys, "--target", fake.target, "generate", *argv)
+        assert code == 1 and err.startswith("INVALID_ARGUMENT: "), argv
+
+
 def test_failures_print_status_code_and_exit_nonzero(fake, capsys):
     code, out, err = run_cli(capsys, "--target", fake.target, "generate", "x", "--tenant", GHOST)
     assert code == 1 and out == ""

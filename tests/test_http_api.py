@@ -344,3 +344,38 @@ def test_concurrent_http_and_grpc_requests(srv):
     for t in threads:
         t.join(60)
     assert all(results[f"http{i}"] == results[f"grpc{i}"] for i in range(4))
+
+
+@pytest.mark.slow
+def test_serve_command_with_http_port(chat_models):
+    """`deltaserve serve --http-port` as a user runs it, driven by the openai package; SIGTERM drains."""
+    import os
+    import signal
+    import subprocess
+
+    from test_service_support import serve_command
+
+    cmd = serve_command(chat_models.base, chat_models.store, "--port", "0", "--metrics-port", "0",
+                        "--http-port", "0", "--json")
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        line = proc.stdout.readline()  # printed once the server is SERVING
+        assert line, proc.stderr.read()
+        port = json.loads(line)["http_port"]
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", max_retries=0)
+        assert {m.id for m in client.models.list()} == {"base", *TENANTS}
+        messages = [{"role": "user", "content": PROMPTS[0]}]
+        got = client.chat.completions.create(model="alice", messages=messages, max_tokens=5, **GREEDY)
+        streamed = client.chat.completions.create(
+            model="alice", messages=messages, max_tokens=5, stream=True, **GREEDY
+        )
+        text = "".join(ch.choices[0].delta.content or "" for ch in streamed)
+        assert text == got.choices[0].message.content and got.usage.completion_tokens == 5
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(60) == 0
+        assert f"http://127.0.0.1:{port}/v1" in proc.stderr.read()  # the summary names the HTTP door
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)

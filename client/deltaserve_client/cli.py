@@ -41,7 +41,15 @@ def _loadtest_available() -> bool:
 
 
 def _add_generation_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("prompt", nargs="?", help="prompt text ('-' reads stdin); or use --messages")
+    p.add_argument(
+        "prompt", nargs="?", help="raw prompt text, sent as is ('-' reads stdin); or use --chat / --messages"
+    )
+    p.add_argument(
+        "--chat", metavar="TEXT",
+        help="send TEXT as one user chat message through the model's chat template "
+        "(what chat-tuned tenants expect; '-' reads stdin)",
+    )
+    p.add_argument("--system", metavar="TEXT", help="with --chat: a system message sent before it")
     p.add_argument(
         "--messages", type=Path, metavar="FILE", help="JSON file with a list of {role, content} chat messages"
     )
@@ -136,10 +144,19 @@ def _read_messages(path: Path) -> list[ChatMessage]:
 
 
 def _prompt(args: argparse.Namespace) -> str | list[ChatMessage]:
-    if (args.prompt is None) == (args.messages is None):
-        raise DeltaServeClientError("INVALID_ARGUMENT", "give either a prompt argument or --messages FILE")
+    given = [args.prompt is not None, args.chat is not None, args.messages is not None]
+    if sum(given) != 1:
+        raise DeltaServeClientError(
+            "INVALID_ARGUMENT", "give either a prompt argument, --chat TEXT or --messages FILE"
+        )
+    if args.system is not None and args.chat is None:
+        raise DeltaServeClientError("INVALID_ARGUMENT", "--system goes with --chat")
     if args.messages is not None:
         return _read_messages(args.messages)
+    if args.chat is not None:
+        text = sys.stdin.read() if args.chat == "-" else args.chat
+        system = [ChatMessage("system", args.system)] if args.system is not None else []
+        return [*system, ChatMessage("user", text)]
     return sys.stdin.read() if args.prompt == "-" else args.prompt
 
 
