@@ -324,6 +324,26 @@ def test_queue_full_is_429_with_retry_after(keyed):
     assert keyed.metric("deltaserve:requests_total", tenant="bob", code="RESOURCE_EXHAUSTED") == 1
 
 
+def test_disconnect_while_waiting_for_a_whole_response(keyed):
+    """A non-streamed request whose client goes away (here while its cold delta loads) is
+    cancelled too: it leaves the server and is counted as CANCELLED."""
+    ops = oai(keyed, KEY_ALL)
+    assert {m.id: m.model_extra["tier"] for m in ops.models.list()}["bob"] == "disk"  # still cold
+    with pytest.raises(httpx.TimeoutException):
+        httpx.post(
+            url(keyed) + "/v1/completions",
+            json={"model": "bob", "prompt": "t5", "max_tokens": 2},
+            headers={"Authorization": f"Bearer {KEY_ALL}"},
+            timeout=0.2,
+        )
+    cancelled = keyed.wait_metric("deltaserve:requests_total", 1, tenant="bob", code="CANCELLED")
+    assert cancelled == 1
+    deadline = time.monotonic() + 10
+    while keyed.run_sync(lambda: keyed.server.pipeline.in_flight) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert keyed.run_sync(lambda: keyed.server.pipeline.in_flight) == 0
+
+
 def test_concurrent_http_and_grpc_requests(srv):
     """Both doors feed one engine: concurrent greedy requests from both agree with each other."""
     client = oai(srv)
