@@ -4,24 +4,31 @@ The engine calls only `sign_delta_matmul`; which backend runs is decided here:
 
 - CUDA tensors: the Triton kernels (kernels/triton_sign.py), a GEMV-shaped one
   when every segment has few tokens (decode) and a tl.dot one otherwise (prefill);
-- CPU tensors: the compiled CPU kernel (kernels/cpu_ext.py) when it builds;
+- CPU tensors: the compiled CPU kernels (kernels/cpu_ext.py) when they build: signs in the
+  row layout go to sign_gemv.cpp, signs in the LUT layout (kernels/lut_layout.py, what the
+  engine keeps on the CPU) to the table-lookup kernel sign_lut.cpp;
 - otherwise the plain-torch reference, after one logged warning (for the CPU
   it is the loader's, which names why the build failed).
 
 All backends have the reference's semantics: fp32 accumulation, y keeps its
 dtype (fp32, bf16 or fp16), empty segments are skipped, tokens outside every
-segment are left untouched. Segments must not overlap.
+segment are left untouched. Segments must not overlap. The table-lookup kernel rounds its
+decode tables to integers (kernels/cpu/sign_lut.cpp states the bound): 16-bit tables when y
+is fp32 (error ~3e-5 of the delta's size), 8-bit otherwise (~1%, below bf16's rounding of
+the layer output), unless CpuKernelConfig.table_bits says otherwise.
 """
 
 from __future__ import annotations
 
 import functools
 import logging
+from collections.abc import Sequence
 from typing import Literal
 
 import torch
 
 from deltaserve.kernels.cpu_ext import CpuKernelConfig, load_cpu_extension
+from deltaserve.kernels.lut_layout import from_lut, lut_shape
 from deltaserve.kernels.reference import sign_delta_matmul_ref
 from deltaserve.kernels.segments import Segments
 
@@ -42,7 +49,15 @@ def _warn_reference(reason: str) -> None:
     log.warning("1-bit delta matmul falls back to the plain-torch reference: %s", reason)
 
 
+def is_lut(packed: torch.Tensor) -> bool:
+    """True for signs in the LUT layout (uint8 [S, NB, G, 32]), False for the row layout."""
+    return packed.dtype == torch.uint8
+
+
 def _check(x: torch.Tensor, y: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor) -> None:
+    if is_lut(packed):
+        _check_lut(x, y, packed, scales)
+        return
     if x.dim() != 2 or y.dim() != 2 or packed.dim() != 3:
         raise ValueError("expected x [T, K], y [T, N], packed [S, N, ceil(K/32)]")
     if x.dtype not in SUPPORTED_DTYPES or y.dtype not in SUPPORTED_DTYPES:
@@ -60,12 +75,31 @@ def _check(x: torch.Tensor, y: torch.Tensor, packed: torch.Tensor, scales: torch
         raise ValueError("scales must be [S]")
 
 
+def _check_lut(x: torch.Tensor, y: torch.Tensor, lut: torch.Tensor, scales: torch.Tensor) -> None:
+    if x.dim() != 2 or y.dim() != 2 or lut.dim() != 4 or lut.shape[3] != 32:
+        raise ValueError("expected x [T, K], y [T, N], lut [S, ceil(N/64), 8 ceil(K/32), 32]")
+    t, k = x.shape
+    if y.shape[0] != t or tuple(lut.shape) != lut_shape(lut.shape[0], y.shape[1], k):
+        raise ValueError(f"lut {tuple(lut.shape)} does not match x {tuple(x.shape)} and y {tuple(y.shape)}")
+    if scales.shape != (lut.shape[0],):
+        raise ValueError("scales must be [S]")
+
+
 def _cpu(x, y, packed, scales, segments: Segments, config: CpuKernelConfig) -> torch.Tensor | None:
     ext = load_cpu_extension()
     if ext is None:
         return None
     if y.stride(1) != 1:
         raise ValueError("y must have unit column stride")
+    if is_lut(packed):
+        bits = config.table_bits or (16 if y.dtype == torch.float32 else 8)
+        ext.sign_lut_matmul(
+            x, y, packed.contiguous(), scales,
+            list(segments.starts_list), list(segments.lengths_list),
+            list(segments.slots_list), list(segments.alphas_list),
+            config.gemm_min_tokens, config.isa_cap, bits,
+        )
+        return y
     ext.sign_delta_matmul(
         x, y, packed.contiguous(), scales,
         list(segments.starts_list), list(segments.lengths_list),
@@ -75,15 +109,24 @@ def _cpu(x, y, packed, scales, segments: Segments, config: CpuKernelConfig) -> t
     return y
 
 
+def triton_kernel_for(lengths: Sequence[int]) -> Literal["decode", "prefill"] | None:
+    """The Triton kernel for segments of these token counts: "decode" (GEMV-shaped) when the longest
+    has at most DECODE_MAX_TOKENS tokens, "prefill" (tl.dot) otherwise, None when all are empty."""
+    max_len = max(lengths, default=0)
+    if max_len == 0:
+        return None
+    return "decode" if max_len <= DECODE_MAX_TOKENS else "prefill"
+
+
 def _triton(x, y, packed, scales, segments: Segments) -> torch.Tensor | None:
     try:
         from deltaserve.kernels import triton_sign
     except ImportError:
         return None
-    max_len = max(segments.lengths_list, default=0)
-    if max_len == 0:
+    kernel = triton_kernel_for(segments.lengths_list)
+    if kernel is None:
         return y
-    if max_len <= DECODE_MAX_TOKENS:
+    if kernel == "decode":
         return triton_sign.sign_delta_decode(x, y, packed, scales, segments)
     return triton_sign.sign_delta_prefill(x, y, packed, scales, segments)
 
@@ -91,7 +134,7 @@ def _triton(x, y, packed, scales, segments: Segments) -> torch.Tensor | None:
 def sign_delta_matmul(
     x: torch.Tensor,  # [T, K]
     y: torch.Tensor,  # [T, N], updated in place
-    packed: torch.Tensor,  # int32 [S, N, ceil(K/32)]
+    packed: torch.Tensor,  # int32 [S, N, ceil(K/32)] (row layout) or uint8 LUT layout
     scales: torch.Tensor,  # fp32 [S]
     segments: Segments,
     backend: Backend = "auto",
@@ -104,6 +147,8 @@ def sign_delta_matmul(
     """
     _check(x, y, packed, scales)
     needs_grad = torch.is_grad_enabled() and (x.requires_grad or scales.requires_grad or y.requires_grad)
+    if is_lut(packed) and not (x.device.type == "cpu" and backend in ("auto", "cpu") and not needs_grad):
+        packed = from_lut(packed, y.shape[1])  # the other paths read the row layout
     if backend == "reference" or (backend == "auto" and needs_grad):
         # the fast kernels have no backward: autograd callers get the differentiable reference
         return sign_delta_matmul_ref(x, y, packed, scales, segments)
@@ -124,6 +169,8 @@ def sign_delta_matmul(
         if backend == "cpu":
             raise RuntimeError("the compiled CPU kernel is not available")
         # the loader has already logged its one warning with the cause
+        if is_lut(packed):
+            packed = from_lut(packed, y.shape[1])
         return sign_delta_matmul_ref(x, y, packed, scales, segments)
     if backend != "auto":
         raise RuntimeError(f"backend {backend!r} cannot run on {x.device}")

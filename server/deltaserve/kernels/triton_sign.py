@@ -135,6 +135,33 @@ PREFILL_CONFIGS = [
 ]
 
 
+# autotune keys: the kernels' shape arguments; G_BUCKET / M_BUCKET are `bucket`s, so the number of
+# tuned variants grows with log2 of the segment count / longest segment, not with every value
+AUTOTUNE_KEYS = {"decode": ("N", "K", "G_BUCKET"), "prefill": ("N", "K", "M_BUCKET")}
+
+
+def bucket(count: int) -> int:
+    """The power of two >= count (count >= 1) standing for `count` in an autotune key."""
+    return triton.next_power_of_2(count)
+
+
+def decode_grid(segments: int, n: int, block_n: int) -> tuple[int, int]:
+    """Grid of `_decode_kernel`: (segment, N tile); every output column of every segment is covered."""
+    return (segments, triton.cdiv(n, block_n))
+
+
+def prefill_grid(segments: int, max_len: int, n: int, block_m: int, block_n: int) -> tuple[int, int, int]:
+    """Grid of `_prefill_kernel`: (segment, M tile of the longest segment, N tile); programs past a
+    shorter segment's end return at once."""
+    return (segments, triton.cdiv(max_len, block_m), triton.cdiv(n, block_n))
+
+
+def dot_precision(dtype: torch.dtype) -> str:
+    """tl.dot input precision for x of `dtype`: IEEE for fp32 (no TF32 rounding of the inputs);
+    "tf32" for bf16/fp16, where it is ignored (the inputs are already 16-bit)."""
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
 def _no_bench(kernel_call, quantiles):  # the interpreter cannot time kernels: keep the first config
     return [0.0, 0.0, 0.0]
 
@@ -143,10 +170,10 @@ def _no_bench(kernel_call, quantiles):  # the interpreter cannot time kernels: k
 def _tuned(kernel_name: str):
     """The autotuned kernel, built at first use (reads triton's interpreter switch then, not at import)."""
     interpret = bool(triton.knobs.runtime.interpret)
-    fn, configs, key = {
-        "decode": (_decode_kernel, DECODE_CONFIGS, ["N", "K", "G_BUCKET"]),
-        "prefill": (_prefill_kernel, PREFILL_CONFIGS, ["N", "K", "M_BUCKET"]),
-    }[kernel_name]
+    fn, configs = {"decode": (_decode_kernel, DECODE_CONFIGS), "prefill": (_prefill_kernel, PREFILL_CONFIGS)}[
+        kernel_name
+    ]
+    key = list(AUTOTUNE_KEYS[kernel_name])
     # restore_value: benchmarking runs the kernel several times; y is updated in place
     return triton.autotune(
         configs=configs, key=key, restore_value=["y_ptr"], do_bench=_no_bench if interpret else None
@@ -185,13 +212,13 @@ def sign_delta_decode(
         return y
 
     def grid(meta):
-        return (g, triton.cdiv(n, meta["BLOCK_N"]))
+        return decode_grid(g, n, meta["BLOCK_N"])
 
     kernel, meta = _launcher("decode", config)
     kernel[lambda m: grid({**m, **meta})](
         x, y, packed, scales,
         segments.starts, segments.lengths, segments.slots, segments.alphas,
-        n, k, kw, triton.next_power_of_2(g),
+        n, k, kw, bucket(g),
         x.stride(0), y.stride(0), packed.stride(0), packed.stride(1),
         **meta,
     )
@@ -211,11 +238,11 @@ def sign_delta_prefill(
     max_len = max(segments.lengths_list, default=0)
     if g == 0 or max_len == 0:
         return y
-    m_bucket = triton.next_power_of_2(max_len)
-    precision = "ieee" if x.dtype == torch.float32 else "tf32"
+    m_bucket = bucket(max_len)
+    precision = dot_precision(x.dtype)
 
     def grid(meta):
-        return (g, triton.cdiv(max_len, meta["BLOCK_M"]), triton.cdiv(n, meta["BLOCK_N"]))
+        return prefill_grid(g, max_len, n, meta["BLOCK_M"], meta["BLOCK_N"])
 
     kernel, meta = _launcher("prefill", config)
     kernel[lambda m: grid({**m, **meta})](
