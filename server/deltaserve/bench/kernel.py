@@ -43,6 +43,8 @@ class BenchConfig:
     copy_mib: int | None = None  # bandwidth copy size; default 512 MiB (CPU) / 1 GiB (CUDA)
     clock: str = "wall"  # "wall", or "cpu": process CPU time (single-threaded CPU runs on a shared host)
     cpu_isa: str = "auto"  # highest instruction set the CPU kernel may use: auto, avx512, avx2, scalar
+    cpu_layout: str = "lut"  # CPU sign layout: "lut" (table lookup, what the engine keeps) or "rows"
+    table_bits: int | None = None  # LUT decode tables: 8, 16 or None (16 for fp32, 8 for bf16/fp16)
 
     def __post_init__(self) -> None:
         if self.device not in ("cpu", "cuda"):
@@ -55,6 +57,8 @@ class BenchConfig:
             raise ValueError("clock must be wall, or cpu (CPU device only)")
         if self.cpu_isa not in CPU_ISAS:
             raise ValueError(f"cpu_isa must be one of {sorted(CPU_ISAS)}")
+        if self.cpu_layout not in ("lut", "rows") or self.table_bits not in (None, 8, 16):
+            raise ValueError("cpu_layout must be lut or rows; table_bits 8, 16 or None")
         if not self.shapes or not self.tenants or not self.phases:
             raise ValueError("shapes, tenants and phases must not be empty")
         if min(self.tenants) < 1:
@@ -94,6 +98,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="wall time, or process CPU time (needs --threads 1; for shared CPU hosts)")
     parser.add_argument("--cpu-isa", choices=tuple(CPU_ISAS), default="auto",
                         help="highest instruction set the CPU kernel may use (default: the best available)")
+    parser.add_argument("--cpu-layout", choices=("lut", "rows"), default="lut",
+                        help="CPU sign layout: lut (table lookup, as the engine) or rows (sign-flip kernel)")
+    parser.add_argument("--table-bits", type=int, choices=(8, 16), default=None,
+                        help="LUT decode table precision (default: 16 for float32, 8 for 16-bit dtypes)")
     parser.add_argument("--shapes", default=None,
                         help="comma-separated KxN layer shapes (default 4096x4096,4096x14336,576x1536)")
     parser.add_argument("--tenants", default=None, help="comma-separated tenant counts (default 1,4,16)")
@@ -180,10 +188,16 @@ def run_case(torch_mod, config: BenchConfig, timer: _Timer, case, bandwidth_gbps
     y = torch.empty(t, n, dtype=dtype, device=dev)
 
     base_ms = timer(lambda: torch.nn.functional.linear(x, w))
-    cpu = CpuKernelConfig(isa_cap=CPU_ISAS[config.cpu_isa])
-    delta_ms = timer(lambda: sign_delta_matmul(x, y, packed, scales, segments, cpu_config=cpu))
+    cpu = CpuKernelConfig(isa_cap=CPU_ISAS[config.cpu_isa], table_bits=config.table_bits)
+    signs = packed
+    if dev == "cpu" and config.cpu_layout == "lut":
+        from deltaserve.kernels.lut_layout import to_lut
+
+        signs = to_lut(packed)
+    delta_ms = timer(lambda: sign_delta_matmul(x, y, signs, scales, segments, cpu_config=cpu))
+
     def base_plus_delta():
-        sign_delta_matmul(x, torch.nn.functional.linear(x, w), packed, scales, segments, cpu_config=cpu)
+        sign_delta_matmul(x, torch.nn.functional.linear(x, w), signs, scales, segments, cpu_config=cpu)
 
     both_ms = timer(base_plus_delta)
     # the naive baseline is 1-2 orders of magnitude slower: 3 repeats are enough for its median
@@ -191,6 +205,9 @@ def run_case(torch_mod, config: BenchConfig, timer: _Timer, case, bandwidth_gbps
     delta_bytes = packed.numel() * 4
     roofline_ms = delta_bytes / (bandwidth_gbps * 1e9) * 1e3
     backend = "triton" if dev == "cuda" else _cpu_backend_name(CPU_ISAS[config.cpu_isa])
+    if dev == "cpu" and config.cpu_layout == "lut" and backend != "reference":
+        bits = config.table_bits or (16 if dtype == torch.float32 else 8)
+        backend = f"{backend}-lut{bits}" if phase == "decode" else f"{backend}-lut-gemm"
     return CaseResult(
         phase=phase, k=k, n=n, tenants=tenants, tokens_per_tenant=tokens, dtype=config.dtype,
         base_ms=round(base_ms, 6), base_plus_delta_ms=round(both_ms, 6), delta_ms=round(delta_ms, 6),
@@ -286,7 +303,8 @@ def run(args: argparse.Namespace) -> int:
         phases = tuple(p for p in PHASES if not args.phases or p[0] in args.phases.split(","))
         config = BenchConfig(device=args.device, dtype=args.dtype, repeats=repeats,
                              warmup=1 if args.quick else 2, quick=args.quick, clock=args.clock,
-                             cpu_isa=args.cpu_isa, shapes=shapes, tenants=tenants, phases=phases)
+                             cpu_isa=args.cpu_isa, cpu_layout=args.cpu_layout, table_bits=args.table_bits,
+                             shapes=shapes, tenants=tenants, phases=phases)
     except ValueError as exc:
         raise InvalidArgumentError(str(exc)) from exc
     report = run_benchmark(config)  # progress goes to stderr; stdout stays one JSON object

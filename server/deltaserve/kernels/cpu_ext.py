@@ -1,7 +1,9 @@
 """Build and load the CPU kernels extension (kernels/cpu/*.cpp) at first use.
 
-One module holds the segmented 1-bit delta matmul (sign_gemv.cpp) and the paged decode
-attention (paged_attention.cpp); bindings.cpp declares both to Python.
+One module holds the segmented 1-bit delta matmul (sign_gemv.cpp over the row layout,
+sign_lut.cpp by table lookup over the lut layout), the paged decode attention
+(paged_attention.cpp) and the fused elementwise ops (fused_ops.cpp); bindings.cpp declares
+them to Python.
 
 The build goes through torch.utils.cpp_extension (needs a C++ compiler and
 ninja) into a cache directory outside the repository, keyed by the hash of the
@@ -29,7 +31,8 @@ log = logging.getLogger(__name__)
 
 _CPU_DIR = Path(__file__).parent / "cpu"
 SOURCES = tuple(
-    _CPU_DIR / f for f in ("bindings.cpp", "sign_gemv.cpp", "paged_attention.cpp", "fused_ops.cpp")
+    _CPU_DIR / f
+    for f in ("bindings.cpp", "sign_gemv.cpp", "sign_lut.cpp", "paged_attention.cpp", "fused_ops.cpp")
 )
 
 # instruction-set levels understood by the extension's `isa_cap` argument
@@ -41,12 +44,15 @@ class CpuKernelConfig:
     """Tuning of the CPU kernel.
 
     gemm_min_tokens: segments with at least this many tokens use the unpack-tile + BLAS path;
-    row_tile: rows unpacked per tile on that path; isa_cap: highest instruction set to use.
+    row_tile: rows unpacked per tile on that path (row layout); isa_cap: highest instruction
+    set to use; table_bits: integer precision of the table-lookup kernel's decode tables (8 or
+    16; None = 16 for fp32 outputs, 8 for bf16/fp16).
     """
 
     gemm_min_tokens: int = 16
     row_tile: int = 64
     isa_cap: int = ISA_AVX512
+    table_bits: int | None = None
 
     def __post_init__(self) -> None:
         if self.gemm_min_tokens < 1:
@@ -55,6 +61,8 @@ class CpuKernelConfig:
             raise ValueError("row_tile must be >= 1")
         if self.isa_cap not in (ISA_SCALAR, ISA_AVX2, ISA_AVX512):
             raise ValueError("isa_cap must be 0 (scalar), 1 (AVX2) or 2 (AVX-512)")
+        if self.table_bits not in (None, 8, 16):
+            raise ValueError("table_bits must be 8, 16 or None")
 
 
 def cache_root() -> Path:

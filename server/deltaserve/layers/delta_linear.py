@@ -23,7 +23,8 @@ from torch import nn
 from torch.nn import functional as F
 
 from deltaserve.deltas.types import DenseDelta, LinearDelta, LowRankDelta, SignDelta
-from deltaserve.kernels.ops import sign_delta_matmul
+from deltaserve.kernels.lut_layout import lut_shape, to_lut
+from deltaserve.kernels.ops import cpu_kernel_available, is_lut, sign_delta_matmul
 from deltaserve.kernels.segments import Segments
 from deltaserve.layers.quant import set_base_weight
 from deltaserve.layers.slots import DenseSlots
@@ -68,7 +69,9 @@ class DeltaLinear(nn.Module):
         self.name = name  # HF module name, e.g. "model.layers.0.self_attn.q_proj"
         self.out_features = out_features
         self.in_features = in_features
-        self.packed: torch.Tensor | None = None  # int32 [C, N, Kw]
+        # 1-bit stacks: int32 [C, N, Kw] (row layout), or on the CPU with the compiled kernels the
+        # same bits in the LUT layout uint8 [C, ceil(N/64), 8 Kw, 32] (kernels/lut_layout.py)
+        self.packed: torch.Tensor | None = None
         self.scales: torch.Tensor | None = None  # fp32 [C]
         self.others: dict[int, LinearDelta] = {}  # slot -> DenseDelta | LowRankDelta (compute dtype)
         self.bias = DenseSlots((out_features,))  # slot -> db [N], the delta named "<name>.bias"
@@ -111,7 +114,11 @@ class DeltaLinear(nn.Module):
         old = 0 if self.packed is None else self.packed.shape[0]
         if old == capacity:
             return
-        packed = torch.zeros(capacity, self.out_features, self.words, dtype=torch.int32, device=device)
+        if _lut_layout(device):
+            shape = lut_shape(capacity, self.out_features, self.in_features)
+            packed = torch.zeros(shape, dtype=torch.uint8, device=device)
+        else:
+            packed = torch.zeros(capacity, self.out_features, self.words, dtype=torch.int32, device=device)
         scales = torch.zeros(capacity, dtype=torch.float32, device=device)
         keep = min(old, capacity)
         if keep:
@@ -139,7 +146,8 @@ class DeltaLinear(nn.Module):
         if name != self.name:
             return self.bias.set_slot(slot, name, delta, dtype, device)
         if isinstance(delta, SignDelta):
-            self.packed[slot].copy_(delta.packed)
+            bits = delta.packed.to(self.packed.device)
+            self.packed[slot].copy_(to_lut(bits[None])[0] if is_lut(self.packed) else bits)
             self.scales[slot] = delta.scale.float()
         elif isinstance(delta, DenseDelta):
             d = delta.delta.to(device=device, dtype=dtype)
@@ -161,3 +169,8 @@ class DeltaLinear(nn.Module):
     def nbytes(self, slot: int) -> int:
         """Bytes `slot` holds here (its linear delta as stored, plus its bias delta)."""
         return self._linear_bytes.get(slot, 0) + self.bias.nbytes(slot)
+
+
+def _lut_layout(device: torch.device) -> bool:
+    """Whether 1-bit stacks on `device` use the LUT layout (the CPU, when its kernels build)."""
+    return torch.device(device).type == "cpu" and cpu_kernel_available()

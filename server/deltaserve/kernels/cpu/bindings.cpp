@@ -10,6 +10,10 @@ void sign_delta_matmul(const at::Tensor& x, at::Tensor& y, const at::Tensor& pac
                        const std::vector<int64_t>& slots, const std::vector<double>& alphas,
                        int64_t gemm_min_tokens, int64_t row_tile, int64_t isa_cap);
 int64_t best_isa();
+void sign_lut_matmul(const at::Tensor& x, at::Tensor& y, const at::Tensor& lut, const at::Tensor& scales,
+                     const std::vector<int64_t>& starts, const std::vector<int64_t>& lengths,
+                     const std::vector<int64_t>& slots, const std::vector<double>& alphas,
+                     int64_t gemm_min_tokens, int64_t isa_cap, int64_t table_bits);
 at::Tensor paged_decode_attention(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
                                   const at::Tensor& block_tables, const at::Tensor& ctx_lens, int64_t block_size,
                                   double scale, int64_t window);
@@ -20,6 +24,7 @@ std::tuple<at::Tensor, at::Tensor> greedy_rows(const at::Tensor& logits);
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("sign_delta_matmul", &sign_delta_matmul, "segmented 1-bit delta matmul (in place on y)");
+  m.def("sign_lut_matmul", &sign_lut_matmul, "segmented 1-bit delta matmul by table lookup (lut layout)");
   m.def("best_isa", &best_isa, "0 = scalar, 1 = AVX2, 2 = AVX-512 (what this CPU supports)");
   m.def("rms_norm", &rms_norm, "RMSNorm over rows");
   m.def("rotary", &rotary, "rotate-half RoPE in place");

@@ -1,0 +1,323 @@
+// Segmented 1-bit delta matmul by table lookup (T-MAC's method), over the "lut" layout.
+//
+// Semantics: those of sign_delta_matmul (kernels/reference.py): for every segment g with tokens
+// [s, s + l), slot t, alpha a:   y[s:s+l] += (a * scales[t]) * x[s:s+l] @ Sign_t.T
+// up to the int8 rounding of the tables stated below.
+//
+// Layout (deltaserve.kernels.lut_layout): lut uint8 [S, NB, G, 32], NB = ceil(N / 64) blocks of
+// 64 rows, G = 8 * ceil(K / 32) groups of 4 columns. Byte b of (slot, row block r, group j) holds
+// in its low nibble the signs of row 64 r + b at columns 4 j .. 4 j + 3 (bit c = column 4 j + c,
+// set = +1) and in its high nibble those of row 64 r + 32 + b. Rows past N are zero (never written).
+//
+// Decode segments (fewer than gemm_min_tokens tokens): per token and group j, the 16 sums
+//   table_j[i] = sum_c (bit c of i ? +x[4j+c] : -x[4j+c])
+// are computed once in fp32 and rounded to integers with one scale per block of 32 groups (128
+// inputs): scale = max over the block's groups of sum_c |x[4j+c]| / Q, so |table| <= Q, with
+//   bits = 8:  Q = 127, one int8 table;
+//   bits = 16: Q = 32767, split as hi * 256 + lo into a signed and an unsigned byte table.
+// A row's block sum is then 32 lookups per table (vpshufb finds 32 rows' entries in one
+// instruction), summed exactly in int16 (|sum| <= 32 * 255), recombined, and accumulated in
+// fp32 as scale * sum. Error bound per token and row: sum over blocks of 32 * scale / 2 (one
+// half-step per lookup), times |a * scales[t]|: about 1% of the delta's size with 8 bits,
+// 256 times less with 16. The bits of a row block (G * 32 bytes) are read from memory once per
+// segment and reused from cache for the segment's other tokens.
+// Prefill segments: tiles of 64 rows are unpacked to +-1 fp32 and multiplied with BLAS (exact
+// products, fp32 sums), as sign_gemv.cpp does for the row layout.
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <immintrin.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+namespace {
+
+constexpr int64_t kRows = 64;    // rows per block of the layout
+constexpr int64_t kBlock = 32;   // groups per scale block (128 inputs)
+
+struct Seg {
+  int64_t start, length, slot;
+  float factor;
+};
+
+// Tables of one token (x padded to 4 G columns): hi [G][16] int8 (the whole entry with 8 bits;
+// its high byte with 16) and, with 16 bits, lo [G][16] (the low byte, unsigned); block scales
+// [ceil(G / 32)].
+template <int BITS>
+void build_tables(const float* x, int64_t G, int8_t* hi, uint8_t* lo, float* scales) {
+  constexpr float Q = BITS == 8 ? 127.f : 32767.f;
+  float e[16];
+  for (int64_t b0 = 0; b0 < G; b0 += kBlock) {
+    const int64_t b1 = std::min(G, b0 + kBlock);
+    float m = 0.f;
+    for (int64_t j = b0; j < b1; ++j) {
+      const float* xj = x + 4 * j;
+      m = std::max(m, std::fabs(xj[0]) + std::fabs(xj[1]) + std::fabs(xj[2]) + std::fabs(xj[3]));
+    }
+    scales[b0 / kBlock] = m / Q;
+    const float inv = m > 0.f ? Q / m : 0.f;
+    for (int64_t j = b0; j < b1; ++j) {
+      const float* xj = x + 4 * j;
+      for (int i = 0; i < 16; ++i) {
+        e[i] = ((i & 1) ? xj[0] : -xj[0]) + ((i & 2) ? xj[1] : -xj[1]) + ((i & 4) ? xj[2] : -xj[2]) +
+               ((i & 8) ? xj[3] : -xj[3]);
+      }
+      for (int i = 0; i < 16; ++i) {
+        const int q = static_cast<int>(std::max(-Q, std::min(Q, std::nearbyint(e[i] * inv))));
+        if (BITS == 8) {
+          hi[16 * j + i] = static_cast<int8_t>(q);
+        } else {
+          hi[16 * j + i] = static_cast<int8_t>(q >> 8);  // arithmetic shift: q = hi * 256 + lo
+          lo[16 * j + i] = static_cast<uint8_t>(q & 0xFF);
+        }
+      }
+    }
+  }
+}
+
+// out[0..63] = sum over groups of the looked-up entries of one row block for one token.
+template <int BITS>
+void lut_block_scalar(const uint8_t* w, const int8_t* hi, const uint8_t* lo, const float* scales, int64_t G,
+                      float* out) {
+  for (int64_t r = 0; r < kRows; ++r) out[r] = 0.f;
+  for (int64_t b0 = 0; b0 < G; b0 += kBlock) {
+    const int64_t b1 = std::min(G, b0 + kBlock);
+    int32_t acc[kRows] = {};
+    for (int64_t j = b0; j < b1; ++j) {
+      const uint8_t* wj = w + 32 * j;
+      const int8_t* t = hi + 16 * j;
+      const int mul = BITS == 8 ? 1 : 256;
+      for (int b = 0; b < 32; ++b) {
+        acc[b] += mul * t[wj[b] & 15];
+        acc[32 + b] += mul * t[wj[b] >> 4];
+      }
+      if (BITS == 16) {
+        const uint8_t* u = lo + 16 * j;
+        for (int b = 0; b < 32; ++b) {
+          acc[b] += u[wj[b] & 15];
+          acc[32 + b] += u[wj[b] >> 4];
+        }
+      }
+    }
+    const float s = scales[b0 / kBlock];
+    for (int64_t r = 0; r < kRows; ++r) out[r] += s * static_cast<float>(acc[r]);
+  }
+}
+
+// int16 sums of 16 rows -> fp32, times the block scale, into two accumulators of 8 rows
+__attribute__((target("avx2,fma"))) inline void widen_fma(__m256i a, __m256 s, __m256* lo, __m256* hi) {
+  const __m256 f0 = _mm256_cvtepi32_ps(_mm256_cvtepi16_epi32(_mm256_castsi256_si128(a)));
+  const __m256 f1 = _mm256_cvtepi32_ps(_mm256_cvtepi16_epi32(_mm256_extracti128_si256(a, 1)));
+  *lo = _mm256_fmadd_ps(f0, s, *lo);
+  *hi = _mm256_fmadd_ps(f1, s, *hi);
+}
+
+// (hi * 256 + lo) sums of 16 rows -> fp32 (exact in int32), times the block scale
+__attribute__((target("avx2,fma"))) inline void widen_fma2(__m256i h, __m256i l, __m256 s, __m256* lo,
+                                                          __m256* hi) {
+  const __m256i h0 = _mm256_slli_epi32(_mm256_cvtepi16_epi32(_mm256_castsi256_si128(h)), 8);
+  const __m256i h1 = _mm256_slli_epi32(_mm256_cvtepi16_epi32(_mm256_extracti128_si256(h, 1)), 8);
+  const __m256i l0 = _mm256_cvtepu16_epi32(_mm256_castsi256_si128(l));
+  const __m256i l1 = _mm256_cvtepu16_epi32(_mm256_extracti128_si256(l, 1));
+  *lo = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_add_epi32(h0, l0)), s, *lo);
+  *hi = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_add_epi32(h1, l1)), s, *hi);
+}
+
+template <int BITS>
+__attribute__((target("avx2,fma"))) void lut_block_avx2(const uint8_t* w, const int8_t* hi, const uint8_t* lo,
+                                                         const float* scales, int64_t G, float* out) {
+  const __m256i m4 = _mm256_set1_epi8(0x0F);
+  __m256 f[8];
+  for (int i = 0; i < 8; ++i) f[i] = _mm256_setzero_ps();
+  for (int64_t b0 = 0; b0 < G; b0 += kBlock) {
+    const int64_t b1 = std::min(G, b0 + kBlock);
+    // signed sums (rows 0-15, 16-31, 32-47, 48-63) and, with 16 bits, unsigned low-byte sums
+    __m256i a0 = _mm256_setzero_si256(), a1 = a0, a2 = a0, a3 = a0;
+    __m256i u0 = a0, u1 = a0, u2 = a0, u3 = a0;
+    for (int64_t j = b0; j < b1; ++j) {
+      const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + 32 * j));
+      const __m256i il = _mm256_and_si256(v, m4);
+      const __m256i ih = _mm256_and_si256(_mm256_srli_epi16(v, 4), m4);
+      const __m256i t = _mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(hi + 16 * j)));
+      const __m256i rl = _mm256_shuffle_epi8(t, il);
+      const __m256i rh = _mm256_shuffle_epi8(t, ih);
+      a0 = _mm256_add_epi16(a0, _mm256_cvtepi8_epi16(_mm256_castsi256_si128(rl)));
+      a1 = _mm256_add_epi16(a1, _mm256_cvtepi8_epi16(_mm256_extracti128_si256(rl, 1)));
+      a2 = _mm256_add_epi16(a2, _mm256_cvtepi8_epi16(_mm256_castsi256_si128(rh)));
+      a3 = _mm256_add_epi16(a3, _mm256_cvtepi8_epi16(_mm256_extracti128_si256(rh, 1)));
+      if (BITS == 16) {
+        const __m256i tu = _mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(lo + 16 * j)));
+        const __m256i ul = _mm256_shuffle_epi8(tu, il);
+        const __m256i uh = _mm256_shuffle_epi8(tu, ih);
+        u0 = _mm256_add_epi16(u0, _mm256_cvtepu8_epi16(_mm256_castsi256_si128(ul)));
+        u1 = _mm256_add_epi16(u1, _mm256_cvtepu8_epi16(_mm256_extracti128_si256(ul, 1)));
+        u2 = _mm256_add_epi16(u2, _mm256_cvtepu8_epi16(_mm256_castsi256_si128(uh)));
+        u3 = _mm256_add_epi16(u3, _mm256_cvtepu8_epi16(_mm256_extracti128_si256(uh, 1)));
+      }
+    }
+    const __m256 s = _mm256_set1_ps(scales[b0 / kBlock]);
+    if (BITS == 8) {
+      widen_fma(a0, s, &f[0], &f[1]);
+      widen_fma(a1, s, &f[2], &f[3]);
+      widen_fma(a2, s, &f[4], &f[5]);
+      widen_fma(a3, s, &f[6], &f[7]);
+    } else {
+      widen_fma2(a0, u0, s, &f[0], &f[1]);
+      widen_fma2(a1, u1, s, &f[2], &f[3]);
+      widen_fma2(a2, u2, s, &f[4], &f[5]);
+      widen_fma2(a3, u3, s, &f[6], &f[7]);
+    }
+  }
+  for (int i = 0; i < 8; ++i) _mm256_storeu_ps(out + 8 * i, f[i]);
+}
+
+template <typename T>
+inline void emit(T* y, float factor, float acc) {
+  const T delta = static_cast<T>(factor * acc);
+  *y = static_cast<T>(static_cast<float>(*y) + static_cast<float>(delta));
+}
+
+template <>
+inline void emit<float>(float* y, float factor, float acc) {
+  *y += factor * acc;
+}
+
+template <typename T, int BITS>
+void run_decode(bool avx2, const std::vector<Seg>& segs, const float* xpad, int64_t T_, int64_t Kp,
+                const uint8_t* lut, int64_t NB, int64_t G, int64_t N, T* y, int64_t ys) {
+  // tables of every token of a decode segment, built once (in parallel over tokens)
+  std::vector<int64_t> tok;
+  for (const Seg& s : segs)
+    for (int64_t t = 0; t < s.length; ++t) tok.push_back(s.start + t);
+  const int64_t nblk = (G + kBlock - 1) / kBlock;
+  std::vector<int64_t> row_of(T_, -1);
+  for (size_t i = 0; i < tok.size(); ++i) row_of[tok[i]] = static_cast<int64_t>(i);
+  std::vector<int8_t> his(tok.size() * G * 16);
+  std::vector<uint8_t> los(BITS == 16 ? tok.size() * G * 16 : 0);
+  std::vector<float> scales(tok.size() * nblk);
+  at::parallel_for(0, static_cast<int64_t>(tok.size()), 1, [&](int64_t b, int64_t e) {
+    for (int64_t i = b; i < e; ++i)
+      build_tables<BITS>(xpad + tok[i] * Kp, G, his.data() + i * G * 16, BITS == 16 ? los.data() + i * G * 16 : nullptr,
+                         scales.data() + i * nblk);
+  });
+  const int64_t items = static_cast<int64_t>(segs.size()) * NB;
+  at::parallel_for(0, items, 1, [&](int64_t begin, int64_t end) {
+    float acc[kRows];
+    for (int64_t it = begin; it < end; ++it) {
+      const Seg& sg = segs[it / NB];
+      const int64_t rb = it % NB;
+      const uint8_t* w = lut + (sg.slot * NB + rb) * G * 32;
+      const int64_t rows = std::min(kRows, N - rb * kRows);
+      for (int64_t t = sg.start; t < sg.start + sg.length; ++t) {
+        const int64_t i = row_of[t];
+        const int8_t* hi = his.data() + i * G * 16;
+        const uint8_t* lo = BITS == 16 ? los.data() + i * G * 16 : nullptr;
+        const float* sc = scales.data() + i * nblk;
+        if (avx2) {
+          lut_block_avx2<BITS>(w, hi, lo, sc, G, acc);
+        } else {
+          lut_block_scalar<BITS>(w, hi, lo, sc, G, acc);
+        }
+        T* yr = y + t * ys + rb * kRows;
+        for (int64_t r = 0; r < rows; ++r) emit<T>(yr + r, sg.factor, acc[r]);
+      }
+    }
+  });
+}
+
+// +-1 fp32 rows [64, 4 G] of one row block.
+void unpack_block(const uint8_t* w, int64_t G, float* out) {
+  static const float kSigns[16][4] = {
+      {-1, -1, -1, -1}, {1, -1, -1, -1}, {-1, 1, -1, -1}, {1, 1, -1, -1},
+      {-1, -1, 1, -1},  {1, -1, 1, -1},  {-1, 1, 1, -1},  {1, 1, 1, -1},
+      {-1, -1, -1, 1},  {1, -1, -1, 1},  {-1, 1, -1, 1},  {1, 1, -1, 1},
+      {-1, -1, 1, 1},   {1, -1, 1, 1},   {-1, 1, 1, 1},   {1, 1, 1, 1}};
+  const int64_t Kp = 4 * G;
+  for (int64_t j = 0; j < G; ++j) {
+    const uint8_t* wj = w + 32 * j;
+    for (int b = 0; b < 32; ++b) {
+      std::memcpy(out + b * Kp + 4 * j, kSigns[wj[b] & 15], 16);
+      std::memcpy(out + (32 + b) * Kp + 4 * j, kSigns[wj[b] >> 4], 16);
+    }
+  }
+}
+
+template <typename T>
+void run_prefill(const Seg& sg, const at::Tensor& xpad, const uint8_t* lut, int64_t NB, int64_t G, int64_t N,
+                 T* y, int64_t ys) {
+  const int64_t Kp = 4 * G;
+  const at::Tensor xs = xpad.narrow(0, sg.start, sg.length);
+  at::parallel_for(0, NB, 1, [&](int64_t begin, int64_t end) {
+    at::Tensor tile = at::empty({kRows, Kp}, xpad.options());
+    at::Tensor out = at::empty({sg.length, kRows}, xpad.options());
+    for (int64_t rb = begin; rb < end; ++rb) {
+      unpack_block(lut + (sg.slot * NB + rb) * G * 32, G, tile.data_ptr<float>());
+      at::mm_out(out, xs, tile.t());
+      const float* op = out.data_ptr<float>();
+      const int64_t rows = std::min(kRows, N - rb * kRows);
+      for (int64_t t = 0; t < sg.length; ++t)
+        for (int64_t r = 0; r < rows; ++r) emit<T>(y + (sg.start + t) * ys + rb * kRows + r, sg.factor, op[t * kRows + r]);
+    }
+  });
+}
+
+template <typename T>
+void dispatch(bool avx2, int64_t bits, const std::vector<Seg>& dec, const std::vector<Seg>& pre,
+              const at::Tensor& xpad, const uint8_t* lut, int64_t NB, int64_t G, int64_t N, at::Tensor& y) {
+  T* yp = y.data_ptr<T>();
+  const int64_t ys = y.stride(0);
+  const float* xp = xpad.data_ptr<float>();
+  if (!dec.empty() && bits == 8) run_decode<T, 8>(avx2, dec, xp, xpad.size(0), xpad.size(1), lut, NB, G, N, yp, ys);
+  if (!dec.empty() && bits == 16) run_decode<T, 16>(avx2, dec, xp, xpad.size(0), xpad.size(1), lut, NB, G, N, yp, ys);
+  for (const Seg& s : pre) run_prefill<T>(s, xpad, lut, NB, G, N, yp, ys);
+}
+
+}  // namespace
+
+// In place: y [T, N] (fp32/bf16/fp16, unit column stride) += per-segment deltas from `lut`.
+void sign_lut_matmul(const at::Tensor& x, at::Tensor& y, const at::Tensor& lut, const at::Tensor& scales,
+                     const std::vector<int64_t>& starts, const std::vector<int64_t>& lengths,
+                     const std::vector<int64_t>& slots, const std::vector<double>& alphas,
+                     int64_t gemm_min_tokens, int64_t isa_cap, int64_t table_bits) {
+  TORCH_CHECK(table_bits == 8 || table_bits == 16, "table_bits must be 8 or 16");
+  TORCH_CHECK(x.device().is_cpu() && y.device().is_cpu() && lut.device().is_cpu(), "CPU tensors expected");
+  TORCH_CHECK(x.dim() == 2 && y.dim() == 2 && lut.dim() == 4, "x [T,K], y [T,N], lut [S,NB,G,32] expected");
+  TORCH_CHECK(lut.scalar_type() == at::kByte && lut.is_contiguous() && lut.size(3) == 32, "lut must be uint8 [S,NB,G,32]");
+  TORCH_CHECK(y.size(0) == x.size(0) && y.stride(1) == 1, "y must be [T, N] with unit column stride");
+  const int64_t K = x.size(1), N = y.size(1), NB = lut.size(1), G = lut.size(2), Kp = 4 * G;
+  TORCH_CHECK(G % 8 == 0 && K <= Kp && K > Kp - 32, "K does not match the layout's groups");
+  TORCH_CHECK(NB == (N + kRows - 1) / kRows, "N does not match the layout's row blocks");
+  TORCH_CHECK(starts.size() == lengths.size() && lengths.size() == slots.size() && slots.size() == alphas.size(),
+              "segment arrays must have equal lengths");
+  const at::Tensor sc = scales.to(at::kFloat).contiguous();
+  std::vector<Seg> dec, pre;
+  for (size_t g = 0; g < starts.size(); ++g) {
+    if (lengths[g] <= 0) continue;
+    TORCH_CHECK(starts[g] >= 0 && starts[g] + lengths[g] <= x.size(0), "segment out of range");
+    TORCH_CHECK(slots[g] >= 0 && slots[g] < lut.size(0), "slot out of range");
+    const float factor = static_cast<float>(alphas[g]) * sc.data_ptr<float>()[slots[g]];
+    Seg s{starts[g], lengths[g], slots[g], factor};
+    (lengths[g] >= gemm_min_tokens ? pre : dec).push_back(s);
+  }
+  if (dec.empty() && pre.empty()) return;
+  at::Tensor xpad;
+  if (K == Kp && x.scalar_type() == at::kFloat && x.is_contiguous()) {
+    xpad = x;
+  } else {
+    xpad = at::zeros({x.size(0), Kp}, x.options().dtype(at::kFloat));
+    xpad.narrow(1, 0, K).copy_(x);
+  }
+  __builtin_cpu_init();
+  const bool avx2 = isa_cap >= 1 && __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  const uint8_t* lp = lut.data_ptr<uint8_t>();
+  switch (y.scalar_type()) {
+    case at::kFloat: dispatch<float>(avx2, table_bits, dec, pre, xpad, lp, NB, G, N, y); break;
+    case at::kBFloat16: dispatch<at::BFloat16>(avx2, table_bits, dec, pre, xpad, lp, NB, G, N, y); break;
+    case at::kHalf: dispatch<at::Half>(avx2, table_bits, dec, pre, xpad, lp, NB, G, N, y); break;
+    default: TORCH_CHECK(false, "y must be fp32, bf16 or fp16");
+  }
+}

@@ -1,0 +1,139 @@
+"""The table-lookup CPU kernel (LUT layout) against the reference, within its stated error bound."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from deltaserve.deltas.packing import pack_signs
+from deltaserve.deltas.types import SignDelta
+from deltaserve.kernels.cpu_ext import ISA_AVX2, ISA_SCALAR, CpuKernelConfig, load_cpu_extension
+from deltaserve.kernels.lut_layout import from_lut, lut_shape, to_lut
+from deltaserve.kernels.ops import is_lut, sign_delta_matmul
+from deltaserve.kernels.reference import sign_delta_matmul_ref
+from deltaserve.kernels.segments import Segments
+from deltaserve.layers.delta_linear import DeltaLinear
+from test_kernels_cases import POPULARITY, make_case, tolerance
+
+DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+@pytest.fixture(scope="module")
+def ext():
+    mod = load_cpu_extension()
+    if mod is None:
+        pytest.fail("the CPU kernel did not build (compiler or ninja missing?)")
+    return mod
+
+
+@pytest.mark.parametrize(("n", "k"), [(1, 1), (37, 203), (64, 32), (130, 96), (65, 4096)])
+def test_layout_round_trip(n, k):
+    gen = torch.Generator().manual_seed(n * k)
+    packed = torch.stack([pack_signs(torch.randn(n, k, generator=gen)) for _ in range(3)])
+    lut = to_lut(packed)
+    assert lut.dtype == torch.uint8 and tuple(lut.shape) == lut_shape(3, n, k)
+    assert torch.equal(from_lut(lut, n), packed)
+    pad_rows = lut.shape[1] * 64 - n
+    if pad_rows:  # rows past N are zero bits
+        assert not from_lut(lut, lut.shape[1] * 64)[:, n:].any()
+
+
+def table_error_bound(x: torch.Tensor, bits: int) -> torch.Tensor:
+    """Per token [T]: sum over blocks of 128 inputs of 32 lookups x half a table step, the step
+    being max over the block's groups of sum |x| / Q (Q = 127 or 32767); see sign_lut.cpp."""
+    q = 127.0 if bits == 8 else 32767.0
+    t, k = x.shape
+    kp = 32 * ((k + 31) // 32)
+    xp = torch.zeros(t, kp)
+    xp[:, :k] = x.float()
+    groups = xp.abs().view(t, kp // 4, 4).sum(-1)  # [T, G]
+    g = groups.shape[1]
+    blocks = torch.nn.functional.pad(groups, (0, (-g) % 32)).view(t, -1, 32).amax(-1)  # [T, blocks]
+    return (32 * 0.5 * blocks / q).sum(-1) * 1.01  # 1%: fp32 rounding of the tables themselves
+
+
+def _check(case, bits: int, isa: int, gemm_min_tokens: int = 16) -> None:
+    want = sign_delta_matmul_ref(case.x, case.y.clone(), case.packed, case.scales, case.segments)
+    config = CpuKernelConfig(isa_cap=isa, table_bits=bits, gemm_min_tokens=gemm_min_tokens)
+    got = sign_delta_matmul(case.x, case.y.clone(), to_lut(case.packed), case.scales, case.segments,
+                            backend="cpu", cpu_config=config)
+    assert got.dtype == case.y.dtype
+    rtol, atol = tolerance(case.y.dtype)
+    allowed = atol + rtol * want.float().abs()
+    bound = table_error_bound(case.x, bits)
+    covered = torch.zeros(case.x.shape[0], dtype=torch.bool)
+    segs = case.segments
+    columns = (segs.starts_list, segs.lengths_list, segs.slots_list, segs.alphas_list)
+    for s, n, slot, a in zip(*columns, strict=True):
+        covered[s : s + n] = True
+        if n < gemm_min_tokens:  # decode path: tables rounded to integers
+            factor = abs(a * float(case.scales[slot]))
+            allowed[s : s + n] += factor * bound[s : s + n, None]
+    err = (got.float() - want.float()).abs()
+    assert (err <= allowed).all(), f"max excess {(err - allowed).max().item():.3g}"
+    assert torch.equal(got[~covered], case.y[~covered])  # tokens outside every segment untouched
+
+
+def _isas(ext) -> list[int]:
+    return [ISA_SCALAR] + ([ISA_AVX2] if ext.best_isa() >= ISA_AVX2 else [])
+
+
+@pytest.mark.parametrize("bits", [8, 16])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("popularity", POPULARITY)
+def test_decode_matches_reference_within_the_table_bound(ext, bits, dtype, popularity):
+    # ragged K and N (row blocks and scale blocks cut short), segments of 0..5 tokens, alphas of both signs
+    case = make_case(k=203, n=70, lengths=[1, 0, 3, 5, 1, 2], slots=4, popularity=popularity, dtype=dtype,
+                     seed=POPULARITY.index(popularity))
+    for isa in _isas(ext):
+        _check(case, bits, isa)
+
+
+@pytest.mark.parametrize("bits", [8, 16])
+def test_decode_on_a_long_row_crosses_scale_blocks(ext, bits):
+    case = make_case(k=1000, n=129, lengths=[1, 2, 4], slots=2, alphas=[1.0, 0.0, -2.5], seed=7)
+    for isa in _isas(ext):
+        _check(case, bits, isa)
+
+
+def test_16_bit_tables_are_close_to_exact(ext):
+    case = make_case(k=4096, n=64, lengths=[1, 1], slots=2, seed=11)
+    want = sign_delta_matmul_ref(case.x, case.y.clone(), case.packed, case.scales, case.segments)
+    got = sign_delta_matmul(case.x, case.y.clone(), to_lut(case.packed), case.scales, case.segments,
+                            cpu_config=CpuKernelConfig(table_bits=16))
+    delta = (want - case.y)[1:3]
+    assert ((got - want)[1:3].abs().max() / delta.abs().max()) < 1e-4
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_prefill_path_is_exact_products(ext, dtype):
+    # long segments unpack 64-row blocks to +-1 and run BLAS: fp32 sums, no table rounding
+    case = make_case(k=160, n=70, lengths=[17, 0, 33, 4], slots=3, dtype=dtype, seed=3)
+    want = sign_delta_matmul_ref(case.x, case.y.clone(), case.packed, case.scales, case.segments)
+    got = sign_delta_matmul(case.x, case.y.clone(), to_lut(case.packed), case.scales, case.segments,
+                            cpu_config=CpuKernelConfig(gemm_min_tokens=16, table_bits=8))
+    rtol, atol = tolerance(dtype)
+    rows = slice(1, 18)  # the 17-token segment: prefill path, fp32 sums
+    torch.testing.assert_close(got[rows].float(), want[rows].float(), rtol=rtol, atol=atol)
+
+
+def test_lut_layout_falls_back_to_the_reference_for_autograd():
+    case = make_case(k=40, n=9, lengths=[2], slots=1, seed=5)
+    x = case.x.clone().requires_grad_(True)
+    out = sign_delta_matmul(x, case.y.clone(), to_lut(case.packed), case.scales, case.segments)
+    out.sum().backward()
+    assert x.grad is not None
+
+
+def test_delta_linear_keeps_cpu_stacks_in_the_lut_layout(ext):
+    gen = torch.Generator().manual_seed(2)
+    lin = DeltaLinear("m", 70, 100)
+    lin.resize_sign_capacity(2, torch.device("cpu"))
+    assert is_lut(lin.packed)
+    signs = pack_signs(torch.randn(70, 100, generator=gen))
+    lin.set_slot(1, "m", SignDelta(signs, torch.tensor(0.01), 70, 100), torch.float32, torch.device("cpu"))
+    x = torch.randn(3, 100, generator=gen)
+    segs = Segments.build([0], [3], [1], [1.0])
+    got = torch.zeros(3, 70)
+    lin.add_deltas(x, got, segs, segs)
+    want = x @ SignDelta(signs, torch.tensor(0.01), 70, 100).decode().T
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
