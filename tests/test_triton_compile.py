@@ -17,7 +17,7 @@ from deltaserve.kernels.triton_registry import KERNELS
 # Configs the autotuner cannot launch on a target. Triton's autotuner skips a config whose launch
 # raises OutOfResources, so the others are tuned; listed here so that a new over-limit config
 # fails the test and a stale entry is noticed. (kernel, config index, target)
-OVER_SHARED_LIMIT = {("sign_prefill", 5, "sm_80")}  # BLOCK_K=128 x 3 stages: 172-224 KiB > 163 KiB
+OVER_SHARED_LIMIT = {("sign_prefill", 5, "sm_80")}  # BLOCK_K=128 x 3 stages: 176-224 KiB > 163 KiB
 
 
 @pytest.fixture(scope="module")
