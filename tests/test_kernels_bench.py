@@ -65,5 +65,8 @@ def test_bench_cli_filters_and_isa(capsys):
     assert main(args) == 0
     report = json.loads(capsys.readouterr().out)
     assert [(c["k"], c["n"], c["tenants"], c["phase"]) for c in report["cases"]] == [(64, 24, 2, "decode")]
-    assert report["cases"][0]["backend"] in ("cpu-scalar", "reference")
+    assert report["cases"][0]["backend"] in ("cpu-scalar-lut8", "reference")  # the engine's LUT layout
+    rows = ["--cpu-layout", "rows", "--table-bits", "16"]
+    assert main(args[:-1] + rows + ["--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["cases"][0]["backend"] in ("cpu-scalar", "reference")
     assert main(["bench", "kernel", "--shapes", "4096"]) == 2
