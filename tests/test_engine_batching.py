@@ -115,3 +115,33 @@ def test_fair_tenant_policy_interleaves_tenants(tiny_dir, tmp_path):
         assert finished == {r.request_id for r in reqs} and eng.stats().kv_blocks_used == 0
     assert admitted["fcfs"] == ("a", "a", "a")
     assert admitted["fair"] == ("", "a", "b")
+
+
+def test_decode_buckets_pad_steps_without_changing_outputs(tiny_dir, tmp_path):
+    # decode-only steps padded to static batch sizes (what CUDA graphs need) give the same tokens
+    base, ft = tiny_dir("llama")
+    delta = load_delta(base, make_delta(base, ft, tmp_path / "d.delta"))
+    prompts = random_prompts([5, 9, 7], seed=4)
+    tenants = ["a", None, "a"]
+    sampling = SamplingParams(max_new_tokens=NEW, temperature=0.8, seed=7, ignore_eos=True)
+    outs, shapes = {}, {}
+    for buckets in (False, True):
+        eng = engine(base, max_running=6, decode_buckets=buckets)
+        eng.load_delta("a", delta)
+        assert eng.config.batch_buckets() == ((1, 2, 4, 6) if buckets else ())
+        seen = shapes[buckets] = []
+        forward = eng.runner.forward
+
+        def record(batch, forward=forward, seen=seen):
+            seen.append((batch.num_tokens, batch.decode is not None and not batch.prefills))
+            return forward(batch)
+
+        eng.runner.forward = record
+        reqs = _crowd("g", prompts, tenants, greedy(NEW)) + _crowd("s", prompts, tenants, sampling)
+        result = run(eng, reqs[:5], join_at={"g2": 2, "s0": 2, "s1": 2})
+        outs[buckets] = {rid: token_ids(o) for rid, o in result.items()}
+        assert eng.stats().last_step_tokens <= 5  # padding rows are not counted as tokens
+    assert outs[True] == outs[False]
+    decode_sizes = {n for n, decode_only in shapes[True] if decode_only}
+    assert decode_sizes <= {1, 2, 4, 6} and 4 in decode_sizes  # 3 or 5 sequences ran padded
+    assert {n for n, decode_only in shapes[False] if decode_only} & {3, 5}

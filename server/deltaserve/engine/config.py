@@ -41,6 +41,9 @@ class EngineConfig:
     threads: torch intra-op threads on the CPU; 0 = chosen online between 1 and torch's default
     by measured step times (engine/threads.py), so a CPU shared with busy processes does not
     stall the engine at every thread barrier.
+    decode_buckets: pad decode-only steps to a static batch size (powers of two up to
+    max_running, and max_running), so every decode tensor has one of a few shapes (what CUDA
+    graph capture needs); None = on for CUDA, off on the CPU (padding rows cost compute there).
     """
 
     model: Path
@@ -57,6 +60,7 @@ class EngineConfig:
     base_quant: str = "none"
     linear_backend: str = "auto"
     threads: int = 0
+    decode_buckets: bool | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "model", Path(self.model))
@@ -86,6 +90,20 @@ class EngineConfig:
             raise InvalidArgumentError("kv_cache_bytes must be >= 1")
         if self.max_model_len < 0:
             raise InvalidArgumentError("max_model_len must be >= 0 (0 = from the model config)")
+
+    def batch_buckets(self) -> tuple[int, ...]:
+        """Decode batch sizes steps are padded to (empty = no padding)."""
+        on = self.decode_buckets
+        if on is None:
+            on = torch.device(self.device).type == "cuda"
+        if not on:
+            return ()
+        sizes = {self.max_running}
+        b = 1
+        while b < self.max_running:
+            sizes.add(b)
+            b *= 2
+        return tuple(sorted(sizes))
 
     @property
     def torch_dtype(self) -> torch.dtype:

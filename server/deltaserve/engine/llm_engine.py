@@ -102,7 +102,7 @@ class LLMEngine:
         self.blocks = BlockManager(num_blocks, bs)
         self.slots = DeltaSlots(self.model, config.tenant_slots, config.torch_dtype, self.device)
         self.scheduler = Scheduler(self.blocks, config.max_running, config.max_num_batched_tokens, policy)
-        self.runner = ModelRunner(self.model, num_blocks, bs, window, self.device)
+        self.runner = ModelRunner(self.model, num_blocks, bs, window, self.device, config.batch_buckets())
         self.requests: dict[str, Sequence] = {}
         self._last = (0, 0, 0)  # tokens, sequences, tenant segments of the last step
         self._preemptions = 0
@@ -248,8 +248,9 @@ class LLMEngine:
         picks, host_logits = self._pick(logits, sampled)
         t4 = time.perf_counter()
         segs = batch.delta_segments
-        groups = len(segs) + (sum(segs.lengths_list) < batch.num_tokens)  # tenant segments + base
-        self._last = (batch.num_tokens, len(sched.scheduled), groups)
+        tokens = sum(n for _, n in sched.scheduled)  # padding rows of a decode bucket not counted
+        groups = len(segs) + (sum(segs.lengths_list) < tokens)  # tenant segments + base
+        self._last = (tokens, len(sched.scheduled), groups)
         outputs = self._finish_step(sched.scheduled, sampled, picks, host_logits)
         t5 = time.perf_counter()
         self.last_step_times = StepTimes(t1 - t0, t2 - t1, t3 - t2, t4 - t3, t5 - t4)

@@ -17,16 +17,20 @@ from deltaserve.models.llama import LlamaFamilyModel
 class ModelRunner:
     def __init__(
         self, model: LlamaFamilyModel, num_blocks: int, block_size: int,
-        sliding_window: int | None, device: torch.device,
+        sliding_window: int | None, device: torch.device, batch_buckets: tuple[int, ...] = (),
     ) -> None:
+        """batch_buckets: sizes decode-only batches are padded to (empty = none)."""
         self.model = model
         self.block_size = block_size
         self.window = sliding_window
         self.device = device
+        self.buckets = tuple(sorted(batch_buckets))
         # one extra block, never allocated and always zero, pads ragged block tables: padded
         # (masked) keys and values must be finite, or 0-weight * NaN would leak into other rows
         self.pad_block = num_blocks
-        rows = (num_blocks + 1) * block_size
+        # with buckets, one more: the scratch block padding rows write their keys to and read
+        self.scratch_block = num_blocks + 1
+        rows = (num_blocks + 1 + bool(self.buckets)) * block_size
         shape = (rows, model.num_kv_heads, model.head_dim)
         n_layers = len(model.layers)
         self.k_caches = [torch.zeros(shape, dtype=model.dtype, device=device) for _ in range(n_layers)]
@@ -111,6 +115,8 @@ class ModelRunner:
                     segs[0].append(seg)
                 if len(logits_rows) > g_logits:
                     segs[2].append((g_logits, len(logits_rows) - g_logits, slot, alpha))
+        if dec_tok and not prefill_spans and self.buckets:
+            self._pad_decode(ids, positions, slot_map, dec_tok, dec_tables, dec_len, logits_rows)
         width = max((len(t) for t in dec_tables), default=0)
         flat_tables: list[int] = []
         for t in dec_tables:
@@ -141,6 +147,22 @@ class ModelRunner:
             logits_segments=segments[2],
         )
         return batch, sampled
+
+    def _pad_decode(self, ids, positions, slot_map, dec_tok, dec_tables, dec_len, logits_rows) -> None:
+        """Append padding rows up to the smallest bucket >= the decode batch: token 0 at position
+        0 of a sequence whose only block is the scratch block, outside every tenant segment, its
+        logits row computed and never sampled (rows past the real ones are dropped by the caller)."""
+        target = next((b for b in self.buckets if b >= len(dec_tok)), len(dec_tok))
+        scratch_row = self.scratch_block * self.block_size
+        for _ in range(target - len(dec_tok)):
+            start = len(ids)
+            ids.append(0)
+            positions.append(0)
+            slot_map.append(scratch_row)
+            dec_tok.append(start)
+            dec_tables.append([self.scratch_block])
+            dec_len.append(1)
+            logits_rows.append(start)
 
     def _upload(self, parts: list[list], dtype: torch.dtype) -> list[torch.Tensor]:
         """One tensor on the compute device holding the concatenated `parts`; a view per part."""
