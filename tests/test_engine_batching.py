@@ -87,7 +87,7 @@ def test_step_groups_tenants_into_segments(tiny_dir, tmp_path):
     seg = batch.delta_segments
     assert len(seg) == 2 and seg.lengths_list == (3 + 6, 5 + 7)
     assert seg.starts_list == (4, 13)  # base tokens first, then each tenant contiguous
-    assert batch.sign_segments.starts_list == seg.starts_list
+    assert len(batch.sign_segments) == 1 and batch.sign_segments[0].starts_list == seg.starts_list
 
 
 def test_fair_tenant_policy_interleaves_tenants(tiny_dir, tmp_path):

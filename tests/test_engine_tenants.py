@@ -75,6 +75,38 @@ def test_raw_and_lowrank_deltas_equal_their_merges(tiny_dir, tmp_path):
             assert token_ids(outs[f"{tenant}{i}"]) == ref, (tenant, i)
 
 
+@pytest.mark.parametrize("bits", [1, 2])
+def test_multibit_tenants_are_served_packed_and_equal_their_merges(tiny_dir, tmp_path, bits):
+    from deltaserve.deltas.codecs import make_codec
+    from deltaserve.deltas.compress import CompressConfig, compress
+    from deltaserve.deltas.types import SignPlanesDelta
+
+    base, ft = tiny_dir("llama")
+    path = tmp_path / f"mb{bits}.delta"
+    codec = make_codec("bitdelta-mb", {"magnitude_bits": bits})
+    compress(CompressConfig(base=base, finetuned=ft, out=path, codec=codec, progress=False))
+    delta = load_delta(base, path)
+    planes = {d.num_planes for d in delta.linears.values() if isinstance(d, SignPlanesDelta)}
+    assert planes and max(planes) <= 2**bits and (bits > 1 or planes == {2})
+    one_bit = load_delta(base, make_delta(base, ft, tmp_path / "bd.delta"))
+    eng = engine(base, tenant_slots=2)
+    eng.load_delta("mb", delta)
+    eng.load_delta("bd", one_bit)
+    sign_bytes = sum(d.nbytes() for d in one_bit.linears.values())
+    mb_sign_bytes = sum(d.nbytes() for d in delta.linears.values())
+    assert mb_sign_bytes <= 2**bits * sign_bytes  # packed planes, not a dense fp32 matrix
+    assert eng.slots.slot_of("mb").planes == max(planes)
+    prompts = random_prompts([6, 9], seed=13)
+    reqs = [GenerationRequest(f"{t}{i}", tuple(p), greedy(NEW), delta_key=t) for t in ("mb", "bd")
+            for i, p in enumerate(prompts)]
+    outs = run(eng, reqs)  # both tenants in every step: plane 0 for both, further planes for mb only
+    ref = hf_greedy(merged_dir(base, path, tmp_path / "m-mb"), prompts, NEW)
+    for i, want in enumerate(ref):
+        assert token_ids(outs[f"mb{i}"]) == want, i
+    eng.unload_delta("mb")
+    assert all(not lin.plane_stacks for lin in eng.model.delta_linears().values())
+
+
 def test_sign_stacks_grow_and_shrink_in_chunks(tiny_dir, tmp_path):
     from deltaserve.engine.slots import SIGN_CHUNK
 
@@ -93,7 +125,7 @@ def test_sign_stacks_grow_and_shrink_in_chunks(tiny_dir, tmp_path):
     assert lin.packed.shape[0] == 2 * SIGN_CHUNK
     # a request resolves its slot at admission and keeps it
     eng.add_request(GenerationRequest("r", (5, 6, 7), greedy(2), delta_key=names[-1]))
-    assert eng.requests["r"].slot == SIGN_CHUNK and eng.requests["r"].sign_slot
+    assert eng.requests["r"].slot == SIGN_CHUNK and eng.requests["r"].sign_planes == 1
     while eng.has_unfinished():
         eng.step()
     eng.unload_delta(names[-1])

@@ -134,6 +134,6 @@ def test_delta_linear_keeps_cpu_stacks_in_the_lut_layout(ext):
     x = torch.randn(3, 100, generator=gen)
     segs = Segments.build([0], [3], [1], [1.0])
     got = torch.zeros(3, 70)
-    lin.add_deltas(x, got, segs, segs)
+    lin.add_deltas(x, got, (segs,), segs)
     want = x @ SignDelta(signs, torch.tensor(0.01), 70, 100).decode().T
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)

@@ -2,8 +2,10 @@
 
 What each codec becomes:
 - bitdelta -> SignDelta (packed int32 signs + fp32 scale, kept 1-bit for the kernels);
+- bitdelta-mb -> SignPlanesDelta: the exact sum of 1-bit planes (one kernel pass each; b = 1
+  gives 2 planes, at most 2^b; with more than 8 planes, DenseDelta as below);
 - lowrank -> LowRankDelta (a, b in `dtype`);
-- bitdelta-mb, dare, raw -> DenseDelta: decoded once at load time into a dense [N, K]
+- dare, raw -> DenseDelta: decoded once at load time into a dense [N, K]
   tensor in `dtype` (these codecs save disk and transfer, not compute memory);
 - dense entries (embeddings, lm_head, norms, biases that differ) -> W_ft - W_base in `dtype`.
 """

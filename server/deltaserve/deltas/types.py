@@ -81,6 +81,37 @@ class SignDelta(LinearDelta):
 
 
 @dataclass(frozen=True)
+class SignPlanesDelta(LinearDelta):
+    """delta = sum_p scales[p] * Sign_p: several 1-bit planes, each packed as SignDelta's.
+
+    planes: int32 [P, N, ceil(K/32)]; scales: fp32 [P] (any sign). The multi-bit codec's
+    compute form (deltas/codecs/bitdelta_mb.py): the kernels run one 1-bit pass per plane.
+    """
+
+    planes: torch.Tensor
+    scales: torch.Tensor
+    out_features: int
+    in_features: int
+
+    @property
+    def num_planes(self) -> int:
+        return int(self.planes.shape[0])
+
+    def plane(self, p: int) -> SignDelta:
+        return SignDelta(self.planes[p], self.scales[p], self.out_features, self.in_features)
+
+    def decode(self) -> torch.Tensor:
+        return sum(self.plane(p).decode() for p in range(self.num_planes))
+
+    def nbytes(self) -> int:
+        return self.planes.numel() * 4 + 4 * self.num_planes
+
+    def to(self, device: torch.device | str) -> SignPlanesDelta:
+        planes, scales = self.planes.to(device), self.scales.to(device)
+        return SignPlanesDelta(planes, scales, self.out_features, self.in_features)
+
+
+@dataclass(frozen=True)
 class DenseDelta(LinearDelta):
     """A dense delta [N, K] (raw codec; DARE, multi-bit and others decode to it for compute)."""
 

@@ -177,7 +177,7 @@ class LLMEngine:
         seq = Sequence(req, IncrementalDetokenizer(self.tokenizer, sp.stop), gen)
         if seq.delta_key is not None:  # resident (checked above) and pinned while the request lives
             entry = self.slots.slot_of(seq.delta_key)
-            seq.slot, seq.sign_slot = entry.slot, entry.has_sign
+            seq.slot, seq.sign_planes = entry.slot, entry.planes
         self.requests[req.request_id] = seq
         self.scheduler.add(seq)
 

@@ -85,7 +85,8 @@ class ModelRunner:
         dec_len: list[int] = []
         logits_rows: list[int] = []
         sampled: list[Sequence] = []
-        segs: tuple[list, list, list] = ([], [], [])  # sign, delta, logits: (start, len, slot, alpha)
+        # (start, len, slot, alpha) segments: all tenants, logits rows, then 1-bit plane 0, 1, ...
+        segs: list[list] = [[], [], []]
         for (slot, alpha), members in self._order(scheduled):
             g_start, g_logits = len(ids), len(logits_rows)
             for seq, n in members:
@@ -110,11 +111,13 @@ class ModelRunner:
                     sampled.append(seq)
             if slot >= 0:
                 seg = (g_start, len(ids) - g_start, slot, alpha)
-                segs[1].append(seg)
-                if members[0][0].sign_slot:
-                    segs[0].append(seg)
+                segs[0].append(seg)
                 if len(logits_rows) > g_logits:
-                    segs[2].append((g_logits, len(logits_rows) - g_logits, slot, alpha))
+                    segs[1].append((g_logits, len(logits_rows) - g_logits, slot, alpha))
+                planes = members[0][0].sign_planes
+                segs.extend([] for _ in range(2 + planes - len(segs)))
+                for p in range(planes):
+                    segs[2 + p].append(seg)
         if dec_tok and not prefill_spans and self.buckets:
             self._pad_decode(ids, positions, slot_map, dec_tok, dec_tables, dec_len, logits_rows)
         width = max((len(t) for t in dec_tables), default=0)
@@ -139,12 +142,12 @@ class ModelRunner:
             input_ids=i64[0],
             positions=i64[1],
             slot_mapping=i64[2],
-            sign_segments=segments[0],
-            delta_segments=segments[1],
+            sign_segments=tuple(segments[2:]),
+            delta_segments=segments[0],
             prefills=prefills,
             decode=decode,
             logits_index=i64[3],
-            logits_segments=segments[2],
+            logits_segments=segments[1],
         )
         return batch, sampled
 

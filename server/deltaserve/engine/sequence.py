@@ -31,7 +31,7 @@ class Sequence:
     pending_logprobs: list[TokenLogprob] = field(default_factory=list)
     num_preemptions: int = 0
     slot: int = -1  # the delta slot of delta_key, resolved once at admission (-1: base only)
-    sign_slot: bool = False  # whether that slot holds 1-bit deltas (its segment goes to the kernel)
+    sign_planes: int = 0  # 1-bit planes of that slot's deltas (its segment goes to the kernel per plane)
     plain_greedy: bool = field(init=False, default=False)
 
     def __post_init__(self) -> None:

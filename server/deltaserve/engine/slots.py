@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-from deltaserve.deltas.types import SignDelta, TenantDelta
+from deltaserve.deltas.types import SignDelta, SignPlanesDelta, TenantDelta
 from deltaserve.errors import FailedPreconditionError, NotFoundError, ResourceExhaustedError
 from deltaserve.layers.slots import DeltaSlotModule
 from deltaserve.models.llama import LlamaFamilyModel
@@ -22,8 +22,12 @@ from deltaserve.models.llama import LlamaFamilyModel
 @dataclass(frozen=True)
 class SlotEntry:
     slot: int
-    has_sign: bool
+    planes: int  # 1-bit planes its deltas use (0: none, 1: BitDelta, more: multi-bit)
     nbytes: int
+
+    @property
+    def has_sign(self) -> bool:
+        return self.planes > 0
 
 
 SIGN_CHUNK = 4  # stacked 1-bit buffers grow and shrink in steps of this many slots
@@ -75,10 +79,13 @@ class DeltaSlots:
         need = max((e.slot + 1 for e in self.entries.values() if e.has_sign), default=0)
         return 0 if need == 0 else min(self.capacity, -(-need // SIGN_CHUNK) * SIGN_CHUNK)
 
-    def _resize(self, capacity: int, newly_signed: set[str]) -> None:
+    def _planes(self) -> int:
+        return max((e.planes for e in self.entries.values()), default=0)
+
+    def _resize(self, capacity: int, newly_signed: set[str], planes: int) -> None:
         for name, lin in self.linears.items():
             if lin.packed is not None or name in newly_signed:
-                lin.resize_sign_capacity(capacity, self.device)
+                lin.resize_sign_capacity(capacity, self.device, max(1, planes))
 
     def load(self, key: str, delta: TenantDelta) -> None:
         if key in self.entries:
@@ -89,20 +96,25 @@ class DeltaSlots:
         if not free:
             raise ResourceExhaustedError(f"all {self.capacity} delta slots are taken")
         slot = free[0]
-        signed = {n for n, d in delta.linears.items() if isinstance(d, SignDelta)}
+        signed = {n for n, d in delta.linears.items() if isinstance(d, SignDelta | SignPlanesDelta)}
+        planes = max((_num_planes(delta.linears[n]) for n in signed), default=0)
         if signed:
             need = min(self.capacity, -(-(slot + 1) // SIGN_CHUNK) * SIGN_CHUNK)
-            self._resize(max(self._sign_capacity(), need), signed)
+            self._resize(max(self._sign_capacity(), need), signed, max(self._planes(), planes))
         nbytes = sum(owner.set_slot(slot, name, d, self.dtype, self.device) for name, d, owner in parts)
         m = self.model
         if m.tied and "lm_head.weight" not in delta.dense and slot in m.embed_tokens.deltas:
             # tied: the lm_head applies the embedding's delta tensor itself (no extra memory)
             m.lm_head.set_slot(slot, "lm_head.weight", m.embed_tokens.deltas[slot], self.dtype, self.device)
-        self.entries[key] = SlotEntry(slot, bool(signed), nbytes)
+        self.entries[key] = SlotEntry(slot, planes, nbytes)
 
     def unload(self, key: str) -> None:
         slot = self.slot_of(key).slot
         for owner in {id(o): o for o in self.modules.values()}.values():
             owner.clear_slot(slot)
         del self.entries[key]
-        self._resize(self._sign_capacity(), set())
+        self._resize(self._sign_capacity(), set(), self._planes())
+
+
+def _num_planes(d: object) -> int:
+    return d.num_planes if isinstance(d, SignPlanesDelta) else 1

@@ -68,9 +68,10 @@ def _run(engine: LLMEngine, seqs: list[list[int]], tenant: str | None, alpha: fl
     if tenant:
         entry = engine.slots.slot_of(tenant)
         seg = Segments.build([0], [total], [entry.slot], [alpha], dev)
-        sign = seg if entry.has_sign else Segments.build([], [], [], [], dev)
+        sign = (seg,) * max(1, entry.planes) if entry.has_sign else (Segments.build([], [], [], [], dev),)
     else:
-        seg = sign = Segments.build([], [], [], [], dev)
+        seg = Segments.build([], [], [], [], dev)
+        sign = (seg,)
     batch = ForwardBatch(
         input_ids=torch.tensor([t for s in seqs for t in s], dtype=torch.long, device=dev),
         positions=torch.cat(positions).to(dev),

@@ -22,7 +22,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from deltaserve.deltas.types import DenseDelta, LinearDelta, LowRankDelta, SignDelta
+from deltaserve.deltas.types import DenseDelta, LinearDelta, LowRankDelta, SignDelta, SignPlanesDelta
 from deltaserve.kernels.lut_layout import lut_shape, to_lut
 from deltaserve.kernels.ops import cpu_kernel_available, is_lut, sign_delta_matmul
 from deltaserve.kernels.segments import Segments
@@ -73,6 +73,8 @@ class DeltaLinear(nn.Module):
         # same bits in the LUT layout uint8 [C, ceil(N/64), 8 Kw, 32] (kernels/lut_layout.py)
         self.packed: torch.Tensor | None = None
         self.scales: torch.Tensor | None = None  # fp32 [C]
+        # further 1-bit planes of multi-bit tenants (SignPlanesDelta), stacked like plane 0
+        self.plane_stacks: list[tuple[torch.Tensor, torch.Tensor]] = []
         self.others: dict[int, LinearDelta] = {}  # slot -> DenseDelta | LowRankDelta (compute dtype)
         self.bias = DenseSlots((out_features,))  # slot -> db [N], the delta named "<name>.bias"
         self._linear_bytes: dict[int, int] = {}  # slot -> bytes of its linear delta
@@ -81,12 +83,15 @@ class DeltaLinear(nn.Module):
     def words(self) -> int:
         return (self.in_features + 31) // 32
 
-    def add_deltas(self, x: torch.Tensor, y: torch.Tensor, sign_segments: Segments,
+    def add_deltas(self, x: torch.Tensor, y: torch.Tensor, sign_segments: tuple[Segments, ...],
                    delta_segments: Segments) -> None:
         """y[seg] += this module's tenant deltas, in place; x: [T, K], y: [T, N] (may be a column
-        view of a fused output: any row stride, unit column stride)."""
-        if self.packed is not None and len(sign_segments):
-            sign_delta_matmul(x, y, self.packed, self.scales, sign_segments)
+        view of a fused output: any row stride, unit column stride). sign_segments[p]: the
+        segments of tenants with a 1-bit plane p (one kernel pass per plane)."""
+        stacks = [(self.packed, self.scales), *self.plane_stacks] if self.packed is not None else []
+        for (packed, scales), segments in zip(stacks, sign_segments, strict=False):
+            if len(segments):
+                sign_delta_matmul(x, y, packed, scales, segments)
         if self.others or self.bias.deltas:
             for start, length, slot, alpha in zip(
                 delta_segments.starts_list, delta_segments.lengths_list, delta_segments.slots_list,
@@ -106,31 +111,40 @@ class DeltaLinear(nn.Module):
 
     # ---- slot management (called by the engine between steps) ----
 
-    def resize_sign_capacity(self, capacity: int, device: torch.device) -> None:
-        """Grow or shrink the stacked 1-bit buffers to `capacity` slots (0 frees them)."""
+    def resize_sign_capacity(self, capacity: int, device: torch.device, planes: int = 1) -> None:
+        """Grow or shrink the stacked 1-bit buffers to `capacity` slots and `planes` planes
+        (capacity 0 frees them)."""
         if capacity == 0:
-            self.packed, self.scales = None, None
+            self.packed, self.scales, self.plane_stacks = None, None, []
             return
-        old = 0 if self.packed is None else self.packed.shape[0]
+        self.packed, self.scales = self._resized(self.packed, self.scales, capacity, device)
+        stacks = self.plane_stacks[: max(0, planes - 1)]
+        stacks += [(None, None)] * (planes - 1 - len(stacks))
+        self.plane_stacks = [self._resized(p, s, capacity, device) for p, s in stacks]
+
+    def _resized(
+        self, packed: torch.Tensor | None, scales: torch.Tensor | None, capacity: int, device: torch.device
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        old = 0 if packed is None else packed.shape[0]
         if old == capacity:
-            return
+            return packed, scales
         if _lut_layout(device):
             shape = lut_shape(capacity, self.out_features, self.in_features)
-            packed = torch.zeros(shape, dtype=torch.uint8, device=device)
+            new = torch.zeros(shape, dtype=torch.uint8, device=device)
         else:
-            packed = torch.zeros(capacity, self.out_features, self.words, dtype=torch.int32, device=device)
-        scales = torch.zeros(capacity, dtype=torch.float32, device=device)
+            new = torch.zeros(capacity, self.out_features, self.words, dtype=torch.int32, device=device)
+        new_scales = torch.zeros(capacity, dtype=torch.float32, device=device)
         keep = min(old, capacity)
         if keep:
-            packed[:keep] = self.packed[:keep]
-            scales[:keep] = self.scales[:keep]
-        self.packed, self.scales = packed, scales
+            new[:keep] = packed[:keep]
+            new_scales[:keep] = scales[:keep]
+        return new, new_scales
 
     def check(self, name: str, delta: object) -> str | None:
         """None when `delta` (the linear delta `name`, or its bias delta "<name>.bias") fits."""
         if name != self.name:
             return self.bias.check(name, delta)
-        if not isinstance(delta, SignDelta | DenseDelta | LowRankDelta):
+        if not isinstance(delta, SignDelta | SignPlanesDelta | DenseDelta | LowRankDelta):
             return f"{self.name}: unsupported delta type {type(delta).__name__}"
         if (delta.out_features, delta.in_features) != (self.out_features, self.in_features):
             return (
@@ -139,16 +153,22 @@ class DeltaLinear(nn.Module):
             )
         if isinstance(delta, SignDelta) and tuple(delta.packed.shape) != (self.out_features, self.words):
             return f"{self.name}: packed signs have shape {tuple(delta.packed.shape)}"
+        planes_shape = tuple(delta.planes.shape[1:]) if isinstance(delta, SignPlanesDelta) else None
+        if planes_shape is not None and planes_shape != (self.out_features, self.words):
+            return f"{self.name}: packed sign planes have shape {tuple(delta.planes.shape)}"
         return None
 
     def set_slot(self, slot: int, name: str, delta: object, dtype: torch.dtype, device: torch.device) -> int:
         """Install `delta` in `slot`; bytes it holds (sign capacity must already cover the slot)."""
         if name != self.name:
             return self.bias.set_slot(slot, name, delta, dtype, device)
-        if isinstance(delta, SignDelta):
-            bits = delta.packed.to(self.packed.device)
-            self.packed[slot].copy_(to_lut(bits[None])[0] if is_lut(self.packed) else bits)
-            self.scales[slot] = delta.scale.float()
+        if isinstance(delta, SignDelta | SignPlanesDelta):
+            planes = [delta] if isinstance(delta, SignDelta) else _planes_of(delta)
+            stacks = [(self.packed, self.scales), *self.plane_stacks]
+            for (packed, scales), plane in zip(stacks, planes, strict=False):  # capacity covers them
+                bits = plane.packed.to(packed.device)
+                packed[slot].copy_(to_lut(bits[None])[0] if is_lut(packed) else bits)
+                scales[slot] = plane.scale.float()
         elif isinstance(delta, DenseDelta):
             d = delta.delta.to(device=device, dtype=dtype)
             self.others[slot] = DenseDelta(d, delta.out_features, delta.in_features)
@@ -160,8 +180,9 @@ class DeltaLinear(nn.Module):
 
     def clear_slot(self, slot: int) -> None:
         if self.packed is not None and slot < self.packed.shape[0]:
-            self.packed[slot].zero_()
-            self.scales[slot] = 0.0
+            for packed, scales in [(self.packed, self.scales), *self.plane_stacks]:
+                packed[slot].zero_()
+                scales[slot] = 0.0
         self.others.pop(slot, None)
         self._linear_bytes.pop(slot, None)
         self.bias.clear_slot(slot)
@@ -174,3 +195,7 @@ class DeltaLinear(nn.Module):
 def _lut_layout(device: torch.device) -> bool:
     """Whether 1-bit stacks on `device` use the LUT layout (the CPU, when its kernels build)."""
     return torch.device(device).type == "cpu" and cpu_kernel_available()
+
+
+def _planes_of(delta: SignPlanesDelta) -> list[SignDelta]:
+    return [delta.plane(p) for p in range(delta.num_planes)]

@@ -51,7 +51,8 @@ class ForwardBatch:
     """Everything a forward pass needs besides the weights and the KV cache.
 
     input_ids, positions, slot_mapping: int64 [T] (slot_mapping = flat KV-cache row per token).
-    sign_segments: tenant segments of tenants holding 1-bit deltas (one kernel call per layer).
+    sign_segments: per 1-bit plane p, the segments of tenants whose deltas have plane p (one
+    kernel call per plane and layer; BitDelta tenants have plane 0 only, multi-bit ones more).
     delta_segments: all tenant segments (dense / low-rank / embedding / norm / bias deltas).
     logits_index: int64 [R] rows whose next token is sampled; logits_segments: the
     tenant segments over those R rows (for the final norm and lm_head deltas).
@@ -60,7 +61,7 @@ class ForwardBatch:
     input_ids: torch.Tensor
     positions: torch.Tensor
     slot_mapping: torch.Tensor
-    sign_segments: Segments
+    sign_segments: tuple[Segments, ...]
     delta_segments: Segments
     prefills: tuple[PrefillAttention, ...]
     decode: DecodeAttention | None

@@ -8,6 +8,14 @@ mean |delta| of its members (fp64 accumulation, stored fp32). decode = sign * le
 Stored parts: `signs` int32 [N, ceil(K/32)] (the bitdelta layout), `levels` fp32 [M],
 `planes` int32 [b, N, ceil(K/32)]: bit plane i of the bucket code, packed like the signs.
 That is (1 + b) bits per weight plus 4·M bytes per matrix.
+
+Served packed, exactly: with s = ±1 the sign and t_k = ±1 (bit k of the code set / clear),
+any M levels are a Walsh–Hadamard sum level[code] = sum over subsets S of the b bits of
+a_S * prod_{k in S} t_k, a_S = mean over codes of level[code] * prod_{k in S} t_k. So
+delta = sum_S a_S * (s * prod_{k in S} t_k), each term a 1-bit sign matrix (the XNOR of the
+sign and the code bits in S): `load` returns those planes (SignPlanesDelta), dropping the
+terms whose coefficient is zero. That is 1 + b planes for b = 1 (and for levels linear in
+the code bits), at most 2^b otherwise; past MAX_PLANES planes the matrix is served dense.
 """
 
 from __future__ import annotations
@@ -20,10 +28,13 @@ import torch
 
 from deltaserve.deltas.codecs.base import Codec, expect_part
 from deltaserve.deltas.packing import PACK_WIDTH, pack_bits, pack_signs, unpack_bits, unpack_signs
-from deltaserve.deltas.types import DenseDelta
+from deltaserve.deltas.types import DenseDelta, SignPlanesDelta
 from deltaserve.errors import InvalidArgumentError
 
 MAX_BITS = 8
+# more planes than this (b >= 4 with levels not linear in the code bits: 16 planes, as many
+# bits per weight as a bf16 matrix and 16 kernel passes) are served dense instead
+MAX_PLANES = 8
 
 
 @dataclass(frozen=True)
@@ -81,6 +92,9 @@ class MultiBitDeltaCodec(Codec):
         signs = expect_part(parts, "signs", torch.int32, (out_features, words), key)
         levels = expect_part(parts, "levels", torch.float32, (1 << b,), key)
         planes = expect_part(parts, "planes", torch.int32, (b, out_features, words), key)
+        packed = walsh_planes(signs, planes, levels, out_features, in_features)
+        if packed.num_planes <= MAX_PLANES:
+            return packed
         codes = torch.zeros(out_features, in_features, dtype=torch.int64)
         for i in range(b):
             codes |= unpack_bits(planes[i], in_features).to(torch.int64) << i
@@ -89,3 +103,33 @@ class MultiBitDeltaCodec(Codec):
 
     def sign_bytes(self, parts):
         return parts["signs"].numel() * 4
+
+
+def walsh_planes(
+    signs: torch.Tensor, planes: torch.Tensor, levels: torch.Tensor, out_features: int, in_features: int
+) -> SignPlanesDelta:
+    """The exact 1-bit plane form of sign * levels[code] (see the module doc)."""
+    b = planes.shape[0]
+    m = 1 << b
+    codes = torch.arange(m)
+    t = torch.stack([((codes >> k) & 1) * 2 - 1 for k in range(b)]).double()  # [b, M]: +-1 per code bit
+    out_planes, coefs = [], []
+    for subset in range(m):
+        members = [k for k in range(b) if subset >> k & 1]
+        prod = torch.ones(m, dtype=torch.float64)
+        for k in members:
+            prod = prod * t[k]
+        coef = float((levels.double() * prod).mean())
+        bits = signs
+        for k in members:
+            bits = ~(bits ^ planes[k])  # +1 where the sign and the code bit agree (XNOR)
+        out_planes.append(bits)
+        coefs.append(coef)
+    top = max(abs(c) for c in coefs)
+    keep = [i for i, c in enumerate(coefs) if abs(c) > 1e-7 * top] or [0]
+    return SignPlanesDelta(
+        torch.stack([out_planes[i] for i in keep]).contiguous(),
+        torch.tensor([coefs[i] for i in keep], dtype=torch.float32),
+        out_features,
+        in_features,
+    )
