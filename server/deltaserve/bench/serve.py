@@ -68,6 +68,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--cold-tenants", type=int, default=3, help="tenants kept cold for the cold-start probe"
     )
     parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
+    parser.add_argument("--codec", default="bitdelta", choices=("bitdelta", "bitdelta-mb1", "bitdelta-mb2"),
+                        help="how the tenants' deltas are compressed")
 
 
 def _machine() -> dict:
@@ -146,9 +148,9 @@ def run(args: argparse.Namespace) -> int:
     base_counts = [n for n in counts if n <= args.baseline_max_tenants]
     n_merged = max(base_counts, default=0) if baseline_modes else 0
     _log(f"preparing {model}: {n_max} tenants (+{len(cold)} cold), merged checkpoints for {n_merged}")
-    prep = prepare(workdir, model, sweep + cold, merged=False)
+    prep = prepare(workdir, model, sweep + cold, merged=False, codec=args.codec)
     if n_merged:
-        prepare(workdir, model, sweep[:n_merged], merged=True)
+        prepare(workdir, model, sweep[:n_merged], merged=True, codec=args.codec)
     setup_seconds = time.monotonic() - started
     words = _vocab_words(prep.base)
     prompts = make_prompts(words, 64, args.prompt_len, seed=1)
@@ -171,6 +173,8 @@ def run(args: argparse.Namespace) -> int:
         return ServerProcess(cfg, out / "logs" / f"{mode}.log")
 
     base_bytes = sum(f.stat().st_size for f in prep.base.glob("*.safetensors"))
+    resident = _resident_bytes(prep, args.dtype)
+    _log(f"{args.codec}: {resident / 2**20:.1f} MiB resident per tenant (base {base_bytes / 2**20:.0f} MiB)")
     result: dict = {
         "command": "deltaserve bench serve "
         + shlex.join(sys.argv[3:] if sys.argv[1:3] == ["bench", "serve"] else []),
@@ -185,6 +189,8 @@ def run(args: argparse.Namespace) -> int:
             "max_new_tokens": mnt,
             "prompt_words": args.prompt_len,
             "base_checkpoint_bytes": base_bytes,
+            "codec": args.codec,
+            "resident_bytes_per_tenant": resident,
         },
         "modes": {},
     }
@@ -365,3 +371,17 @@ def render(result: dict) -> str:
         f"wall time {result['wall_seconds']} s",
     ]
     return "\n".join(lines)
+
+
+def _resident_bytes(prep, dtype: str) -> int:
+    """Bytes the engine holds for one tenant's delta (its compute form, as loaded)."""
+    import torch
+
+    from deltaserve.deltas.fingerprint import base_fingerprint
+    from deltaserve.deltas.load import load_tenant_delta
+    from deltaserve.models.checkpoint import read_config_dict
+
+    first = sorted(prep.deltas.glob("*.delta.safetensors"))[0]
+    delta = load_tenant_delta(first, base_fingerprint=base_fingerprint(prep.base),
+                              base_config=read_config_dict(prep.base), dtype=getattr(torch, dtype))
+    return delta.nbytes()

@@ -115,16 +115,29 @@ def _finetune(base: Path, out: Path, seed: int, noise: float) -> None:
     save_checkpoint(state, read_config_dict(base), out, tokenizer_from=base)
 
 
+CODECS = {"bitdelta": ("bitdelta", {}), "bitdelta-mb1": ("bitdelta-mb", {"magnitude_bits": 1}),
+          "bitdelta-mb2": ("bitdelta-mb", {"magnitude_bits": 2})}
+
+
 def prepare(
-    workdir: Path, model: str, tenants: tuple[str, ...], merged: bool, noise: float = 0.05
+    workdir: Path, model: str, tenants: tuple[str, ...], merged: bool, noise: float = 0.05,
+    codec: str = "bitdelta",
 ) -> Prepared:
-    """Build (or reuse) the base, a bitdelta delta per tenant and, if `merged`, the merged checkpoints."""
+    """Build (or reuse) the base, a delta per tenant (`codec`, a key of CODECS) and, if `merged`,
+    the merged checkpoints."""
     from deltaserve.deltas.codecs import make_codec
+
+    root = Path(workdir) / model
+    base = root / "base"
+    deltas = root / ("deltas" if codec == "bitdelta" else f"deltas-{codec}")
+    merged_dir = root / ("merged" if codec == "bitdelta" else f"merged-{codec}")
+    return _prepare(root, base, deltas, merged_dir, model, tenants, merged, noise, make_codec(*CODECS[codec]))
+
+
+def _prepare(root, base, deltas, merged_dir, model, tenants, merged, noise, codec) -> Prepared:
     from deltaserve.deltas.compress import CompressConfig, compress
     from deltaserve.deltas.merge import merge
 
-    root = Path(workdir) / model
-    base, deltas, merged_dir = root / "base", root / "deltas", root / "merged"
     if not (base / "config.json").is_file():
         if base.exists():
             shutil.rmtree(base)
@@ -141,7 +154,7 @@ def prepare(
             with tempfile.TemporaryDirectory(dir=root) as tmp:
                 ft = Path(tmp) / "ft"
                 _finetune(base, ft, seed=1000 + tenants.index(t), noise=noise)
-                compress(CompressConfig(base, ft, delta, make_codec("bitdelta"), progress=False))
+                compress(CompressConfig(base, ft, delta, codec, progress=False))
         if merged and not (merged_dir / t / "config.json").is_file():
             if (merged_dir / t).exists():
                 shutil.rmtree(merged_dir / t)
