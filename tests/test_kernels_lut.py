@@ -137,3 +137,33 @@ def test_delta_linear_keeps_cpu_stacks_in_the_lut_layout(ext):
     lin.add_deltas(x, got, (segs,), segs)
     want = x @ SignDelta(signs, torch.tensor(0.01), 70, 100).decode().T
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_parts_and_planes_in_one_call_match_the_reference(ext, dtype):
+    # a fused projection: part 0 (70 rows, two planes: a multi-bit matrix), part 1 (40 rows, one
+    # plane); plane 1 serves a subset of plane 0's segments; one prefill-sized segment as well
+    from deltaserve.kernels.ops import sign_lut_matmul_parts
+
+    gen = torch.Generator().manual_seed(9)
+    k, sizes = 150, (70, 40)
+    x = (torch.randn(25, k, generator=gen) + 0.1).to(dtype)
+    y0 = torch.randn(25, sum(sizes), generator=gen).to(dtype)
+    plane0 = Segments.build([1, 4, 8], [2, 3, 17], [0, 2, 1], [1.0, -0.5, 2.0])
+    plane1 = Segments.build([4], [3], [2], [-0.5])
+
+    def stack(n):
+        packed = torch.stack([pack_signs(torch.randn(n, k, generator=gen)) for _ in range(3)])
+        return packed, torch.rand(3, generator=gen) * 0.02 + 0.001
+
+    (p00, s00), (p01, s01), (p10, s10) = stack(70), stack(70), stack(40)
+    want = y0.clone()
+    sign_delta_matmul_ref(x, want[:, :70], p00, s00, plane0)
+    sign_delta_matmul_ref(x, want[:, :70], p01, s01, plane1)
+    sign_delta_matmul_ref(x, want[:, 70:], p10, s10, plane0)
+    got = y0.clone()
+    parts = [(0, 70, [(to_lut(p00), s00), (to_lut(p01), s01)]), (70, 40, [(to_lut(p10), s10)])]
+    assert sign_lut_matmul_parts(x, got, parts, (plane0, plane1), CpuKernelConfig(table_bits=16))
+    rtol, atol = tolerance(dtype)
+    torch.testing.assert_close(got.float(), want.float(), rtol=rtol, atol=atol + 1e-4)
+    assert torch.equal(got[0], y0[0]) and torch.equal(got[3], y0[3])  # rows outside every segment

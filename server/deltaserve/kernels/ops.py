@@ -178,6 +178,51 @@ def sign_delta_matmul(
     return sign_delta_matmul_ref(x, y, packed, scales, segments)
 
 
+def sign_lut_matmul_parts(
+    x: torch.Tensor,
+    y: torch.Tensor,
+    parts: list[tuple[int, int, list[tuple[torch.Tensor, torch.Tensor]]]],
+    sign_segments: tuple[Segments, ...],
+    cpu_config: CpuKernelConfig = _DEFAULT_CPU_CONFIG,
+) -> bool:
+    """Every part's 1-bit planes added into its columns of y in one call of the table-lookup
+    kernel (tables built once per token for all of them).
+
+    parts: (first column, N, [(lut, scales) of plane 0, 1, ...]) per matrix; plane p serves the
+    segments sign_segments[p]. Returns False (nothing done) when the compiled kernel is not
+    available or y lacks a unit column stride; the caller then goes part by part.
+    """
+    ext = load_cpu_extension()
+    if ext is None or y.stride(1) != 1 or x.device.type != "cpu":
+        return False
+    luts, scales, cols, ns, ids, offsets = [], [], [], [], [], [0]
+    starts: list[int] = []
+    lengths: list[int] = []
+    slots: list[int] = []
+    alphas: list[float] = []
+    for pid, (col, n, stacks) in enumerate(parts):
+        for (lut, sc), segs in zip(stacks, sign_segments, strict=False):
+            if not len(segs):
+                continue
+            luts.append(lut)
+            scales.append(sc)
+            cols.append(col)
+            ns.append(n)
+            ids.append(pid)
+            starts += segs.starts_list
+            lengths += segs.lengths_list
+            slots += segs.slots_list
+            alphas += segs.alphas_list
+            offsets.append(len(starts))
+    if luts:
+        bits = cpu_config.table_bits or (16 if y.dtype == torch.float32 else 8)
+        ext.sign_lut_matmul_jobs(
+            x, y, luts, scales, cols, ns, ids, offsets, starts, lengths, slots, alphas,
+            cpu_config.gemm_min_tokens, cpu_config.isa_cap, bits,
+        )
+    return True
+
+
 def cpu_kernel_available() -> bool:
     """True when the compiled CPU kernel builds and loads on this machine."""
     return load_cpu_extension() is not None

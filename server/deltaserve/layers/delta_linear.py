@@ -24,7 +24,7 @@ from torch.nn import functional as F
 
 from deltaserve.deltas.types import DenseDelta, LinearDelta, LowRankDelta, SignDelta, SignPlanesDelta
 from deltaserve.kernels.lut_layout import lut_shape, to_lut
-from deltaserve.kernels.ops import cpu_kernel_available, is_lut, sign_delta_matmul
+from deltaserve.kernels.ops import cpu_kernel_available, is_lut, sign_delta_matmul, sign_lut_matmul_parts
 from deltaserve.kernels.segments import Segments
 from deltaserve.layers.quant import set_base_weight
 from deltaserve.layers.slots import DenseSlots
@@ -44,9 +44,14 @@ class FusedLinear(nn.Module):
         self.splits = [p.out_features for p in parts]
         self.in_features = parts[0].in_features
 
-    def forward(self, x: torch.Tensor, sign_segments: Segments, delta_segments: Segments) -> torch.Tensor:
-        """x: [T, K] -> y: [T, sum of the parts' N]."""
+    def forward(
+        self, x: torch.Tensor, sign_segments: tuple[Segments, ...], delta_segments: Segments
+    ) -> torch.Tensor:
+        """x: [T, K] -> y: [T, sum of the parts' N]. On the CPU, the 1-bit planes of all parts
+        go to the table-lookup kernel in one call (each token's tables built once)."""
         y = self.base(x)
+        if self._lut_all(x, sign_segments) and sign_lut_matmul_parts(x, y, self._lut_parts(), sign_segments):
+            sign_segments = ()  # done for every part
         if len(self.parts) == 1:
             self.parts[0].add_deltas(x, y, sign_segments, delta_segments)
             return y
@@ -55,6 +60,21 @@ class FusedLinear(nn.Module):
             part.add_deltas(x, y[:, start : start + n], sign_segments, delta_segments)
             start += n
         return y
+
+    def _lut_all(self, x: torch.Tensor, sign_segments: tuple[Segments, ...]) -> bool:
+        """Whether this call's 1-bit work can go to the table-lookup kernel in one call."""
+        if not any(len(s) for s in sign_segments) or (torch.is_grad_enabled() and x.requires_grad):
+            return False
+        stacks = [p.packed for p in self.parts if p.packed is not None]
+        return bool(stacks) and all(is_lut(s) for s in stacks)
+
+    def _lut_parts(self) -> list[tuple[int, int, list[tuple[torch.Tensor, torch.Tensor]]]]:
+        out, start = [], 0
+        for part, n in zip(self.parts, self.splits, strict=True):
+            if part.packed is not None:
+                out.append((start, n, [(part.packed, part.scales), *part.plane_stacks]))
+            start += n
+        return out
 
     def set_base_weight(self, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
         """Replace the fused base weight [sum N, K] (and bias) in place; same shapes only."""

@@ -10,6 +10,13 @@ void sign_delta_matmul(const at::Tensor& x, at::Tensor& y, const at::Tensor& pac
                        const std::vector<int64_t>& slots, const std::vector<double>& alphas,
                        int64_t gemm_min_tokens, int64_t row_tile, int64_t isa_cap);
 int64_t best_isa();
+void sign_lut_matmul_jobs(const at::Tensor& x, at::Tensor& y, const std::vector<at::Tensor>& luts,
+                          const std::vector<at::Tensor>& scales, const std::vector<int64_t>& cols,
+                          const std::vector<int64_t>& ns, const std::vector<int64_t>& parts,
+                          const std::vector<int64_t>& seg_offsets, const std::vector<int64_t>& starts,
+                          const std::vector<int64_t>& lengths, const std::vector<int64_t>& slots,
+                          const std::vector<double>& alphas, int64_t gemm_min_tokens, int64_t isa_cap,
+                          int64_t table_bits);
 void sign_lut_matmul(const at::Tensor& x, at::Tensor& y, const at::Tensor& lut, const at::Tensor& scales,
                      const std::vector<int64_t>& starts, const std::vector<int64_t>& lengths,
                      const std::vector<int64_t>& slots, const std::vector<double>& alphas,
@@ -25,6 +32,8 @@ std::tuple<at::Tensor, at::Tensor> greedy_rows(const at::Tensor& logits);
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("sign_delta_matmul", &sign_delta_matmul, "segmented 1-bit delta matmul (in place on y)");
   m.def("sign_lut_matmul", &sign_lut_matmul, "segmented 1-bit delta matmul by table lookup (lut layout)");
+  m.def("sign_lut_matmul_jobs", &sign_lut_matmul_jobs,
+        "several LUT-layout delta matmuls over one x (fused parts, planes) with shared tables");
   m.def("best_isa", &best_isa, "0 = scalar, 1 = AVX2, 2 = AVX-512 (what this CPU supports)");
   m.def("rms_norm", &rms_norm, "RMSNorm over rows");
   m.def("rotary", &rotary, "rotate-half RoPE in place");

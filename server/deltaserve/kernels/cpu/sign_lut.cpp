@@ -233,16 +233,28 @@ inline void emit<float>(float* y, float factor, float acc) {
   *y += factor * acc;
 }
 
+// One layer's signs in the LUT layout and the segments that read them; jobs of the same `part`
+// add into the same columns of y (the planes of one multi-bit matrix), other parts into others.
+struct Job {
+  const uint8_t* lut;
+  int64_t NB, N, col, part;
+  std::vector<Seg> dec, pre;
+};
+
 template <typename T, int BITS>
-void run_decode(bool avx2, const std::vector<Seg>& segs, const float* xpad, int64_t T_, int64_t Kp,
-                const uint8_t* lut, int64_t NB, int64_t G, int64_t N, T* y, int64_t ys) {
-  // tables of every token of a decode segment, built once (in parallel over tokens)
-  std::vector<int64_t> tok;
-  for (const Seg& s : segs)
-    for (int64_t t = 0; t < s.length; ++t) tok.push_back(s.start + t);
+void run_decode(bool avx2, const std::vector<Job>& jobs, const float* xpad, int64_t T_, int64_t Kp, int64_t G,
+                T* y, int64_t ys) {
+  // tables of every token of a decode segment, built once for all jobs (in parallel over tokens)
+  std::vector<int64_t> row_of(T_, -1), tok;
+  for (const Job& j : jobs)
+    for (const Seg& s : j.dec)
+      for (int64_t t = s.start; t < s.start + s.length; ++t)
+        if (row_of[t] < 0) {
+          row_of[t] = static_cast<int64_t>(tok.size());
+          tok.push_back(t);
+        }
+  if (tok.empty()) return;
   const int64_t nblk = (G + kBlock - 1) / kBlock;
-  std::vector<int64_t> row_of(T_, -1);
-  for (size_t i = 0; i < tok.size(); ++i) row_of[tok[i]] = static_cast<int64_t>(i);
   std::vector<int8_t> his(tok.size() * G * 16);
   std::vector<uint8_t> los(BITS == 16 ? tok.size() * G * 16 : 0);
   std::vector<float> scales(tok.size() * nblk);
@@ -257,26 +269,44 @@ void run_decode(bool avx2, const std::vector<Seg>& segs, const float* xpad, int6
       }
     }
   });
-  const int64_t items = static_cast<int64_t>(segs.size()) * NB;
-  at::parallel_for(0, items, 1, [&](int64_t begin, int64_t end) {
+  // work items (job, segment, row block); the jobs of one part that cover the same tokens (its
+  // planes) go into one item, run one after the other, so no two threads add into the same y
+  struct Item {
+    int64_t first_job, seg, rb;
+  };
+  std::vector<Item> items;
+  for (size_t j = 0; j < jobs.size(); ++j) {
+    if (j > 0 && jobs[j].part == jobs[j - 1].part) continue;  // planes after the part's first job
+    for (size_t g = 0; g < jobs[j].dec.size(); ++g)
+      for (int64_t rb = 0; rb < jobs[j].NB; ++rb) items.push_back({static_cast<int64_t>(j), static_cast<int64_t>(g), rb});
+  }
+  at::parallel_for(0, static_cast<int64_t>(items.size()), 1, [&](int64_t begin, int64_t end) {
     float acc[kRows];
     for (int64_t it = begin; it < end; ++it) {
-      const Seg& sg = segs[it / NB];
-      const int64_t rb = it % NB;
-      const uint8_t* w = lut + (sg.slot * NB + rb) * G * 32;
-      const int64_t rows = std::min(kRows, N - rb * kRows);
-      for (int64_t t = sg.start; t < sg.start + sg.length; ++t) {
-        const int64_t i = row_of[t];
-        const int8_t* hi = his.data() + i * G * 16;
-        const uint8_t* lo = BITS == 16 ? los.data() + i * G * 16 : nullptr;
-        const float* sc = scales.data() + i * nblk;
-        if (avx2) {
-          lut_block_avx2<BITS>(w, hi, lo, sc, G, acc);
-        } else {
-          lut_block_scalar<BITS>(w, hi, lo, sc, G, acc);
+      const Item& item = items[it];
+      const Seg& lead = jobs[item.first_job].dec[item.seg];
+      for (size_t j = item.first_job; j < jobs.size() && jobs[j].part == jobs[item.first_job].part; ++j) {
+        const Job& job = jobs[j];
+        // this plane's segment over the same tokens (planes list a subset of the first job's segments)
+        const Seg* sg = nullptr;
+        for (const Seg& s : job.dec)
+          if (s.start == lead.start) sg = &s;
+        if (sg == nullptr) continue;
+        const uint8_t* w = job.lut + (sg->slot * job.NB + item.rb) * G * 32;
+        const int64_t rows = std::min(kRows, job.N - item.rb * kRows);
+        for (int64_t t = sg->start; t < sg->start + sg->length; ++t) {
+          const int64_t i = row_of[t];
+          const int8_t* hi = his.data() + i * G * 16;
+          const uint8_t* lo = BITS == 16 ? los.data() + i * G * 16 : nullptr;
+          const float* sc = scales.data() + i * nblk;
+          if (avx2) {
+            lut_block_avx2<BITS>(w, hi, lo, sc, G, acc);
+          } else {
+            lut_block_scalar<BITS>(w, hi, lo, sc, G, acc);
+          }
+          T* yr = y + t * ys + job.col + item.rb * kRows;
+          for (int64_t r = 0; r < rows; ++r) emit<T>(yr + r, sg->factor, acc[r]);
         }
-        T* yr = y + t * ys + rb * kRows;
-        for (int64_t r = 0; r < rows; ++r) emit<T>(yr + r, sg.factor, acc[r]);
       }
     }
   });
@@ -319,44 +349,70 @@ void run_prefill(const Seg& sg, const at::Tensor& xpad, const uint8_t* lut, int6
 }
 
 template <typename T>
-void dispatch(bool avx2, int64_t bits, const std::vector<Seg>& dec, const std::vector<Seg>& pre,
-              const at::Tensor& xpad, const uint8_t* lut, int64_t NB, int64_t G, int64_t N, at::Tensor& y) {
+void dispatch(bool avx2, int64_t bits, const std::vector<Job>& jobs, const at::Tensor& xpad, int64_t G,
+              at::Tensor& y) {
   T* yp = y.data_ptr<T>();
   const int64_t ys = y.stride(0);
   const float* xp = xpad.data_ptr<float>();
-  if (!dec.empty() && bits == 8) run_decode<T, 8>(avx2, dec, xp, xpad.size(0), xpad.size(1), lut, NB, G, N, yp, ys);
-  if (!dec.empty() && bits == 16) run_decode<T, 16>(avx2, dec, xp, xpad.size(0), xpad.size(1), lut, NB, G, N, yp, ys);
-  for (const Seg& s : pre) run_prefill<T>(s, xpad, lut, NB, G, N, yp, ys);
+  if (bits == 8) run_decode<T, 8>(avx2, jobs, xp, xpad.size(0), xpad.size(1), G, yp, ys);
+  if (bits == 16) run_decode<T, 16>(avx2, jobs, xp, xpad.size(0), xpad.size(1), G, yp, ys);
+  for (const Job& j : jobs)
+    for (const Seg& s : j.pre) run_prefill<T>(s, xpad, j.lut, j.NB, G, j.N, yp + j.col, ys);
 }
 
 }  // namespace
 
-// In place: y [T, N] (fp32/bf16/fp16, unit column stride) += per-segment deltas from `lut`.
-void sign_lut_matmul(const at::Tensor& x, at::Tensor& y, const at::Tensor& lut, const at::Tensor& scales,
-                     const std::vector<int64_t>& starts, const std::vector<int64_t>& lengths,
-                     const std::vector<int64_t>& slots, const std::vector<double>& alphas,
-                     int64_t gemm_min_tokens, int64_t isa_cap, int64_t table_bits) {
+// In place: y [T, sum of the parts' N] (fp32/bf16/fp16, unit column stride) += the deltas of
+// every job: job j reads luts[j] (uint8 [S, NB, G, 32], one layer's signs in the LUT layout)
+// with scales[j] [S] and adds into columns [cols[j], cols[j] + N_j) of y for its segments
+// starts/lengths/slots/alphas[seg_offsets[j] : seg_offsets[j + 1]]. Consecutive jobs with the
+// same parts[j] are planes of one matrix (same columns; their segments must be a subset of the
+// first such job's). All jobs share x, so each decode token's tables are built once.
+void sign_lut_matmul_jobs(const at::Tensor& x, at::Tensor& y, const std::vector<at::Tensor>& luts,
+                          const std::vector<at::Tensor>& scales, const std::vector<int64_t>& cols,
+                          const std::vector<int64_t>& ns, const std::vector<int64_t>& parts,
+                          const std::vector<int64_t>& seg_offsets, const std::vector<int64_t>& starts,
+                          const std::vector<int64_t>& lengths, const std::vector<int64_t>& slots,
+                          const std::vector<double>& alphas, int64_t gemm_min_tokens, int64_t isa_cap,
+                          int64_t table_bits) {
   TORCH_CHECK(table_bits == 8 || table_bits == 16, "table_bits must be 8 or 16");
-  TORCH_CHECK(x.device().is_cpu() && y.device().is_cpu() && lut.device().is_cpu(), "CPU tensors expected");
-  TORCH_CHECK(x.dim() == 2 && y.dim() == 2 && lut.dim() == 4, "x [T,K], y [T,N], lut [S,NB,G,32] expected");
-  TORCH_CHECK(lut.scalar_type() == at::kByte && lut.is_contiguous() && lut.size(3) == 32, "lut must be uint8 [S,NB,G,32]");
-  TORCH_CHECK(y.size(0) == x.size(0) && y.stride(1) == 1, "y must be [T, N] with unit column stride");
-  const int64_t K = x.size(1), N = y.size(1), NB = lut.size(1), G = lut.size(2), Kp = 4 * G;
-  TORCH_CHECK(G % 8 == 0 && K <= Kp && K > Kp - 32, "K does not match the layout's groups");
-  TORCH_CHECK(NB == (N + kRows - 1) / kRows, "N does not match the layout's row blocks");
-  TORCH_CHECK(starts.size() == lengths.size() && lengths.size() == slots.size() && slots.size() == alphas.size(),
+  TORCH_CHECK(x.device().is_cpu() && y.device().is_cpu(), "CPU tensors expected");
+  TORCH_CHECK(x.dim() == 2 && y.dim() == 2 && y.size(0) == x.size(0) && y.stride(1) == 1,
+              "x [T,K] and y [T,N] with unit column stride expected");
+  const size_t J = luts.size();
+  TORCH_CHECK(scales.size() == J && cols.size() == J && ns.size() == J && parts.size() == J &&
+                  seg_offsets.size() == J + 1,
+              "one lut, scales, column, N and part per job, and J + 1 segment offsets");
+  TORCH_CHECK(starts.size() == lengths.size() && lengths.size() == slots.size() && slots.size() == alphas.size() &&
+                  static_cast<int64_t>(starts.size()) == seg_offsets[J],
               "segment arrays must have equal lengths");
-  const at::Tensor sc = scales.to(at::kFloat).contiguous();
-  std::vector<Seg> dec, pre;
-  for (size_t g = 0; g < starts.size(); ++g) {
-    if (lengths[g] <= 0) continue;
-    TORCH_CHECK(starts[g] >= 0 && starts[g] + lengths[g] <= x.size(0), "segment out of range");
-    TORCH_CHECK(slots[g] >= 0 && slots[g] < lut.size(0), "slot out of range");
-    const float factor = static_cast<float>(alphas[g]) * sc.data_ptr<float>()[slots[g]];
-    Seg s{starts[g], lengths[g], slots[g], factor};
-    (lengths[g] >= gemm_min_tokens ? pre : dec).push_back(s);
+  if (J == 0) return;
+  const int64_t K = x.size(1), G = luts[0].size(2), Kp = 4 * G;
+  TORCH_CHECK(G % 8 == 0 && K <= Kp && K > Kp - 32, "K does not match the layout's groups");
+  std::vector<Job> jobs;
+  std::vector<at::Tensor> keep;  // fp32 scales alive while the jobs run
+  for (size_t j = 0; j < J; ++j) {
+    const at::Tensor& lut = luts[j];
+    TORCH_CHECK(lut.device().is_cpu() && lut.dim() == 4 && lut.scalar_type() == at::kByte && lut.is_contiguous() &&
+                    lut.size(3) == 32 && lut.size(2) == G,
+                "every lut must be contiguous uint8 [S, NB, G, 32] with the same G");
+    TORCH_CHECK(lut.size(1) == (ns[j] + kRows - 1) / kRows && cols[j] >= 0 && cols[j] + ns[j] <= y.size(1),
+                "a job's N and columns do not match its lut and y");
+    TORCH_CHECK(j == 0 || parts[j] != parts[j - 1] || (cols[j] == cols[j - 1] && ns[j] == ns[j - 1]),
+                "planes of one part must share its columns");
+    keep.push_back(scales[j].to(at::kFloat).contiguous());
+    const float* sc = keep.back().data_ptr<float>();
+    Job job{lut.data_ptr<uint8_t>(), lut.size(1), ns[j], cols[j], parts[j], {}, {}};
+    for (int64_t g = seg_offsets[j]; g < seg_offsets[j + 1]; ++g) {
+      if (lengths[g] <= 0) continue;
+      TORCH_CHECK(starts[g] >= 0 && starts[g] + lengths[g] <= x.size(0), "segment out of range");
+      TORCH_CHECK(slots[g] >= 0 && slots[g] < lut.size(0), "slot out of range");
+      const float factor = static_cast<float>(alphas[g]) * sc[slots[g]];  // alpha * scales[slot], in fp32
+      Seg s{starts[g], lengths[g], slots[g], factor};
+      (lengths[g] >= gemm_min_tokens ? job.pre : job.dec).push_back(s);
+    }
+    jobs.push_back(std::move(job));
   }
-  if (dec.empty() && pre.empty()) return;
   at::Tensor xpad;
   if (K == Kp && x.scalar_type() == at::kFloat && x.is_contiguous()) {
     xpad = x;
@@ -366,11 +422,21 @@ void sign_lut_matmul(const at::Tensor& x, at::Tensor& y, const at::Tensor& lut, 
   }
   __builtin_cpu_init();
   const bool avx2 = isa_cap >= 1 && __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-  const uint8_t* lp = lut.data_ptr<uint8_t>();
   switch (y.scalar_type()) {
-    case at::kFloat: dispatch<float>(avx2, table_bits, dec, pre, xpad, lp, NB, G, N, y); break;
-    case at::kBFloat16: dispatch<at::BFloat16>(avx2, table_bits, dec, pre, xpad, lp, NB, G, N, y); break;
-    case at::kHalf: dispatch<at::Half>(avx2, table_bits, dec, pre, xpad, lp, NB, G, N, y); break;
+    case at::kFloat: dispatch<float>(avx2, table_bits, jobs, xpad, G, y); break;
+    case at::kBFloat16: dispatch<at::BFloat16>(avx2, table_bits, jobs, xpad, G, y); break;
+    case at::kHalf: dispatch<at::Half>(avx2, table_bits, jobs, xpad, G, y); break;
     default: TORCH_CHECK(false, "y must be fp32, bf16 or fp16");
   }
+}
+
+// In place: y [T, N] (fp32/bf16/fp16, unit column stride) += per-segment deltas from `lut`.
+void sign_lut_matmul(const at::Tensor& x, at::Tensor& y, const at::Tensor& lut, const at::Tensor& scales,
+                     const std::vector<int64_t>& starts, const std::vector<int64_t>& lengths,
+                     const std::vector<int64_t>& slots, const std::vector<double>& alphas,
+                     int64_t gemm_min_tokens, int64_t isa_cap, int64_t table_bits) {
+  TORCH_CHECK(lut.dim() == 4, "lut must be uint8 [S, NB, G, 32]");
+  TORCH_CHECK(y.dim() == 2 && lut.size(1) == (y.size(1) + kRows - 1) / kRows, "N does not match the layout's row blocks");
+  sign_lut_matmul_jobs(x, y, {lut}, {scales}, {0}, {y.size(1)}, {0}, {0, static_cast<int64_t>(starts.size())}, starts,
+                       lengths, slots, alphas, gemm_min_tokens, isa_cap, table_bits);
 }
