@@ -150,7 +150,7 @@ def test_parts_and_planes_in_one_call_match_the_reference(ext, dtype):
     x = (torch.randn(25, k, generator=gen) + 0.1).to(dtype)
     y0 = torch.randn(25, sum(sizes), generator=gen).to(dtype)
     plane0 = Segments.build([1, 4, 8], [2, 3, 17], [0, 2, 1], [1.0, -0.5, 2.0])
-    plane1 = Segments.build([4], [3], [2], [-0.5])
+    plane1 = Segments.build([4, 8], [3, 17], [2, 1], [-0.5, 2.0])  # decode- and prefill-sized
 
     def stack(n):
         packed = torch.stack([pack_signs(torch.randn(n, k, generator=gen)) for _ in range(3)])

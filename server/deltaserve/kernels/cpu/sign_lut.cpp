@@ -32,6 +32,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <utility>
 #include <vector>
 
 namespace {
@@ -329,21 +330,37 @@ void unpack_block(const uint8_t* w, int64_t G, float* out) {
   }
 }
 
+// A prefill segment of one part: its planes' +-1 blocks, each times its factor, summed into one
+// fp32 tile (the delta's rows), then one BLAS product per 64-row block for all planes.
 template <typename T>
-void run_prefill(const Seg& sg, const at::Tensor& xpad, const uint8_t* lut, int64_t NB, int64_t G, int64_t N,
+void run_prefill(const std::vector<std::pair<const Job*, const Seg*>>& planes, const at::Tensor& xpad, int64_t G,
                  T* y, int64_t ys) {
-  const int64_t Kp = 4 * G;
+  const Job& lead = *planes[0].first;
+  const Seg& sg = *planes[0].second;
+  const int64_t Kp = 4 * G, NB = lead.NB, N = lead.N;
   const at::Tensor xs = xpad.narrow(0, sg.start, sg.length);
   at::parallel_for(0, NB, 1, [&](int64_t begin, int64_t end) {
     at::Tensor tile = at::empty({kRows, Kp}, xpad.options());
+    at::Tensor part = planes.size() > 1 ? at::empty({kRows, Kp}, xpad.options()) : tile;
     at::Tensor out = at::empty({sg.length, kRows}, xpad.options());
     for (int64_t rb = begin; rb < end; ++rb) {
-      unpack_block(lut + (sg.slot * NB + rb) * G * 32, G, tile.data_ptr<float>());
+      float factor = planes[0].second->factor;
+      unpack_block(lead.lut + (planes[0].second->slot * NB + rb) * G * 32, G, tile.data_ptr<float>());
+      if (planes.size() > 1) {
+        tile.mul_(factor);
+        factor = 1.f;
+        for (size_t p = 1; p < planes.size(); ++p) {
+          const Job& job = *planes[p].first;
+          unpack_block(job.lut + (planes[p].second->slot * NB + rb) * G * 32, G, part.data_ptr<float>());
+          tile.add_(part, planes[p].second->factor);
+        }
+      }
       at::mm_out(out, xs, tile.t());
       const float* op = out.data_ptr<float>();
       const int64_t rows = std::min(kRows, N - rb * kRows);
       for (int64_t t = 0; t < sg.length; ++t)
-        for (int64_t r = 0; r < rows; ++r) emit<T>(y + (sg.start + t) * ys + rb * kRows + r, sg.factor, op[t * kRows + r]);
+        for (int64_t r = 0; r < rows; ++r)
+          emit<T>(y + (sg.start + t) * ys + lead.col + rb * kRows + r, factor, op[t * kRows + r]);
     }
   });
 }
@@ -356,8 +373,16 @@ void dispatch(bool avx2, int64_t bits, const std::vector<Job>& jobs, const at::T
   const float* xp = xpad.data_ptr<float>();
   if (bits == 8) run_decode<T, 8>(avx2, jobs, xp, xpad.size(0), xpad.size(1), G, yp, ys);
   if (bits == 16) run_decode<T, 16>(avx2, jobs, xp, xpad.size(0), xpad.size(1), G, yp, ys);
-  for (const Job& j : jobs)
-    for (const Seg& s : j.pre) run_prefill<T>(s, xpad, j.lut, j.NB, G, j.N, yp + j.col, ys);
+  for (size_t j = 0; j < jobs.size(); ++j) {
+    if (j > 0 && jobs[j].part == jobs[j - 1].part) continue;  // planes go with their part's first job
+    for (const Seg& s : jobs[j].pre) {
+      std::vector<std::pair<const Job*, const Seg*>> planes;
+      for (size_t q = j; q < jobs.size() && jobs[q].part == jobs[j].part; ++q)
+        for (const Seg& t : jobs[q].pre)
+          if (t.start == s.start) planes.push_back({&jobs[q], &t});
+      run_prefill<T>(planes, xpad, G, yp, ys);
+    }
+  }
 }
 
 }  // namespace
