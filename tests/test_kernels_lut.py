@@ -53,7 +53,7 @@ def table_error_bound(x: torch.Tensor, bits: int) -> torch.Tensor:
 
 def _check(case, bits: int, isa: int, gemm_min_tokens: int = 16) -> None:
     want = sign_delta_matmul_ref(case.x, case.y.clone(), case.packed, case.scales, case.segments)
-    config = CpuKernelConfig(isa_cap=isa, table_bits=bits, gemm_min_tokens=gemm_min_tokens)
+    config = CpuKernelConfig(isa_cap=isa, table_bits=bits, lut_gemm_min_tokens=gemm_min_tokens)
     got = sign_delta_matmul(case.x, case.y.clone(), to_lut(case.packed), case.scales, case.segments,
                             backend="cpu", cpu_config=config)
     assert got.dtype == case.y.dtype
@@ -110,7 +110,7 @@ def test_prefill_path_is_exact_products(ext, dtype):
     case = make_case(k=160, n=70, lengths=[17, 0, 33, 4], slots=3, dtype=dtype, seed=3)
     want = sign_delta_matmul_ref(case.x, case.y.clone(), case.packed, case.scales, case.segments)
     got = sign_delta_matmul(case.x, case.y.clone(), to_lut(case.packed), case.scales, case.segments,
-                            cpu_config=CpuKernelConfig(gemm_min_tokens=16, table_bits=8))
+                            cpu_config=CpuKernelConfig(lut_gemm_min_tokens=16, table_bits=8))
     rtol, atol = tolerance(dtype)
     rows = slice(1, 18)  # the 17-token segment: prefill path, fp32 sums
     torch.testing.assert_close(got[rows].float(), want[rows].float(), rtol=rtol, atol=atol)
@@ -163,7 +163,8 @@ def test_parts_and_planes_in_one_call_match_the_reference(ext, dtype):
     sign_delta_matmul_ref(x, want[:, 70:], p10, s10, plane0)
     got = y0.clone()
     parts = [(0, 70, [(to_lut(p00), s00), (to_lut(p01), s01)]), (70, 40, [(to_lut(p10), s10)])]
-    assert sign_lut_matmul_parts(x, got, parts, (plane0, plane1), CpuKernelConfig(table_bits=16))
+    config = CpuKernelConfig(table_bits=16, lut_gemm_min_tokens=16)
+    assert sign_lut_matmul_parts(x, got, parts, (plane0, plane1), config)
     rtol, atol = tolerance(dtype)
     torch.testing.assert_close(got.float(), want.float(), rtol=rtol, atol=atol + 1e-4)
     assert torch.equal(got[0], y0[0]) and torch.equal(got[3], y0[3])  # rows outside every segment

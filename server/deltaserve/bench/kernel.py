@@ -207,7 +207,7 @@ def run_case(torch_mod, config: BenchConfig, timer: _Timer, case, bandwidth_gbps
     backend = "triton" if dev == "cuda" else _cpu_backend_name(CPU_ISAS[config.cpu_isa])
     if dev == "cpu" and config.cpu_layout == "lut" and backend != "reference":
         bits = config.table_bits or (16 if dtype == torch.float32 else 8)
-        backend = f"{backend}-lut{bits}" if phase == "decode" else f"{backend}-lut-gemm"
+        backend = f"{backend}-lut{bits}" if tokens < cpu.lut_gemm_min_tokens else f"{backend}-lut-gemm"
     return CaseResult(
         phase=phase, k=k, n=n, tenants=tenants, tokens_per_tenant=tokens, dtype=config.dtype,
         base_ms=round(base_ms, 6), base_plus_delta_ms=round(both_ms, 6), delta_ms=round(delta_ms, 6),

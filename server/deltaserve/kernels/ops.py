@@ -97,7 +97,7 @@ def _cpu(x, y, packed, scales, segments: Segments, config: CpuKernelConfig) -> t
             x, y, packed.contiguous(), scales,
             list(segments.starts_list), list(segments.lengths_list),
             list(segments.slots_list), list(segments.alphas_list),
-            config.gemm_min_tokens, config.isa_cap, bits,
+            config.lut_gemm_min_tokens, config.isa_cap, bits,
         )
         return y
     ext.sign_delta_matmul(
@@ -218,7 +218,7 @@ def sign_lut_matmul_parts(
         bits = cpu_config.table_bits or (16 if y.dtype == torch.float32 else 8)
         ext.sign_lut_matmul_jobs(
             x, y, luts, scales, cols, ns, ids, offsets, starts, lengths, slots, alphas,
-            cpu_config.gemm_min_tokens, cpu_config.isa_cap, bits,
+            cpu_config.lut_gemm_min_tokens, cpu_config.isa_cap, bits,
         )
     return True
 
