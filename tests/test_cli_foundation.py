@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import torch
@@ -33,6 +34,15 @@ def test_compress_inspect_merge_done_check(tiny_dir, tmp_path, capsys):
     assert b["dense_part"] > 0 and report["dense_tensors"] == 7
     assert report["ratios"]["sign_bits_vs_linear_fp16"] <= 1 / 16
     assert len(report["tensors"]) == 2 * 14 + 7
+    assert report["resident"]["linears"] == {"1 one-bit plane": 14}
+    dense = [t["shape"] for k, t in report["tensors"].items() if k.startswith("dense/")]
+    dense_fp32 = sum(4 * math.prod(shape) for shape in dense)
+    assert report["resident"]["bytes_fp32"] == b["sign_bits"] + b["scales"] + dense_fp32
+    mb = tmp_path / "mb.delta.safetensors"
+    rc, _, _ = _run(capsys, "compress", "--base", base, "--finetuned", ft, "--codec", "bitdelta-mb",
+                    "--magnitude-bits", "1", "--out", mb, "--json", "--no-progress")
+    rc, out, _ = _run(capsys, "inspect", mb, "--json")
+    assert rc == 0 and json.loads(out)["resident"]["linears"] == {"2 one-bit planes": 14}  # packed, not dense
 
     merged = tmp_path / "merged"
     rc, out, _ = _run(capsys, "merge", "--base", base, "--delta", delta, "--out", merged, "--json")

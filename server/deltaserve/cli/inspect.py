@@ -84,6 +84,7 @@ def describe(
             "model_fp16_over_file": fp16_total / layout.file_bytes if layout.file_bytes else None,
         },
         "stats": layout.stats,
+        "resident": _resident(path),
     }
     if base is not None:
         from deltaserve.deltas.fingerprint import base_fingerprint
@@ -102,6 +103,26 @@ def describe(
     return report
 
 
+def _resident(path: Path) -> dict:
+    """What the engine holds for this delta once loaded (fp32 compute dtype): total bytes and
+    how its linears are held (1-bit planes, dense, low-rank)."""
+    from collections import Counter
+
+    from deltaserve.deltas.load import load_tenant_delta
+    from deltaserve.deltas.types import SignDelta, SignPlanesDelta
+
+    delta = load_tenant_delta(path, base_fingerprint=None, base_config=None)
+    forms: Counter[str] = Counter()
+    for d in delta.linears.values():
+        if isinstance(d, SignPlanesDelta):
+            forms[f"{d.num_planes} one-bit planes"] += 1
+        elif isinstance(d, SignDelta):
+            forms["1 one-bit plane"] += 1
+        else:
+            forms[type(d).__name__.removesuffix("Delta").lower()] += 1
+    return {"bytes_fp32": delta.nbytes(), "linears": dict(forms)}
+
+
 def _print_human(r: dict) -> None:
     b, f, q = r["bytes"], r["finetuned"], r["ratios"]
     print(f"{r['file']}: {r['format']}, {human_bytes(r['file_bytes'])}")
@@ -118,6 +139,9 @@ def _print_human(r: dict) -> None:
               + (f" (sign bits = 1/{1 / sign_ratio:.1f} of it)" if sign_ratio else ""))
         print(f"                   whole model in fp16 {human_bytes(f['model_fp16_bytes'])}: "
               f"compression {q['model_fp16_over_file']:.1f}x (whole file)")
+    res = r["resident"]
+    forms = ", ".join(f"{n} x {form}" for form, n in res["linears"].items())
+    print(f"  resident         {human_bytes(res['bytes_fp32'])} in fp32 (linears: {forms})")
     distill = r["stats"].get("distill")
     if distill:
         print(f"  distilled        logit MSE {distill['mse_before']:.6g} -> {distill['mse_after']:.6g}")
