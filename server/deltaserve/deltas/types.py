@@ -112,6 +112,26 @@ class SignPlanesDelta(LinearDelta):
 
 
 @dataclass(frozen=True)
+class SparseDelta(LinearDelta):
+    """A sparse delta: torch sparse CSR [N, K] with int32 indices and fp32 values (DARE with
+    k = 0 keeps 1 - p of the weights; the rest are exactly zero). Applied as csr @ x.T."""
+
+    csr: torch.Tensor
+    out_features: int
+    in_features: int
+
+    def decode(self) -> torch.Tensor:
+        return self.csr.to_dense().to(torch.float32)
+
+    def nbytes(self) -> int:
+        c = self.csr
+        return sum(t.numel() * t.element_size() for t in (c.values(), c.col_indices(), c.crow_indices()))
+
+    def to(self, device: torch.device | str) -> SparseDelta:
+        return SparseDelta(self.csr.to(device), self.out_features, self.in_features)
+
+
+@dataclass(frozen=True)
 class DenseDelta(LinearDelta):
     """A dense delta [N, K] (raw codec; DARE, multi-bit and others decode to it for compute)."""
 

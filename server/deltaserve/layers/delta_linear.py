@@ -22,7 +22,14 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from deltaserve.deltas.types import DenseDelta, LinearDelta, LowRankDelta, SignDelta, SignPlanesDelta
+from deltaserve.deltas.types import (
+    DenseDelta,
+    LinearDelta,
+    LowRankDelta,
+    SignDelta,
+    SignPlanesDelta,
+    SparseDelta,
+)
 from deltaserve.kernels.lut_layout import lut_shape, to_lut
 from deltaserve.kernels.ops import cpu_kernel_available, is_lut, sign_delta_matmul, sign_lut_matmul_parts
 from deltaserve.kernels.segments import Segments
@@ -125,6 +132,8 @@ class DeltaLinear(nn.Module):
                     y[rows] += alpha * F.linear(x[rows], d.delta)
                 elif isinstance(d, LowRankDelta):
                     y[rows] += alpha * F.linear(F.linear(x[rows], d.a), d.b)
+                elif isinstance(d, SparseDelta):
+                    y[rows] += (alpha * (d.csr @ x[rows].float().T).T).to(y.dtype)
                 db = self.bias.deltas.get(slot)
                 if db is not None:
                     y[rows] += alpha * db
@@ -164,7 +173,7 @@ class DeltaLinear(nn.Module):
         """None when `delta` (the linear delta `name`, or its bias delta "<name>.bias") fits."""
         if name != self.name:
             return self.bias.check(name, delta)
-        if not isinstance(delta, SignDelta | SignPlanesDelta | DenseDelta | LowRankDelta):
+        if not isinstance(delta, SignDelta | SignPlanesDelta | DenseDelta | LowRankDelta | SparseDelta):
             return f"{self.name}: unsupported delta type {type(delta).__name__}"
         if (delta.out_features, delta.in_features) != (self.out_features, self.in_features):
             return (
@@ -192,6 +201,8 @@ class DeltaLinear(nn.Module):
         elif isinstance(delta, DenseDelta):
             d = delta.delta.to(device=device, dtype=dtype)
             self.others[slot] = DenseDelta(d, delta.out_features, delta.in_features)
+        elif isinstance(delta, SparseDelta):
+            self.others[slot] = delta.to(device)  # fp32 values whatever the compute dtype
         else:
             a, b = delta.a.to(device=device, dtype=dtype), delta.b.to(device=device, dtype=dtype)
             self.others[slot] = LowRankDelta(a, b, delta.out_features, delta.in_features)
