@@ -35,6 +35,8 @@ SOURCES = tuple(
     for f in ("bindings.cpp", "sign_gemv.cpp", "sign_lut.cpp", "paged_attention.cpp", "fused_ops.cpp")
 )
 
+HEADERS = (_CPU_DIR / "emit.h",)  # included by the sources: part of the build key
+
 # instruction-set levels understood by the extension's `isa_cap` argument
 ISA_SCALAR, ISA_AVX2, ISA_AVX512 = 0, 1, 2
 
@@ -77,7 +79,7 @@ def cache_root() -> Path:
 
 
 def _build_key() -> str:
-    digest = hashlib.sha256(b"".join(src.read_bytes() for src in SOURCES))
+    digest = hashlib.sha256(b"".join(src.read_bytes() for src in (*SOURCES, *HEADERS)))
     # the library links against this torch and this Python's ABI
     digest.update(f"{torch.__version__}|{sys.implementation.cache_tag}|{platform.machine()}".encode())
     return digest.hexdigest()[:16]

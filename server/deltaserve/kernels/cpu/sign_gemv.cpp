@@ -19,6 +19,8 @@
 #include <ATen/Parallel.h>
 #include <immintrin.h>
 
+#include "emit.h"
+
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
@@ -195,17 +197,7 @@ void unpack_rows(Isa isa, const uint32_t* words, int64_t rows, int64_t W, float*
   }
 }
 
-// y = y + round_to_y_dtype(factor * acc), as the reference does.
-template <typename T>
-inline void emit(T* y, float factor, float acc) {
-  const T delta = static_cast<T>(factor * acc);
-  *y = static_cast<T>(static_cast<float>(*y) + static_cast<float>(delta));
-}
-
-template <>
-inline void emit<float>(float* y, float factor, float acc) {
-  *y += factor * acc;
-}
+using deltaserve::emit;
 
 struct Segment {
   int64_t start, length, slot;

@@ -28,6 +28,8 @@
 #include <ATen/Parallel.h>
 #include <immintrin.h>
 
+#include "emit.h"
+
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -45,6 +47,16 @@ struct Seg {
   float factor;
 };
 
+// max over groups [b0, b1) of sum_c |x[4j+c]|: the largest |table entry| of a scale block.
+inline float block_max(const float* x, int64_t b0, int64_t b1) {
+  float m = 0.f;
+  for (int64_t j = b0; j < b1; ++j) {
+    const float* xj = x + 4 * j;
+    m = std::max(m, std::fabs(xj[0]) + std::fabs(xj[1]) + std::fabs(xj[2]) + std::fabs(xj[3]));
+  }
+  return m;
+}
+
 // Tables of one token (x padded to 4 G columns): hi [G][16] int8 (the whole entry with 8 bits;
 // its high byte with 16) and, with 16 bits, lo [G][16] (the low byte, unsigned); block scales
 // [ceil(G / 32)].
@@ -54,11 +66,7 @@ void build_tables(const float* x, int64_t G, int8_t* hi, uint8_t* lo, float* sca
   float e[16];
   for (int64_t b0 = 0; b0 < G; b0 += kBlock) {
     const int64_t b1 = std::min(G, b0 + kBlock);
-    float m = 0.f;
-    for (int64_t j = b0; j < b1; ++j) {
-      const float* xj = x + 4 * j;
-      m = std::max(m, std::fabs(xj[0]) + std::fabs(xj[1]) + std::fabs(xj[2]) + std::fabs(xj[3]));
-    }
+    const float m = block_max(x, b0, b1);
     scales[b0 / kBlock] = m / Q;
     const float inv = m > 0.f ? Q / m : 0.f;
     for (int64_t j = b0; j < b1; ++j) {
@@ -94,11 +102,7 @@ __attribute__((target("avx2,fma"))) void build_tables_avx2(const float* x, int64
   const __m128i low_byte = _mm_set1_epi16(0xFF);
   for (int64_t b0 = 0; b0 < G; b0 += kBlock) {
     const int64_t b1 = std::min(G, b0 + kBlock);
-    float m = 0.f;
-    for (int64_t j = b0; j < b1; ++j) {
-      const float* xj = x + 4 * j;
-      m = std::max(m, std::fabs(xj[0]) + std::fabs(xj[1]) + std::fabs(xj[2]) + std::fabs(xj[3]));
-    }
+    const float m = block_max(x, b0, b1);
     scales[b0 / kBlock] = m / Q;
     const __m256 inv = _mm256_set1_ps(m > 0.f ? Q / m : 0.f);
     for (int64_t j = b0; j < b1; ++j) {
@@ -223,16 +227,7 @@ __attribute__((target("avx2,fma"))) void lut_block_avx2(const uint8_t* w, const 
   for (int i = 0; i < 8; ++i) _mm256_storeu_ps(out + 8 * i, f[i]);
 }
 
-template <typename T>
-inline void emit(T* y, float factor, float acc) {
-  const T delta = static_cast<T>(factor * acc);
-  *y = static_cast<T>(static_cast<float>(*y) + static_cast<float>(delta));
-}
-
-template <>
-inline void emit<float>(float* y, float factor, float acc) {
-  *y += factor * acc;
-}
+using deltaserve::emit;
 
 // One layer's signs in the LUT layout and the segments that read them; jobs of the same `part`
 // add into the same columns of y (the planes of one multi-bit matrix), other parts into others.
