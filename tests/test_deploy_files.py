@@ -147,3 +147,4 @@ def test_keys_example_parses():
     assert {p.name for p in keys.values()} == {"ops", "acme", "globex"}
     acme = next(p for p in keys.values() if p.name == "acme")
     assert acme.may_use("acme-chat") and not acme.may_use("globex-support") and not acme.may_use(None)
+    assert (acme.quota.requests_per_minute, acme.quota.tokens_per_minute) == (600, 200000)

@@ -7,11 +7,17 @@ gRPC edge (one interceptor) knows about status codes.
 
 from __future__ import annotations
 
+import math
+
+RETRY_AFTER_SECONDS = 1  # the retry-after of a retryable error that knows no better time
+RETRYABLE_CODES = frozenset({"RESOURCE_EXHAUSTED", "UNAVAILABLE"})
+
 
 class DeltaServeError(Exception):
     """Base class of every error deltaserve raises on purpose."""
 
     grpc_code: str = "INTERNAL"
+    retry_after: float | None = None  # seconds until the same call may succeed, when the error knows
 
 
 class InvalidArgumentError(DeltaServeError, ValueError):
@@ -62,6 +68,17 @@ class FingerprintMismatchError(FailedPreconditionError):
 class NonFiniteLogitsError(InvalidArgumentError):
     """A request whose logits left the finite range (e.g. an extreme delta strength): that
     request alone is stopped, every other request of the batch continues."""
+
+
+def retry_after_seconds(exc: DeltaServeError) -> int | None:
+    """The `retry-after` both doors send with `exc` (gRPC trailing metadata, HTTP header): its
+    own `retry_after` rounded up to whole seconds (at least 1), RETRY_AFTER_SECONDS for other
+    RESOURCE_EXHAUSTED / UNAVAILABLE errors, None for errors that retrying cannot fix."""
+    if exc.grpc_code not in RETRYABLE_CODES:
+        return None
+    if exc.retry_after is None:
+        return RETRY_AFTER_SECONDS
+    return max(1, math.ceil(exc.retry_after - 1e-9))  # 1e-9: 30.000000000004 s is 30 s
 
 
 class RequestInternalError(DeltaServeError):

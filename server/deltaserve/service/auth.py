@@ -8,6 +8,8 @@ Keys file (TOML, or YAML when named .yaml/.yml):
     tenants = ["acme-chat", "acme-sql"]   # "*" = every tenant
     base = true                       # may use the base model (no tenant); default true
     admin = false                     # may call the Deltas service; default false
+    requests_per_minute = 60          # quotas (service.quotas); 0 or absent = unlimited
+    tokens_per_minute = 100000        # prompt + max_new_tokens reserved per request
 
 In YAML the same entries form a list under `keys:` (or `key:`). Clients send
 `authorization: Bearer <key>`. Without a keys file every caller is
@@ -20,7 +22,7 @@ import hashlib
 import hmac
 import tomllib
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from deltaserve.errors import DeltaServeError, InvalidArgumentError
@@ -39,14 +41,29 @@ class PermissionDeniedError(DeltaServeError):
 
 
 @dataclass(frozen=True)
+class Quota:
+    """A key's quotas per minute (0 = unlimited), enforced by service.quotas."""
+
+    requests_per_minute: int = 0
+    tokens_per_minute: int = 0
+
+    @property
+    def limited(self) -> bool:
+        return bool(self.requests_per_minute or self.tokens_per_minute)
+
+
+@dataclass(frozen=True)
 class Principal:
-    """The authenticated caller."""
+    """The authenticated caller. key_id (the sha256 of its key) tells keys apart even when
+    they share a name; it is never shown."""
 
     name: str
     tenants: frozenset[str]
     all_tenants: bool = False
     base: bool = True
     admin: bool = False
+    quota: Quota = Quota()
+    key_id: str = field(default="", repr=False)
 
     def may_use(self, tenant: str | None) -> bool:
         if not tenant:
@@ -70,6 +87,11 @@ class Authenticator:
     @property
     def key_count(self) -> int:
         return len(self._keys or {})
+
+    @property
+    def principals(self) -> tuple[Principal, ...]:
+        """Every key's Principal (none without a keys file)."""
+        return tuple((self._keys or {}).values())
 
     @classmethod
     def from_file(cls, path: Path | None) -> Authenticator:
@@ -109,6 +131,9 @@ class Authenticator:
             raise PermissionDeniedError(f"key {principal.name!r} may not use {what}")
 
 
+_QUOTA_FIELDS = ("requests_per_minute", "tokens_per_minute")  # in Quota's field order
+
+
 def read_keys_file(path: Path) -> dict[str, Principal]:
     """Parse a keys file into {sha256 hex: Principal}; raise InvalidArgumentError on any mistake."""
     path = Path(path)
@@ -133,7 +158,7 @@ def read_keys_file(path: Path) -> dict[str, Principal]:
         where = f"keys file {path}, entry {i}"
         if not isinstance(e, dict):
             raise InvalidArgumentError(f"{where}: must be a table")
-        unknown = set(e) - {"name", "key", "sha256", "tenants", "base", "admin"}
+        unknown = set(e) - {"name", "key", "sha256", "tenants", "base", "admin", *_QUOTA_FIELDS}
         if unknown:
             raise InvalidArgumentError(f"{where}: unknown fields {sorted(unknown)}")
         if ("key" in e) == ("sha256" in e):
@@ -151,11 +176,17 @@ def read_keys_file(path: Path) -> dict[str, Principal]:
             raise InvalidArgumentError(f'{where}: tenants must be a list of tenant ids (or ["*"])')
         if digest in out:
             raise InvalidArgumentError(f"{where}: duplicate key")
+        for f in _QUOTA_FIELDS:
+            v = e.get(f, 0)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+                raise InvalidArgumentError(f"{where}: {f} must be an integer >= 0 (0 = unlimited)")
         out[digest] = Principal(
             name=str(e.get("name", f"key{i}")),
             tenants=frozenset(t for t in tenants if t != "*"),
             all_tenants="*" in tenants,
             base=bool(e.get("base", True)),
             admin=bool(e.get("admin", False)),
+            quota=Quota(*(int(e.get(f, 0)) for f in _QUOTA_FIELDS)),
+            key_id=digest,
         )
     return out

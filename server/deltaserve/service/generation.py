@@ -13,13 +13,21 @@ from deltaserve_client._proto.deltaserve.v1 import generation_pb2_grpc
 from deltaserve.engine.types import RequestOutput
 from deltaserve.errors import InvalidArgumentError, UnavailableError
 from deltaserve.service import convert
+from deltaserve.service.auth import Authenticator
 from deltaserve.service.pipeline import GenerationPipeline, usage_of
 
 
 class GenerationServicer(generation_pb2_grpc.GenerationServicer):
-    def __init__(self, pipeline: GenerationPipeline, max_message_bytes: int) -> None:
+    """`auth` names the caller for per-key quotas: the interceptor has already authenticated
+    the call, so looking its key up again here cannot fail; it is done only when some key has
+    a quota."""
+
+    def __init__(
+        self, pipeline: GenerationPipeline, max_message_bytes: int, auth: Authenticator | None = None
+    ) -> None:
         self._pipeline = pipeline
         self._max_bytes = max_message_bytes
+        self._auth = auth
 
     async def _outputs(
         self, request: gpb.GenerateRequest, context: grpc.aio.ServicerContext
@@ -31,7 +39,10 @@ class GenerationServicer(generation_pb2_grpc.GenerationServicer):
         if size > self._max_bytes:
             raise InvalidArgumentError(f"request is {size} bytes; the limit is {self._max_bytes}")
         inp = convert.request_from_proto(request)
-        stream = self._pipeline.run(inp, context.time_remaining())
+        caller = None
+        if self._auth is not None and self._pipeline.quota_keys:
+            caller = self._auth.authenticate(context.invocation_metadata())
+        stream = self._pipeline.run(inp, context.time_remaining(), caller)
         async with contextlib.aclosing(stream):
             async for out in stream:
                 if first_token is None and out.new_token_ids:

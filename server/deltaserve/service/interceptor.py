@@ -3,8 +3,9 @@
 Servicers raise the typed errors of deltaserve.errors (each names its
 grpc_code); this interceptor authenticates the caller, enforces the admin role
 on the Deltas service and tenant permissions on the Generation service, maps
-errors to status codes with their message, and counts finished Generation
-RPCs by tenant and code.
+errors to status codes with their message (plus a `retry-after` trailing metadata
+entry, whole seconds, on RESOURCE_EXHAUSTED and UNAVAILABLE: the same value the HTTP
+door sends as Retry-After), and counts finished Generation RPCs by tenant and code.
 
 Every handler receives raw bytes and parses them here, in this order: the caller's
 key is checked first (UNAUTHENTICATED before any byte of the payload is parsed),
@@ -23,7 +24,7 @@ from typing import Any
 
 import grpc
 
-from deltaserve.errors import DeltaServeError, InvalidArgumentError
+from deltaserve.errors import DeltaServeError, InvalidArgumentError, retry_after_seconds
 from deltaserve.service.auth import Authenticator
 from deltaserve.service.cache import validate_tenant_id
 from deltaserve.service.metrics import INVALID, ServerMetrics
@@ -42,6 +43,12 @@ class DeadlineExceededError(DeltaServeError):
 
 def status_code(exc: DeltaServeError) -> grpc.StatusCode:
     return grpc.StatusCode[exc.grpc_code]
+
+
+def trailing_metadata(exc: DeltaServeError) -> tuple[tuple[str, str], ...]:
+    """`(("retry-after", "<seconds>"),)` for errors worth retrying later, else empty."""
+    seconds = retry_after_seconds(exc)
+    return () if seconds is None else (("retry-after", str(seconds)),)
 
 
 def _cancel_code(context: grpc.aio.ServicerContext) -> grpc.StatusCode:
@@ -109,7 +116,7 @@ class ServiceInterceptor(grpc.aio.ServerInterceptor):
         async def fail(context: grpc.aio.ServicerContext, exc: BaseException) -> None:
             """Abort the call for `exc`; cancellations and aborts already under way propagate."""
             if isinstance(exc, DeltaServeError):
-                await context.abort(status_code(exc), str(exc))
+                await context.abort(status_code(exc), str(exc), trailing_metadata(exc))
             if not isinstance(exc, Exception) or isinstance(exc, grpc.aio.AbortError):
                 raise exc
             log.error("unexpected error in %s", method, exc_info=exc)

@@ -11,7 +11,8 @@ ids seen get their own label value; later ones are reported as "__other__",
 requests without a tenant as "__base__", and calls refused before a well-formed
 tenant id was read (no key, undecodable message, malformed id) as "__invalid__".
 Histograms carry no tenant label at all (buckets x tenants grows too fast);
-per-tenant detail lives in counters only.
+per-tenant detail lives in counters only. The `key` label of the quota counters (an API
+key's name from the keys file, never the key) is capped the same way, by the same number.
 """
 
 from __future__ import annotations
@@ -53,6 +54,7 @@ class ServerMetrics:
         self.registry = CollectorRegistry()
         self._http = None
         self.tenant_label = TenantLabels(max_tenant_labels)
+        self.key_label = TenantLabels(max_tenant_labels)  # names of keys with quotas
         r = self.registry
         p = "deltaserve:"
         # requests
@@ -141,6 +143,19 @@ class ServerMetrics:
         self.broken_tenants = Gauge(
             p + "delta_broken_tenants",
             "Tenants out of service because their delta file failed to load",
+            registry=r,
+        )
+        # per-key quotas (service.quotas)
+        self.quota_rejected = Counter(
+            p + "quota_rejected",
+            "Requests refused for a key's quota, by key name and quota (requests, tokens)",
+            ["key", "quota"],
+            registry=r,
+        )
+        self.quota_tokens = Counter(
+            p + "quota_tokens_charged",
+            "Tokens charged to a key with a quota (prompt + generated, after refunds)",
+            ["key"],
             registry=r,
         )
         self.server_state = Gauge(

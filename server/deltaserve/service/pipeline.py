@@ -3,10 +3,12 @@
 Contract of `GenerationPipeline.run`: an async iterator of the engine's
 RequestOutputs for the request. It raises UnavailableError while warming or
 draining, ResourceExhaustedError when `max_queue` requests are already in the
-server, InvalidArgumentError for bad input, NotFoundError for an unknown tenant,
-and DeadlineExceededError when `timeout` passes. However it ends (deadline,
-client cancel, error, close), an unfinished engine request is aborted, which
-frees its KV blocks, and the tenant's delta lease is released.
+server or the caller's key is over its quota (QuotaExceededError, with
+`retry_after`), InvalidArgumentError for bad input, NotFoundError for an unknown
+tenant, and DeadlineExceededError when `timeout` passes. However it ends
+(deadline, client cancel, error, close), an unfinished engine request is aborted,
+which frees its KV blocks, the tenant's delta lease is released, and the unused
+part of the key's token reservation is refunded (service.quotas).
 """
 
 from __future__ import annotations
@@ -25,11 +27,13 @@ from deltaserve.engine.async_engine import AsyncEngine
 from deltaserve.engine.stats import EngineStats
 from deltaserve.engine.types import GenerationRequest, RequestOutput
 from deltaserve.errors import InvalidArgumentError, ResourceExhaustedError, UnavailableError
+from deltaserve.service.auth import Principal
 from deltaserve.service.cache import DeltaCache, Lease
 from deltaserve.service.convert import GenerateInput, Usage
 from deltaserve.service.interceptor import DeadlineExceededError
 from deltaserve.service.lifecycle import Lifecycle
 from deltaserve.service.metrics import ServerMetrics
+from deltaserve.service.quotas import Charge, Quotas
 
 
 @dataclass(frozen=True)
@@ -78,12 +82,14 @@ class GenerationPipeline:
         lifecycle: Lifecycle,
         limits: RequestLimits,
         metrics: ServerMetrics | None = None,
+        quotas: Quotas | None = None,
     ) -> None:
         self._engine = engine
         self._cache = cache
         self._lifecycle = lifecycle
         self._limits = limits
         self._metrics = metrics
+        self._quotas = quotas
         self._inflight: dict[str, _Track] = {}
         self._aborting = False  # set by abort_all: admitted requests may not enter the engine
         # one worker: tokenization leaves the event loop but never runs twice at once
@@ -96,6 +102,11 @@ class GenerationPipeline:
     @property
     def in_flight(self) -> int:
         return len(self._inflight)
+
+    @property
+    def quota_keys(self) -> int:
+        """How many keys have a quota (only when some do does `run` need the caller)."""
+        return len(self._quotas) if self._quotas is not None else 0
 
     async def wait_idle(self, timeout: float | None) -> bool:
         """Wait until no request is in flight; False if `timeout` passed first."""
@@ -157,8 +168,11 @@ class GenerationPipeline:
         )
         return req
 
-    async def run(self, inp: GenerateInput, timeout: float | None = None) -> AsyncIterator[RequestOutput]:
-        """See the module doc. `timeout`: seconds left before the caller's deadline (None = none)."""
+    async def run(
+        self, inp: GenerateInput, timeout: float | None = None, caller: Principal | None = None
+    ) -> AsyncIterator[RequestOutput]:
+        """See the module doc. `timeout`: seconds left before the caller's deadline (None = none);
+        `caller`: the authenticated key, charged for the request when it has a quota."""
         arrival = time.monotonic()
         deadline = None if timeout is None else arrival + timeout
         self._lifecycle.check_accepting()
@@ -167,12 +181,20 @@ class GenerationPipeline:
                 f"the server holds {len(self._inflight)} requests (limit {self._limits.max_queue}); "
                 "retry later"
             )
+        quota = self._quotas.of(caller) if self._quotas else None
+        if quota is not None:
+            quota.precheck()
         req = await self.prepare(inp)
         if req.request_id in self._inflight:
             raise InvalidArgumentError(f"request id {req.request_id!r} is already in flight")
+        charge: Charge | None = None
+        if quota is not None:
+            n = len(req.prompt_token_ids)  # the engine stops a sequence at max_model_len tokens
+            charge = quota.admit(n, min(req.sampling.max_new_tokens, self._engine.max_model_len - n))
         self._track(req.request_id, _Track(inp.tenant or ""))
         lease: Lease | None = None
         finished = False
+        generated = 0
         try:
             if inp.tenant:
                 try:
@@ -200,10 +222,14 @@ class GenerationPipeline:
                     self._observe_chunk(req, inp.tenant, out, arrival, prev, now)
                     prev = now
                     finished = out.finished
+                    # completion_tokens also counts a stop token the stream does not show
+                    generated = max(generated + len(out.new_token_ids), out.completion_tokens)
                     yield out
                     if finished:
                         break
         finally:
+            if charge is not None:
+                charge.settle(generated)
             # a task of its own, so that a cancelled caller cannot cut the clean-up short
             cleanup = asyncio.ensure_future(self._cleanup(req.request_id, finished, lease))
             await asyncio.shield(cleanup)

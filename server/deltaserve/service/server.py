@@ -42,6 +42,7 @@ from deltaserve.service.interceptor import ServiceInterceptor
 from deltaserve.service.lifecycle import Lifecycle, Phase
 from deltaserve.service.metrics import ServerMetrics
 from deltaserve.service.pipeline import GenerationPipeline, RequestLimits
+from deltaserve.service.quotas import Quotas
 from deltaserve.service.reflection import enable_reflection
 
 log = logging.getLogger("deltaserve.serve")
@@ -195,6 +196,7 @@ class RunningServer:
             "  auth        "
             + (
                 f"{self.auth.key_count} API keys from {c.keys}"
+                + (f", {n} with quotas" if (n := self.pipeline.quota_keys) else "")
                 if self.auth.enabled
                 else "none (no keys file): anyone who can connect is admin; bound to loopback by default"
             ),
@@ -268,7 +270,8 @@ async def start_server(
         metrics,
     )
     limits = RequestLimits(config.max_prompt_tokens, config.max_new_tokens, config.max_queue, max_tenants)
-    pipeline = GenerationPipeline(engine, cache, lifecycle, limits, metrics)
+    quotas = Quotas(auth.principals, metrics)  # one set of buckets per key, shared by gRPC and HTTP
+    pipeline = GenerationPipeline(engine, cache, lifecycle, limits, metrics, quotas)
     engine.add_step_observer(pipeline.observe_step)
 
     server = grpc.aio.server(
@@ -283,7 +286,7 @@ async def start_server(
         ],
     )
     generation_pb2_grpc.add_GenerationServicer_to_server(
-        GenerationServicer(pipeline, config.max_message_bytes), server
+        GenerationServicer(pipeline, config.max_message_bytes, auth), server
     )
     deltas_pb2_grpc.add_DeltasServicer_to_server(DeltasServicer(cache, facts), server)
     health_pb2_grpc.add_HealthServicer_to_server(lifecycle.health, server)

@@ -10,10 +10,10 @@ parsed, then the body (400), then the model id and the key's permission on it (4
 `model` is a tenant id, or `base` / the base's directory name for the base model.
 
 A streamed response starts once the request produced its first output, so failures up
-to then (unknown model 404, queue full 429, draining 503, bad prompt 400) are plain
-HTTP errors; a failure after that ends the stream with an error event and
-`data: [DONE]`. A client that disconnects (streaming or not) aborts its request in the
-engine, which frees its KV blocks.
+to then (unknown model 404, queue full or key over its quota 429, draining 503, bad
+prompt 400) are plain HTTP errors; a failure after that ends the stream with an error
+event and `data: [DONE]`. A client that disconnects (streaming or not) aborts its
+request in the engine, which frees its KV blocks.
 """
 
 from __future__ import annotations
@@ -191,7 +191,7 @@ class _Generation:
                 bool(body.return_token_ids),
                 include_usage=include_usage,
             )
-            stream = ctx.pipeline.run(inp, _timeout(request))
+            stream = ctx.pipeline.run(inp, _timeout(request), principal)
             if body.stream:
                 first = await _unless_disconnected(request, _first(stream))
                 return EventSourceResponse(

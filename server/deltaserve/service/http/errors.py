@@ -14,9 +14,7 @@ from typing import Any
 
 from starlette.responses import JSONResponse
 
-from deltaserve.errors import DeltaServeError, InvalidArgumentError
-
-RETRY_AFTER_SECONDS = 1
+from deltaserve.errors import RETRY_AFTER_SECONDS, DeltaServeError, InvalidArgumentError, retry_after_seconds
 
 
 @dataclass(frozen=True)
@@ -69,5 +67,6 @@ def error_response(exc: DeltaServeError) -> JSONResponse:
     """The HTTP response for `exc`: status from STATUS, OpenAI's body, Retry-After when it applies."""
     st = status_of(exc.grpc_code)
     status = 413 if isinstance(exc, PayloadTooLargeError) else st.status
-    headers = {"Retry-After": str(RETRY_AFTER_SECONDS)} if st.retry_after else None
+    seconds = retry_after_seconds(exc) or RETRY_AFTER_SECONDS  # a quota's own wait, else the default
+    headers = {"Retry-After": str(seconds)} if st.retry_after else None
     return JSONResponse(error_of(exc), status_code=status, headers=headers)
