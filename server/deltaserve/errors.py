@@ -65,6 +65,11 @@ class FingerprintMismatchError(FailedPreconditionError):
         self.actual = actual
 
 
+class UnsupportedAdapterError(InvalidArgumentError):
+    """A LoRA adapter (or a part of one) that cannot be imported as a delta the engine serves exactly
+    (DoRA, LoRA outside the decoder-block linears, trained biases, ...)."""
+
+
 class NonFiniteLogitsError(InvalidArgumentError):
     """A request whose logits left the finite range (e.g. an extreme delta strength): that
     request alone is stopped, every other request of the batch continues."""

@@ -14,14 +14,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--codec", required=True, help="bitdelta | bitdelta-mb | dare | lowrank | raw"
     )
     parser.add_argument("--out", required=True, type=Path, help="delta file to write (.delta.safetensors)")
-    codec = parser.add_argument_group("codec options (each codec accepts only its own)")
-    codec.add_argument("--magnitude-bits", type=int, help="bitdelta-mb: b, with 2^b magnitude buckets")
-    codec.add_argument("--drop-rate", type=float, help="dare: drop probability p in [0, 1)")
-    codec.add_argument("--dare-k", type=float, help="dare: dropped entries scaled by k (0 = plain DARE)")
-    codec.add_argument("--seed", type=int, help="dare: random seed of the drop masks")
-    codec.add_argument("--rank", type=int, help="lowrank: rank r of the truncated SVD")
-    codec.add_argument("--svd", choices=("exact", "randomized"), help="lowrank: SVD method (exact)")
-    codec.add_argument("--dtype", help="raw, dare, lowrank: stored dtype (float16, bfloat16, float32)")
+    add_codec_arguments(parser)
     parser.add_argument(
         "--dense-dtype",
         default="float32",
@@ -40,6 +33,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--json", action="store_true", help="print a JSON report instead of a summary")
     parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
+
+
+def add_codec_arguments(parser: argparse.ArgumentParser) -> None:
+    """The codec option group (each codec accepts only its own); `codec_options` reads it."""
+    codec = parser.add_argument_group("codec options (each codec accepts only its own)")
+    codec.add_argument("--magnitude-bits", type=int, help="bitdelta-mb: b, with 2^b magnitude buckets")
+    codec.add_argument("--drop-rate", type=float, help="dare: drop probability p in [0, 1)")
+    codec.add_argument("--dare-k", type=float, help="dare: dropped entries scaled by k (0 = plain DARE)")
+    codec.add_argument("--seed", type=int, help="dare: random seed of the drop masks")
+    codec.add_argument("--rank", type=int, help="lowrank: rank r of the truncated SVD")
+    codec.add_argument("--svd", choices=("exact", "randomized"), help="lowrank: SVD method (exact)")
+    codec.add_argument("--dtype", help="raw, dare, lowrank: stored dtype (float16, bfloat16, float32)")
 
 
 def codec_options(args: argparse.Namespace) -> dict:

@@ -21,6 +21,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "serve": ("serve", "run the gRPC server (and the OpenAI-compatible HTTP API with --http-port)"),
     "bench": ("bench", "benchmarks (kernel, serve)"),
     "import-gguf": ("import_gguf", "convert a GGUF Llama-family model into a HF checkpoint"),
+    "import-lora": ("import_lora", "turn a PEFT LoRA adapter into a delta file (exact by default)"),
     "finetune": ("finetune", "full fine-tune of a base on a built-in task or a JSONL"),
     "eval": ("evaluate", "fidelity evaluation of codecs on tenant fine-tunes"),
     "demo": ("demo", "end-to-end demo on the embedded SmolLM2 model"),
