@@ -6,6 +6,7 @@ import asyncio
 
 import pytest
 from deltaserve.engine.async_engine import AsyncEngine
+from deltaserve.engine.scheduler import FCFSPolicy
 from deltaserve.engine.types import FinishReason, GenerationRequest
 from deltaserve.errors import NotFoundError, UnavailableError
 from test_engine_support import engine, greedy, load_delta, make_delta, random_prompts, run, token_ids
@@ -89,7 +90,7 @@ def test_async_abort_and_stop_end_streams(tiny_dir):
     assert eng.engine.stats().kv_blocks_used == 0
 
 
-class _FailOnce:
+class _FailOnce(FCFSPolicy):
     """A scheduler policy whose first call fails, as a step error would."""
 
     def __init__(self) -> None:

@@ -1,4 +1,4 @@
-"""`deltaserve bench kernel|serve|step|peer|ops`: benchmarks that print human tables or JSON."""
+"""`deltaserve bench kernel|serve|step|peer|ops|fairness`: benchmarks that print human tables or JSON."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ SUITES = {
     "step": "deltaserve.bench.step",
     "peer": "deltaserve.bench.peer",
     "ops": "deltaserve.bench.ops",
+    "fairness": "deltaserve.bench.fairness",
 }
 
 

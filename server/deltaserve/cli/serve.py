@@ -11,6 +11,18 @@ if TYPE_CHECKING:
     from deltaserve.service.config import ServerConfig
 
 
+def tenant_weight(text: str) -> tuple[str, float]:
+    """argparse type of --tenant-weight: "NAME=W" -> (NAME, W)."""
+    name, sep, value = text.rpartition("=")
+    try:
+        weight = float(value)
+    except ValueError:
+        weight = None
+    if not sep or weight is None:
+        raise argparse.ArgumentTypeError(f"expected TENANT=WEIGHT (e.g. tenant-a=2), got {text!r}")
+    return name, weight
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", type=Path, help="config file (TOML, or YAML when named .yaml/.yml)")
     parser.add_argument("--base", type=Path, help="base model checkpoint directory")
@@ -45,6 +57,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--keys", type=Path, help="API keys file (see deltaserve.service.auth)")
     parser.add_argument("--max-running", type=int, help="requests decoded together at most")
     parser.add_argument("--max-queue", type=int, help="requests held at most before RESOURCE_EXHAUSTED")
+    parser.add_argument(
+        "--scheduler", choices=("vtc", "fcfs"),
+        help="admission order (default vtc: a fair share of served tokens per tenant; fcfs: arrival order)",
+    )
+    parser.add_argument(
+        "--tenant-weight", type=tenant_weight, action="append", dest="tenant_weights", metavar="TENANT=W",
+        help="fair-share weight of a tenant (repeatable; added to the config file's; default 1)",
+    )
     parser.add_argument(
         "--tenant-slots", type=int, help="tenant deltas compute-resident on the device at once (default 8)"
     )
@@ -87,6 +107,7 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         keys=args.keys,
         max_running=args.max_running,
         max_queue=args.max_queue,
+        scheduler=args.scheduler,
         tenant_slots=args.tenant_slots,
         device_cache_bytes=args.device_cache_bytes,
         host_cache_bytes=args.host_cache_bytes,
@@ -98,6 +119,9 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
     )
     if args.no_metrics:
         config = dataclasses.replace(config, metrics_port=None)
+    if args.tenant_weights:
+        weights = {**config.tenant_weights, **dict(args.tenant_weights)}
+        config = dataclasses.replace(config, tenant_weights=weights)
     return config
 
 

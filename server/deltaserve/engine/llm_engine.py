@@ -281,6 +281,7 @@ class LLMEngine:
         """Advance the scheduled sequences, sample the rows of `sampled`, build the outputs."""
         now = time.monotonic()
         for seq, n in scheduled:
+            self.scheduler.policy.on_computed(seq, n)  # fair-share accounting, before num_computed moves
             seq.num_computed += n
             if seq.first_scheduled_time is None:
                 seq.first_scheduled_time = now

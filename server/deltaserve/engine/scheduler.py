@@ -20,21 +20,34 @@ from deltaserve.engine.sequence import Sequence
 
 
 class SchedulerPolicy(Protocol):
-    """Chooses which waiting sequences may join the running set this step."""
+    """Chooses which waiting sequences may join the running set this step.
+
+    The on_* hooks let a policy keep its own accounting (engine/fair.py); a policy that
+    subclasses this protocol inherits them as no-ops."""
 
     def candidates(self, waiting: Seq[Sequence], running: Seq[Sequence]) -> Iterable[Sequence]:
         """Waiting sequences to try admitting, in order (a subset of `waiting`)."""
         ...
 
+    def on_arrival(self, seq: Sequence) -> None:
+        """A new request joined the queue (not called when a preempted sequence is re-queued)."""
 
-class FCFSPolicy:
+    def on_computed(self, seq: Sequence, n: int) -> None:
+        """A step computed tokens[num_computed : num_computed + n] of `seq` (called before
+        num_computed moves); the chunk sampled a token when it ends at seq.num_tokens."""
+
+    def on_finish(self, seq: Sequence) -> None:
+        """`seq` left the engine: finished, aborted or failed."""
+
+
+class FCFSPolicy(SchedulerPolicy):
     """First come, first served (preempted sequences are at the front of the queue)."""
 
     def candidates(self, waiting: Seq[Sequence], running: Seq[Sequence]) -> Iterable[Sequence]:
         return list(waiting)
 
 
-class FairTenantPolicy:
+class FairTenantPolicy(SchedulerPolicy):
     """Per-tenant fairness: tenants (delta keys) with the fewest running sequences go first, each
     tenant's requests FCFS, tenants interleaved round-robin (base-model requests count as one)."""
 
@@ -76,6 +89,7 @@ class Scheduler:
         self.running: list[Sequence] = []
 
     def add(self, seq: Sequence) -> None:
+        self.policy.on_arrival(seq)
         self.waiting.append(seq)
 
     def _preempt(self, seq: Sequence, out: SchedulerOutput) -> None:
@@ -127,6 +141,7 @@ class Scheduler:
 
     def finish(self, seq: Sequence) -> None:
         """Drop a finished or aborted sequence from either queue and free its blocks."""
+        self.policy.on_finish(seq)
         if seq in self.running:
             self.running.remove(seq)
         elif seq in self.waiting:

@@ -7,9 +7,11 @@ field names below. Byte sizes accept integers or strings such as "512MiB".
 
 from __future__ import annotations
 
+import math
 import re
 import tomllib
-from dataclasses import InitVar, dataclass, fields
+from collections.abc import Mapping
+from dataclasses import InitVar, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +20,7 @@ from deltaserve.errors import InvalidArgumentError
 MODES = ("deltas", "swap")
 DTYPES = ("auto", "float32", "bfloat16", "float16")  # auto: per host (engine.config)
 LINEAR_BACKENDS = ("auto", "torch", "onednn")
+SCHEDULERS = ("vtc", "fcfs")  # admission policies (engine/fair.py, engine/scheduler.py)
 LOOPBACK = "127.0.0.1"
 DEPRECATED_KEYS = {"max_device_tenants": "tenant_slots"}  # former name -> current name
 _SECTIONS = ("server", "cache", "limits", "engine", "metrics", "auth")
@@ -67,6 +70,15 @@ class ServerConfig:
     `max_device_tenants` is its former name, still accepted (by the constructor and in files).
     mode "deltas" serves one base + compressed deltas; "swap" is the baseline
     that keeps one merged fine-tune resident at a time (engine chosen by the factory).
+    scheduler: which waiting requests the engine admits first when the batch has room. "vtc"
+    (the default) gives every tenant a fair share of served tokens (the Virtual Token Counter,
+    engine/fair.py): a multi-tenant server exists to share one base among tenants, and under
+    "fcfs" (arrival order) one tenant's burst fills the batch and starves the rest. The tokens
+    each request gets are the same under both; with a single tenant the order is the same too.
+    tenant_weights: tenant -> VTC share weight (> 0; absent tenants 1, "" = base-model
+    requests); a weight-2 tenant gets twice the tokens of a weight-1 one while both wait.
+    They apply under "vtc" only (kept, unused, under "fcfs", so a flag can switch policies
+    without editing the file; the start-up summary says so).
     """
 
     base: Path
@@ -87,6 +99,8 @@ class ServerConfig:
     max_tokens_per_step: int | None = None
     kv_blocks: int | None = None
     block_size: int | None = None
+    scheduler: str = "vtc"
+    tenant_weights: dict[str, float] = field(default_factory=dict)
     # delta cache budgets (bytes)
     device_cache_bytes: int = 2 * 2**30
     host_cache_bytes: int = 4 * 2**30
@@ -131,6 +145,15 @@ class ServerConfig:
             f"http_port must be in [0, 65535], got {self.http_port}",
         )
         req(self.max_running >= 1, "max_running must be >= 1")
+        req(
+            self.scheduler in SCHEDULERS,
+            f"scheduler must be one of {', '.join(SCHEDULERS)}, got {self.scheduler!r}",
+        )
+        req(isinstance(self.tenant_weights, Mapping), "tenant_weights must be a table of tenant = weight")
+        for tenant, w in self.tenant_weights.items():
+            ok = isinstance(w, int | float) and not isinstance(w, bool) and math.isfinite(w) and w > 0
+            req(isinstance(tenant, str) and ok, f"tenant_weights: {tenant!r} needs a weight > 0, got {w!r}")
+        object.__setattr__(self, "tenant_weights", {t: float(w) for t, w in self.tenant_weights.items()})
         req(self.max_queue >= 1, "max_queue must be >= 1")
         req(self.max_prompt_tokens >= 1, "max_prompt_tokens must be >= 1")
         req(self.max_new_tokens >= 1, "max_new_tokens must be >= 1")

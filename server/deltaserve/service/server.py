@@ -84,7 +84,8 @@ def file_source(base: BaseFacts, dtype: str) -> DeltaSource:
 
 
 def make_engine(config: ServerConfig) -> AsyncEngine:
-    """The default engine for `config.mode`: one resident base serving every tenant's delta."""
+    """The default engine for `config.mode`: one resident base serving every tenant's delta,
+    admitting in `config.scheduler` order."""
     from deltaserve.engine.config import EngineConfig
     from deltaserve.engine.llm_engine import LLMEngine
 
@@ -111,7 +112,13 @@ def make_engine(config: ServerConfig) -> AsyncEngine:
         max_waiting=config.max_queue,
         **kw,
     )
-    return AsyncEngine(LLMEngine(engine_config))
+    policy = None
+    if config.scheduler == "vtc":
+        from deltaserve.engine.fair import VTCPolicy, versionless_tenant
+
+        # the cache's engine keys are tenant@version: every version shares its tenant's account
+        policy = VTCPolicy(config.tenant_weights, tenant_of=versionless_tenant)
+    return AsyncEngine(LLMEngine(engine_config, policy=policy))
 
 
 FLUSH_SECONDS = 5.0  # at most this long for aborted streams to deliver their final message
@@ -205,6 +212,9 @@ class RunningServer:
             f"{tiers['device']} on device, {tiers['host']} in host memory",
             f"  budgets     device {_mib(c.device_cache_bytes)}, host {_mib(c.host_cache_bytes)}; "
             f"max running {c.max_running}, queue {c.max_queue}",
+            f"  scheduler   {c.scheduler}"
+            + (f", tenant weights {c.tenant_weights}" if c.tenant_weights else "")
+            + (" (weights apply to vtc only)" if c.tenant_weights and c.scheduler != "vtc" else ""),
             f"  limits      prompt {f.max_prompt_tokens} tokens, new {f.max_new_tokens}, context "
             f"{f.max_context_tokens}, message {_mib(c.max_message_bytes)}",
         ]
