@@ -13,7 +13,7 @@ from deltaserve.service.config import DEPRECATED_KEYS, ServerConfig, parse_bytes
 DOC = Path(__file__).resolve().parents[1] / "docs" / "CONFIG.md"
 BYTE_KEYS = {"device_cache_bytes", "host_cache_bytes", "max_message_bytes"}
 # flags whose dest is not the key they set
-FLAG_KEY = {"no_metrics": "metrics_port", "no_warm": "warm_deltas"}
+FLAG_KEY = {"no_metrics": "metrics_port", "no_warm": "warm_deltas", "no_prefix_cache": "prefix_cache"}
 
 
 def table() -> list[tuple[str, list[str], str]]:

@@ -147,7 +147,7 @@ def test_sign_stacks_grow_and_shrink_in_chunks(tiny_dir, tmp_path):
     assert lin.packed.shape[0] == 2 * SIGN_CHUNK
     # a request resolves its slot at admission and keeps it
     eng.add_request(GenerationRequest("r", (5, 6, 7), greedy(2), delta_key=names[-1]))
-    assert eng.requests["r"].slot == SIGN_CHUNK and eng.requests["r"].sign_planes == 1
+    assert eng.requests["r"].parts == ((SIGN_CHUNK, 1.0, 1),)
     while eng.has_unfinished():
         eng.step()
     eng.unload_delta(names[-1])

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import itertools
 import json
 import time
 from collections import Counter
@@ -209,3 +210,46 @@ def test_unbounded_run_is_refused():
         RunConfig(concurrency=1)
     with pytest.raises(ValueError, match="exactly one"):
         RunConfig(concurrency=1, rate=2.0, requests=3)
+
+
+def test_chat_conversations_resend_their_history_in_order():
+    from deltaserve_client.loadtest.distributions import IntDist
+
+    cfg = WorkloadConfig(
+        ("a", "b"), Popularity.parse("uniform"), prompt_len=IntDist.parse("uniform:3:6"),
+        max_new_tokens=IntDist.parse("fixed:4"), seed=3, chat_turns=3, system_len=20,
+    )
+    wl = Workload(cfg)
+    convs = [wl.next_conversation() for _ in range(4)]
+    for conv in convs:
+        assert [r.turn for r in conv] == [1, 2, 3] and len({r.tenant for r in conv}) == 1
+        for prev, nxt in itertools.pairwise(conv):
+            assert nxt.prompt.startswith(prev.prompt + "\n")  # the history, then a new message
+    systems = {c[0].tenant: c[0].prompt.split("\n")[0] for c in convs}
+    assert all(len(s.split()) == 20 for s in systems.values()) and len(set(systems.values())) == len(systems)
+    assert [r.index for c in convs for r in c] == list(range(12))
+    with pytest.raises(ValueError, match="chat"):
+        WorkloadConfig(("a",), chat_turns=-1)
+
+
+def test_chat_run_reports_first_and_later_turns(capsys):
+    from deltaserve_client.loadtest.distributions import IntDist
+    from deltaserve_client.loadtest.report import render
+
+    async def go():
+        server, port, _ = await _serve()
+        transport = GrpcTransport(f"127.0.0.1:{port}")
+        wl = Workload(WorkloadConfig(
+            ("a", "b"), Popularity.parse("uniform"), max_new_tokens=IntDist.parse("fixed:3"),
+            prompt_len=IntDist.parse("fixed:4"), seed=1, chat_turns=3, system_len=10,
+        ))
+        try:
+            return await LoadRunner(transport, wl, RunConfig(concurrency=2, requests=12), progress=None).run()
+        finally:
+            await transport.close()
+            await server.stop(0)
+
+    report = asyncio.run(go())
+    assert report.total.ok == 12
+    assert report.per_turn["first"].ok == 4 and report.per_turn["later"].ok == 8
+    assert "TTFT by chat turn" in render(report)

@@ -70,11 +70,16 @@ class AsyncDeltaServeClient:
         alpha: float | None = None,
         request_id: str | None = None,
         timeout: float | None = None,
+        deltas: Sequence[tuple[str, float]] = (),
     ) -> GenerateResult:
-        """Generate a completion of prompt (raw text or chat messages) with tenant's fine-tune ("" = base)."""
+        """Generate a completion of prompt (raw text or chat messages) with tenant's fine-tune ("" = base).
+
+        deltas: instead of tenant/alpha, a composition [(tenant, alpha), ...] of 2-4 tenants' deltas
+        applied together (the server adds the sum of alpha_i * delta_i at every layer)."""
         req = convert.generate_request(
-            prompt, tenant=tenant, sampling=sampling, alpha=alpha, request_id=request_id
+            prompt, tenant=tenant, sampling=sampling, alpha=alpha, request_id=request_id, deltas=deltas
         )
+        tenant = convert.routing_tenant(tenant, deltas)
         return convert.generate_result(await self._unary(self._generation.Generate, req, timeout, tenant))
 
     def generate_stream(
@@ -86,14 +91,16 @@ class AsyncDeltaServeClient:
         alpha: float | None = None,
         request_id: str | None = None,
         timeout: float | None = None,
+        deltas: Sequence[tuple[str, float]] = (),
     ) -> AsyncIterator[StreamChunk]:
         """Start a streaming generation; `async for` the chunks. timeout bounds the whole stream.
 
         Closing the iterator early (break, aclose()) cancels the call and the server-side request.
         """
         req = convert.generate_request(
-            prompt, tenant=tenant, sampling=sampling, alpha=alpha, request_id=request_id
+            prompt, tenant=tenant, sampling=sampling, alpha=alpha, request_id=request_id, deltas=deltas
         )
+        tenant = convert.routing_tenant(tenant, deltas)
         call = self._generation.GenerateStream(
             req, timeout=timeout or self.config.timeout, metadata=self.config.metadata(tenant)
         )

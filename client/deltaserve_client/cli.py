@@ -40,6 +40,14 @@ def _loadtest_available() -> bool:
     )
 
 
+def _delta_weight(text: str) -> tuple[str, float]:
+    tenant, _, alpha = text.partition("=")
+    try:
+        return tenant, float(alpha) if alpha else 1.0
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected TENANT or TENANT=ALPHA, got {text!r}") from None
+
+
 def _add_generation_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "prompt", nargs="?", help="raw prompt text, sent as is ('-' reads stdin); or use --chat / --messages"
@@ -61,6 +69,11 @@ def _add_generation_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--repetition-penalty", type=float, help="> 0; 1 = off")
     p.add_argument("--seed", type=int, help="sampling seed (reproducible output)")
     p.add_argument("--alpha", type=float, help="delta strength (default 1: the fine-tune; 0: base)")
+    p.add_argument(
+        "--delta", action="append", default=[], type=_delta_weight, metavar="TENANT[=ALPHA]", dest="deltas",
+        help="compose this tenant's delta (repeat for each, 2-4 tenants; instead of --tenant/--alpha): "
+        "the server adds the sum of alpha_i * delta_i at every layer",
+    )
     p.add_argument("--stop", action="append", default=[], metavar="TEXT", help="stop string (repeatable)")
     p.add_argument("--ignore-eos", action="store_true", help="keep generating past end-of-sequence")
     p.add_argument(
@@ -161,6 +174,8 @@ def _prompt(args: argparse.Namespace) -> str | list[ChatMessage]:
 
 
 def _sampling(args: argparse.Namespace) -> SamplingOptions:
+    if args.deltas and (args.tenant or args.alpha is not None):
+        raise DeltaServeClientError("INVALID_ARGUMENT", "give --tenant (+ --alpha) or --delta, not both")
     try:
         return SamplingOptions(
             max_new_tokens=args.max_new_tokens,
@@ -184,6 +199,7 @@ def _generate(client: DeltaServeClient, args: argparse.Namespace) -> int:
         sampling=_sampling(args),
         alpha=args.alpha,
         request_id=args.request_id,
+        deltas=args.deltas,
     )
     print(output.to_json(result) if args.json else result.text)
     return 0
@@ -196,6 +212,7 @@ def _stream(client: DeltaServeClient, args: argparse.Namespace) -> int:
         sampling=_sampling(args),
         alpha=args.alpha,
         request_id=args.request_id,
+        deltas=args.deltas,
     )
     for chunk in chunks:
         if args.json:

@@ -71,11 +71,16 @@ class DeltaServeClient:
         alpha: float | None = None,
         request_id: str | None = None,
         timeout: float | None = None,
+        deltas: Sequence[tuple[str, float]] = (),
     ) -> GenerateResult:
-        """Generate a completion of prompt (raw text or chat messages) with tenant's fine-tune ("" = base)."""
+        """Generate a completion of prompt (raw text or chat messages) with tenant's fine-tune ("" = base).
+
+        deltas: instead of tenant/alpha, a composition [(tenant, alpha), ...] of 2-4 tenants' deltas
+        applied together (the server adds the sum of alpha_i * delta_i at every layer)."""
         req = convert.generate_request(
-            prompt, tenant=tenant, sampling=sampling, alpha=alpha, request_id=request_id
+            prompt, tenant=tenant, sampling=sampling, alpha=alpha, request_id=request_id, deltas=deltas
         )
+        tenant = convert.routing_tenant(tenant, deltas)
         return convert.generate_result(self._unary(self._generation.Generate, req, timeout, tenant))
 
     def generate_stream(
@@ -87,6 +92,7 @@ class DeltaServeClient:
         alpha: float | None = None,
         request_id: str | None = None,
         timeout: float | None = None,
+        deltas: Sequence[tuple[str, float]] = (),
     ) -> Iterator[StreamChunk]:
         """Start a streaming generation now; iterate for chunks as they are decoded.
 
@@ -94,8 +100,9 @@ class DeltaServeClient:
         cancels the call, which aborts the request on the server.
         """
         req = convert.generate_request(
-            prompt, tenant=tenant, sampling=sampling, alpha=alpha, request_id=request_id
+            prompt, tenant=tenant, sampling=sampling, alpha=alpha, request_id=request_id, deltas=deltas
         )
+        tenant = convert.routing_tenant(tenant, deltas)
         call = self._generation.GenerateStream(
             req, timeout=timeout or self.config.timeout, metadata=self.config.metadata(tenant)
         )

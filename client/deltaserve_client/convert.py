@@ -41,9 +41,14 @@ def generate_request(
     sampling: SamplingOptions | None = None,
     alpha: float | None = None,
     request_id: str | None = None,
+    deltas: Sequence[tuple[str, float]] = (),
 ) -> generation_pb2.GenerateRequest:
-    """Build a GenerateRequest. prompt is raw text, or chat messages rendered by the server's template."""
+    """Build a GenerateRequest. prompt is raw text, or chat messages rendered by the server's template.
+    deltas: a composition [(tenant, alpha), ...] (then tenant and alpha stay unset)."""
+    if deltas and (tenant or alpha is not None):
+        raise ValueError("give either tenant (+ alpha) or deltas, not both")
     req = generation_pb2.GenerateRequest(tenant=tenant)
+    req.deltas.extend(generation_pb2.DeltaWeight(tenant=t, alpha=a) for t, a in deltas)
     if isinstance(prompt, str):
         req.prompt = prompt
     else:
@@ -58,6 +63,11 @@ def generate_request(
     if request_id is not None:
         req.request_id = request_id
     return req
+
+
+def routing_tenant(tenant: str, deltas: Sequence[tuple[str, float]]) -> str:
+    """The tenant sent as routing metadata (a composition routes by its first tenant)."""
+    return tenant or (deltas[0][0] if deltas else "")
 
 
 def sampling_params(s: SamplingOptions) -> generation_pb2.SamplingParams:
@@ -87,6 +97,7 @@ def _usage(msg: generation_pb2.Usage) -> Usage:
         queue_time_seconds=msg.queue_time_seconds,
         time_to_first_token_seconds=msg.time_to_first_token_seconds,
         total_time_seconds=msg.total_time_seconds,
+        cached_prompt_tokens=msg.cached_prompt_tokens,
     )
 
 

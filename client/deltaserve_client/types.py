@@ -78,6 +78,7 @@ class Usage:
     queue_time_seconds: float
     time_to_first_token_seconds: float
     total_time_seconds: float
+    cached_prompt_tokens: int = 0  # prompt tokens served from the server's prefix cache
 
 
 @dataclass(frozen=True)

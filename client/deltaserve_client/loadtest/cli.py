@@ -47,6 +47,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     dist = "N | uniform:LO:HI | normal:MEAN:SD | exp:MEAN"
     parser.add_argument("--prompt-len", default="32", help=f"synthetic prompt length in words: {dist}")
     parser.add_argument("--prompts", type=Path, help="JSONL of {prompt, tenant?, max_new_tokens?} lines")
+    parser.add_argument(
+        "--chat-turns", type=int, default=0,
+        help="multi-turn chat: conversations of N turns, each re-sending the tenant's system prompt and "
+        "the history (turns sent in order; the report splits TTFT of the first turn and the later ones)",
+    )
+    parser.add_argument(
+        "--system-len", type=int, default=500, help="chat: words in each tenant's system prompt (500)"
+    )
     parser.add_argument("--max-new-tokens", default="32", help=f"{dist} (default 32)")
     parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     parser.add_argument(
@@ -80,6 +88,8 @@ async def run_load(args: argparse.Namespace, transport: Transport) -> LoadReport
             prompts=prompts,
             temperature=args.temperature,
             seed=args.seed,
+            chat_turns=args.chat_turns,
+            system_len=args.system_len,
         )
     )
     concurrency = args.concurrency if args.rate is None else None

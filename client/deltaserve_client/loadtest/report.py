@@ -67,6 +67,12 @@ def render(report: LoadReport) -> str:
         )
     cols = ["tenant", "sent", "ok", "failed", "tok/s", "TTFT p50", "TTFT p99", "e2e p50", "e2e p99"]
     per = _table(cols, rows)
+    if report.per_turn:
+        turns = _table(
+            ["chat turns", "ok", "TTFT p50", "TTFT p90", "TTFT p99", "TTFT max"],
+            [[name, str(g.ok), *_ms(g.ttft)] for name, g in report.per_turn.items()],
+        )
+        per += "\n\nTTFT by chat turn (ms; later = turns >= 2, whose history can be reused):\n" + turns
     errors = "".join(f"  {code}: {msg}\n" for code, msg in sorted(report.errors.items()))
     if errors:
         errors = "\nfailures (one example per status):\n" + errors

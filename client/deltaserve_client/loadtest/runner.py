@@ -127,7 +127,7 @@ class LoadRunner:
     # -- one request -----------------------------------------------------------------
     async def _one(self, req: LoadRequest) -> None:
         start = self._now()
-        rec = RequestRecord(req.index, req.tenant, start, warmup=start < self.config.warmup)
+        rec = RequestRecord(req.index, req.tenant, start, warmup=start < self.config.warmup, turn=req.turn)
         if not rec.warmup:
             self._measured_sent += 1
         self.records.append(rec)
@@ -162,6 +162,14 @@ class LoadRunner:
             rec.end = self._now()
             self.inflight -= 1
 
+    async def _conversation(self) -> None:
+        """One chat conversation: its turns in order, each sent when the previous one ended
+        (stops early when the run's bounds are reached)."""
+        for i, req in enumerate(self.workload.next_conversation()):
+            if i and not self._may_send():
+                return
+            await self._one(req)
+
     @staticmethod
     def _unary_timing(rec: RequestRecord, ev: Done, now: float) -> None:
         """Unary calls show no first token: use the server's TTFT when given, else the e2e
@@ -178,7 +186,10 @@ class LoadRunner:
 
         async def worker() -> None:
             while self._may_send():
-                await self._one(self.workload.next())
+                if self.workload.config.chat_turns:
+                    await self._conversation()
+                else:
+                    await self._one(self.workload.next())
 
         await asyncio.gather(*(worker() for _ in range(self.config.concurrency)))
 
@@ -198,7 +209,10 @@ class LoadRunner:
                 if self.inflight >= self.config.max_inflight:
                     self.skipped += 1
                     continue
-                task = asyncio.create_task(self._one(self.workload.next()))
+                if self.workload.config.chat_turns:
+                    task = asyncio.create_task(self._conversation())  # an arrival starts a conversation
+                else:
+                    task = asyncio.create_task(self._one(self.workload.next()))
                 tasks.add(task)
                 task.add_done_callback(tasks.discard)
             if tasks:

@@ -28,6 +28,7 @@ class RequestRecord:
     completion_tokens: int = 0
     prompt_tokens: int = 0
     warmup: bool = False
+    turn: int = 0  # 1-based chat turn; 0 = not part of a conversation
 
     @property
     def e2e(self) -> float:
@@ -107,11 +108,22 @@ class LoadReport:
     skipped: int
     total: GroupStats
     per_tenant: dict[str, GroupStats]
+    # chat workloads: "first" = turn 1 of each conversation, "later" = turns >= 2
+    per_turn: dict[str, GroupStats]
     # one example message per failure status, to say what went wrong
     errors: dict[str, str]
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+def _per_turn(records: list[RequestRecord], window: float) -> dict[str, GroupStats]:
+    if not any(r.turn for r in records):
+        return {}
+    return {
+        "first": group_stats([r for r in records if r.turn == 1], window),
+        "later": group_stats([r for r in records if r.turn > 1], window),
+    }
 
 
 def build_report(
@@ -132,5 +144,6 @@ def build_report(
         skipped=skipped,
         total=group_stats(measured, window),
         per_tenant={t: group_stats([r for r in measured if r.tenant == t], window) for t in tenants},
+        per_turn=_per_turn(measured, window),
         errors={r.status: r.message for r in reversed(records) if not r.ok},
     )

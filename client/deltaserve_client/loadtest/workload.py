@@ -3,6 +3,13 @@
 A Workload is deterministic for a seed: the same config gives the same requests in
 the same order, whatever the timing of the run (the runner only decides *when*
 request i is sent).
+
+Multi-turn chat (`chat_turns` > 0): requests come as conversations. Each tenant has its own
+system prompt (`system_len` words); turn k of a conversation re-sends the system prompt and
+the whole history: user message 1, answer 1, ..., user message k. The answers in the history
+are planned stand-ins of max_new_tokens words (not the server's outputs), so the plan stays
+independent of timing; turn k's prompt still starts with all of turn k-1's, which is what a
+prefix cache can reuse. The runner sends a conversation's turns one after the other.
 """
 
 from __future__ import annotations
@@ -41,6 +48,7 @@ class LoadRequest:
     max_new_tokens: int
     temperature: float = 0.0
     seed: int | None = None
+    turn: int = 0  # 1-based turn of a chat conversation; 0 = not part of one
 
 
 @dataclass(frozen=True)
@@ -91,10 +99,16 @@ class WorkloadConfig:
     prompts: tuple[PromptRecord, ...] = ()
     temperature: float = 0.0
     seed: int = 0
+    chat_turns: int = 0
+    system_len: int = 500
 
     def __post_init__(self) -> None:
         if not self.tenants:
             raise ValueError("workload needs at least one tenant")
+        if self.chat_turns < 0 or self.system_len < 0:
+            raise ValueError("chat turns and system prompt length must be >= 0")
+        if self.chat_turns and self.prompts:
+            raise ValueError("chat conversations use synthetic prompts: give --prompts or --chat-turns")
         if not self.temperature >= 0:
             raise ValueError("temperature must be >= 0")
 
@@ -123,3 +137,24 @@ class Workload:
             prompt = synthetic_prompt(self._rng, c.prompt_len.sample(self._rng))
         seed = None if c.temperature == 0 else c.seed * 1_000_003 + i
         return LoadRequest(i, tenant, prompt, mnt, c.temperature, seed)
+
+    def _system_prompt(self, tenant: str) -> str:
+        """The tenant's own system prompt (the same in every conversation of the tenant)."""
+        rng = random.Random(f"{self.config.seed}/system/{tenant}")
+        return synthetic_prompt(rng, self.config.system_len)
+
+    def next_conversation(self) -> list[LoadRequest]:
+        """The next conversation: `chat_turns` requests of one tenant, to be sent in order."""
+        c = self.config
+        tenant = self._tenants.next()
+        history = [self._system_prompt(tenant)]
+        out = []
+        for turn in range(1, c.chat_turns + 1):
+            i = self._next
+            self._next += 1
+            history.append(synthetic_prompt(self._rng, c.prompt_len.sample(self._rng)))
+            mnt = c.max_new_tokens.sample(self._rng)
+            seed = None if c.temperature == 0 else c.seed * 1_000_003 + i
+            out.append(LoadRequest(i, tenant, "\n".join(history), mnt, c.temperature, seed, turn))
+            history.append(synthetic_prompt(self._rng, mnt))  # the planned answer
+        return out

@@ -13,6 +13,7 @@ SUITES = {
     "peer": "deltaserve.bench.peer",
     "ops": "deltaserve.bench.ops",
     "fairness": "deltaserve.bench.fairness",
+    "prefix": "deltaserve.bench.prefix",
 }
 
 

@@ -73,6 +73,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device-cache-bytes", help="device tier budget, e.g. 2GiB")
     parser.add_argument("--host-cache-bytes", help="host tier budget, e.g. 4GiB")
     parser.add_argument("--kv-blocks", type=int, help="paged KV cache blocks")
+    parser.add_argument(
+        "--no-prefix-cache", action="store_true",
+        help="do not reuse the KV of equal prompt prefixes (of one tenant version and alpha) across requests",
+    )
     parser.add_argument("--max-prompt-tokens", type=int, help="longest prompt accepted")
     parser.add_argument("--max-new-tokens", type=int, help="largest max_new_tokens accepted")
     parser.add_argument(
@@ -116,6 +120,7 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         max_new_tokens=args.max_new_tokens,
         drain_grace_s=args.drain_grace_s,
         warm_deltas=False if args.no_warm else None,
+        prefix_cache=False if args.no_prefix_cache else None,
     )
     if args.no_metrics:
         config = dataclasses.replace(config, metrics_port=None)

@@ -15,8 +15,14 @@ from deltaserve.errors import UnavailableError
 class ServerProcess:
     """Start with `start()`; `target` is "127.0.0.1:PORT"; `stop()` drains and waits (kills after a grace)."""
 
-    def __init__(self, base: Path, store: Path, log_file: Path, max_new_tokens: int = 64) -> None:
+    def __init__(
+        self, base: Path, store: Path, log_file: Path, max_new_tokens: int = 64,
+        extra_args: tuple[str, ...] = (),
+    ) -> None:
+        """extra_args: more `deltaserve serve` flags (they follow the defaults, so they win)."""
         self.base = base
+        self.extra_args = extra_args
+        self.metrics_port: int | None = None
         self.store = store
         self.log_file = log_file
         self.max_new_tokens = max_new_tokens
@@ -42,9 +48,9 @@ class ServerProcess:
             "--port",
             "0",
             "--json",
-            "--no-metrics",
             "--drain-grace",
             "5",
+            *(self.extra_args or ("--no-metrics",)),
         ]
         self.log_file.parent.mkdir(parents=True, exist_ok=True)
         log = self.log_file.open("w")
@@ -57,6 +63,7 @@ class ServerProcess:
             )
         info = json.loads(line)
         self.target, self.fingerprint = info["target"], info["fingerprint"]
+        self.metrics_port = info.get("metrics_port")
         deadline = time.monotonic() + timeout
         with DeltaServeClient(ClientConfig(target=self.target, timeout=10)) as client:
             while client.health() != "SERVING":

@@ -44,6 +44,8 @@ class EngineConfig:
     decode_buckets: pad decode-only steps to a static batch size (powers of two up to
     max_running, and max_running), so every decode tensor has one of a few shapes (what CUDA
     graph capture needs); None = on for CUDA, off on the CPU (padding rows cost compute there).
+    prefix_caching: reuse the KV of full blocks across requests with the same token prefix,
+    delta key and alpha (engine/block_manager.py); greedy outputs are the same either way.
     """
 
     model: Path
@@ -61,6 +63,7 @@ class EngineConfig:
     linear_backend: str = "auto"
     threads: int = 0
     decode_buckets: bool | None = None
+    prefix_caching: bool = True
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "model", Path(self.model))

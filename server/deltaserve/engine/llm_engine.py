@@ -8,6 +8,7 @@ from __future__ import annotations
 import logging
 import secrets
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -99,7 +100,7 @@ class LLMEngine:
         else:
             wanted = config.max_running * -(-self.max_model_len // bs)
             num_blocks = max(1, min(wanted, (config.kv_cache_bytes or DEFAULT_KV_BYTES) // per_block))
-        self.blocks = BlockManager(num_blocks, bs)
+        self.blocks = BlockManager(num_blocks, bs, config.prefix_caching)
         self.slots = DeltaSlots(self.model, config.tenant_slots, config.torch_dtype, self.device)
         self.scheduler = Scheduler(self.blocks, config.max_running, config.max_num_batched_tokens, policy)
         self.runner = ModelRunner(self.model, num_blocks, bs, window, self.device, config.batch_buckets())
@@ -115,7 +116,11 @@ class LLMEngine:
     def load_delta(self, key: str, delta: TenantDelta) -> None:
         """Make `delta` compute-resident under the delta key `key`. ResourceExhaustedError when
         all slots are taken, FailedPreconditionError when the delta does not fit this base (or
-        the key is already resident)."""
+        the key is already resident).
+
+        A key names one delta for the engine's lifetime (the service's keys are tenant@version):
+        cached prefix KV computed under a key is reused after the key is unloaded and loaded
+        again. Loading other weights under a used key needs `reset_prefix_cache()` first."""
         if not key:
             raise InvalidArgumentError("delta key must be non-empty")
         self.slots.load(key, delta)
@@ -123,10 +128,14 @@ class LLMEngine:
     def unload_delta(self, key: str) -> None:
         """Free a delta's slot; FailedPreconditionError while its requests are queued or running."""
         self.slots.slot_of(key)
-        busy = [s.request_id for s in self.requests.values() if s.request.delta_key == key]
+        busy = [s.request_id for s in self.requests.values() if key in s.request.delta_keys]
         if busy:
             raise FailedPreconditionError(f"delta {key!r} has {len(busy)} unfinished requests")
         self.slots.unload(key)
+
+    def reset_prefix_cache(self) -> None:
+        """Forget every cached prefix block (running sequences keep the blocks they hold)."""
+        self.blocks.reset_cache()
 
     @property
     def slot_capacity(self) -> int:
@@ -149,8 +158,9 @@ class LLMEngine:
         """Raise the typed error add_request would raise, without changing any state."""
         if req.request_id in self.requests:
             raise InvalidArgumentError(f"request id {req.request_id!r} is already in use")
-        if req.delta_key and req.delta_key not in self.slots.entries:
-            raise NotFoundError(f"delta {req.delta_key!r} is not resident")
+        for key in req.delta_keys:
+            if key not in self.slots.entries:
+                raise NotFoundError(f"delta {key!r} is not resident")
         n = len(req.prompt_token_ids)
         if n >= self.max_model_len:
             raise InvalidArgumentError(
@@ -175,9 +185,11 @@ class LLMEngine:
             seed = sp.seed if sp.seed is not None else secrets.randbits(63)
             gen = torch.Generator(device="cpu").manual_seed(seed)
         seq = Sequence(req, IncrementalDetokenizer(self.tokenizer, sp.stop), gen)
-        if seq.delta_key is not None:  # resident (checked above) and pinned while the request lives
-            entry = self.slots.slot_of(seq.delta_key)
-            seq.slot, seq.sign_planes = entry.slot, entry.planes
+        parts = []
+        for key, alpha in req.deltas:  # resident (checked above) and pinned while the request lives
+            entry = self.slots.slot_of(key)
+            parts.append((entry.slot, alpha, entry.planes))
+        seq.parts = tuple(parts)
         self.requests[req.request_id] = seq
         self.scheduler.add(seq)
 
@@ -205,6 +217,7 @@ class LLMEngine:
             finish_reason=seq.finish_reason,
             prompt_tokens=seq.prompt_len,
             completion_tokens=seq.num_output,
+            cached_tokens=seq.num_cached_tokens,
             logprobs=lps,
             arrival_time=seq.arrival_time,
             first_scheduled_time=seq.first_scheduled_time,
@@ -280,11 +293,14 @@ class LLMEngine:
     ) -> list[RequestOutput]:
         """Advance the scheduled sequences, sample the rows of `sampled`, build the outputs."""
         now = time.monotonic()
+        bs, blocks = self.blocks.block_size, self.blocks
         for seq, n in scheduled:
             self.scheduler.policy.on_computed(seq, n)  # fair-share accounting, before num_computed moves
             seq.num_computed += n
             if seq.first_scheduled_time is None:
                 seq.first_scheduled_time = now
+            if seq.num_computed // bs > len(seq.block_keys):  # a block filled up: cache it
+                blocks.register(seq.block_table, seq.tokens, seq.num_computed, seq.cache_salt, seq.block_keys)
         outputs = []
         for row, seq in enumerate(sampled):
             argmax, finite = picks[row]
@@ -324,8 +340,8 @@ class LLMEngine:
         if not isinstance(exc, DeltaServeError):
             log.error("request %s failed while sampling", seq.request_id, exc_info=exc)
             exc = RequestInternalError(f"internal error while sampling this request: {type(exc).__name__}")
-        self.runner.scrub(seq.block_table)
-        self.scheduler.finish(seq)
+        # blocks it held alone leave the prefix cache and are zeroed (they may hold non-finite KV)
+        self.runner.scrub(self.scheduler.finish(seq, discard=True))
         self.requests.pop(seq.request_id, None)
         self._failed += 1
         seq.finish_reason = FinishReason.ABORT
@@ -340,6 +356,8 @@ class LLMEngine:
             num_waiting=len(wait),
             kv_blocks_used=self.blocks.num_blocks - self.blocks.num_free,
             kv_blocks_total=self.blocks.num_blocks,
+            kv_blocks_cached=self.blocks.num_cached_free,
+            prefix_cache=replace(self.blocks.counters),
             last_step_tokens=self._last[0],
             last_step_seqs=self._last[1],
             last_step_tenants=self._last[2],
@@ -366,3 +384,4 @@ class LLMEngine:
         problem = self.model.replace_base_weights(state)
         if problem:
             raise FailedPreconditionError(f"{checkpoint_dir}: {problem}")
+        self.blocks.reset_cache()  # cached KV was computed with the old weights

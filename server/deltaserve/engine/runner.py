@@ -1,7 +1,10 @@
 """Model runner: owns the paged KV cache, turns scheduled sequences into a ForwardBatch, runs it.
 
-Token order in a batch: sequences grouped by (tenant slot, alpha), base-model requests
-first, so every tenant is one contiguous segment for the delta kernels.
+Token order in a batch: sequences grouped by the (tenant slot, alpha) pairs they apply,
+base-model requests first, so every tenant is one contiguous segment for the delta kernels.
+A composed request's group carries one segment per delta over the same rows: the dense
+paths add them in turn, and the 1-bit kernels (whose segments must not overlap) take part i
+of every group in pass i.
 """
 
 from __future__ import annotations
@@ -59,12 +62,12 @@ class ModelRunner:
         return mask
 
     @staticmethod
-    def _order(scheduled: list[tuple[Sequence, int]]) -> list[tuple[tuple[int, float], list]]:
-        groups: dict[tuple[int, float], list[tuple[Sequence, int]]] = {}
+    def _order(scheduled: list[tuple[Sequence, int]]) -> list[list[tuple[Sequence, int]]]:
+        groups: dict[tuple[tuple[int, float], ...], list[tuple[Sequence, int]]] = {}
         for seq, n in scheduled:
-            key = (-1, 0.0) if seq.slot < 0 else (seq.slot, seq.alpha)
-            groups.setdefault(key, []).append((seq, n))
-        return sorted(groups.items(), key=lambda kv: kv[0][0] >= 0)  # base group first, stable otherwise
+            groups.setdefault(seq.group, []).append((seq, n))
+        # the base group first, the others in order of arrival in `scheduled`
+        return sorted(groups.values(), key=lambda g: bool(g[0][0].parts))
 
     def build(self, scheduled: list[tuple[Sequence, int]]) -> tuple[ForwardBatch, list[Sequence]]:
         """The ForwardBatch of a step and the sequences sampled from it (in logits-row order).
@@ -85,9 +88,11 @@ class ModelRunner:
         dec_len: list[int] = []
         logits_rows: list[int] = []
         sampled: list[Sequence] = []
-        # (start, len, slot, alpha) segments: all tenants, logits rows, then 1-bit plane 0, 1, ...
-        segs: list[list] = [[], [], []]
-        for (slot, alpha), members in self._order(scheduled):
+        # (start, len, slot, alpha) segments: all tenants, logits rows, then per kernel pass the
+        # 1-bit planes 0, 1, ... (pass i: the i-th delta of every group)
+        segs: list[list] = [[], []]
+        sign: list[list[list]] = []  # [pass][plane] -> segments
+        for members in self._order(scheduled):
             g_start, g_logits = len(ids), len(logits_rows)
             for seq, n in members:
                 c = seq.num_computed
@@ -109,15 +114,17 @@ class ModelRunner:
                 if ctx == seq.num_tokens:
                     logits_rows.append(start + n - 1)
                     sampled.append(seq)
-            if slot >= 0:
+            for i, (slot, alpha, planes) in enumerate(members[0][0].parts):
                 seg = (g_start, len(ids) - g_start, slot, alpha)
                 segs[0].append(seg)
                 if len(logits_rows) > g_logits:
                     segs[1].append((g_logits, len(logits_rows) - g_logits, slot, alpha))
-                planes = members[0][0].sign_planes
-                segs.extend([] for _ in range(2 + planes - len(segs)))
+                sign.extend([] for _ in range(i + 1 - len(sign)))
+                sign[i].extend([] for _ in range(planes - len(sign[i])))
                 for p in range(planes):
-                    segs[2 + p].append(seg)
+                    sign[i][p].append(seg)
+        shape = [len(planes) for planes in sign]  # planes per pass
+        segs += [group for planes in sign for group in planes]
         if dec_tok and not prefill_spans and self.buckets:
             self._pad_decode(ids, positions, slot_map, dec_tok, dec_tables, dec_len, logits_rows)
         width = max((len(t) for t in dec_tables), default=0)
@@ -132,6 +139,10 @@ class ModelRunner:
         segments = [
             Segments(*i32[2 + 3 * g : 5 + 3 * g], alphas[g], *_columns(group)) for g, group in enumerate(segs)
         ]
+        passes, at = [], 2
+        for n_planes in shape:
+            passes.append(tuple(segments[at : at + n_planes]))
+            at += n_planes
         decode = None
         if dec_tok:
             decode = DecodeAttention(
@@ -142,7 +153,8 @@ class ModelRunner:
             input_ids=i64[0],
             positions=i64[1],
             slot_mapping=i64[2],
-            sign_segments=tuple(segments[2:]),
+            sign_segments=passes[0] if passes else (),
+            sign_passes=tuple(passes[1:]),
             delta_segments=segments[0],
             prefills=prefills,
             decode=decode,

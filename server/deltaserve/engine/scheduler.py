@@ -93,7 +93,8 @@ class Scheduler:
         self.waiting.append(seq)
 
     def _preempt(self, seq: Sequence, out: SchedulerOutput) -> None:
-        self.blocks.free(seq.block_table)
+        self.blocks.free(seq.block_table)  # full blocks stay cached: its recompute may reuse them
+        seq.block_keys.clear()
         seq.num_computed = 0
         seq.num_preemptions += 1
         self.waiting.appendleft(seq)
@@ -129,21 +130,37 @@ class Scheduler:
         for seq in self.policy.candidates(self.waiting, self.running):
             if len(self.running) >= self.max_running or budget == 0:
                 break
+            hit = self._reuse_prefix(seq)
             n = min(seq.num_tokens - seq.num_computed, budget)
             if not self.blocks.can_grow(seq.block_table, seq.num_computed + n):
+                self.blocks.free(seq.block_table)  # not admitted: give the cached blocks back
+                seq.block_keys.clear()
+                seq.num_computed = 0
                 break
             self.blocks.grow(seq.block_table, seq.num_computed + n)
+            self.blocks.record_lookup(seq.num_tokens, hit)
+            if seq.num_preemptions == 0:
+                seq.num_cached_tokens = hit
             self.waiting.remove(seq)
             self.running.append(seq)
             out.scheduled.append((seq, n))
             budget -= n
         return out
 
-    def finish(self, seq: Sequence) -> None:
-        """Drop a finished or aborted sequence from either queue and free its blocks."""
+    def _reuse_prefix(self, seq: Sequence) -> int:
+        """Start a waiting sequence on the cached blocks of its longest cached prefix (KV of the
+        same tokens under the same cache salt); returns the tokens reused."""
+        seq.block_table = self.blocks.match(seq.tokens, seq.cache_salt, seq.block_keys)
+        seq.num_computed = len(seq.block_table) * self.blocks.block_size
+        return seq.num_computed
+
+    def finish(self, seq: Sequence, discard: bool = False) -> list[int]:
+        """Drop a finished or aborted sequence from either queue and release its blocks (with
+        `discard`, blocks it held alone also leave the prefix cache); returns the blocks freed."""
         self.policy.on_finish(seq)
         if seq in self.running:
             self.running.remove(seq)
         elif seq in self.waiting:
             self.waiting.remove(seq)
-        self.blocks.free(seq.block_table)
+        release = self.blocks.discard if discard else self.blocks.free
+        return release(seq.block_table)

@@ -30,8 +30,12 @@ class Sequence:
     finish_reason: FinishReason | None = None
     pending_logprobs: list[TokenLogprob] = field(default_factory=list)
     num_preemptions: int = 0
-    slot: int = -1  # the delta slot of delta_key, resolved once at admission (-1: base only)
-    sign_planes: int = 0  # 1-bit planes of that slot's deltas (its segment goes to the kernel per plane)
+    # (slot, alpha, 1-bit planes) of every delta it applies, resolved once at add_request (empty:
+    # the base only); a composed request has several, each a kernel pass over its rows
+    parts: tuple[tuple[int, float, int], ...] = ()
+    cache_salt: str = ""  # what its KV depends on besides the tokens (prefix-cache key root)
+    block_keys: list[bytes] = field(default_factory=list)  # prefix-cache keys of its first full blocks
+    num_cached_tokens: int = 0  # prompt tokens whose KV came from the prefix cache at admission
     plain_greedy: bool = field(init=False, default=False)
 
     def __post_init__(self) -> None:
@@ -40,6 +44,9 @@ class Sequence:
         sp = self.request.sampling
         # plain greedy: the batched argmax is the token (no sampling, penalty or logprobs)
         self.plain_greedy = sp.temperature == 0.0 and sp.repetition_penalty == 1.0 and sp.logprobs == 0
+        if not self.cache_salt:
+            # KV depends on the deltas (keys = tenant@version) and their strengths
+            self.cache_salt = "+".join(f"{key}|{alpha!r}" for key, alpha in self.request.deltas)
 
     @property
     def request_id(self) -> str:
@@ -69,3 +76,8 @@ class Sequence:
     def delta_key(self) -> str | None:
         """The delta key whose delta applies (None when base-only or alpha == 0)."""
         return (self.request.delta_key or None) if self.alpha != 0.0 else None
+
+    @property
+    def group(self) -> tuple[tuple[int, float], ...]:
+        """The (slot, alpha) pairs it applies: requests with equal groups share segments."""
+        return tuple((slot, alpha) for slot, alpha, _ in self.parts)

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+
+from deltaserve.engine.block_manager import PrefixCacheCounters
 
 
 @dataclass(frozen=True)
@@ -18,6 +20,8 @@ class EngineStats:
     waiting_deltas: tuple[str, ...]
     num_preemptions: int = 0  # total since start
     num_failed_requests: int = 0  # requests failed alone (non-finite logits, ...) since start
+    kv_blocks_cached: int = 0  # free blocks still holding a cached prefix (evictable; not in used)
+    prefix_cache: PrefixCacheCounters = field(default_factory=PrefixCacheCounters)  # totals since start
 
 
 @dataclass(frozen=True)

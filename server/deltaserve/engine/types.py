@@ -19,6 +19,7 @@ MAX_REPETITION_PENALTY = 100.0
 MAX_ABS_ALPHA = 10.0
 MAX_LOGPROBS = 20
 MAX_REQUEST_ID_CHARS = 256
+MAX_COMPOSED_DELTAS = 4  # deltas one request may compose (each is a kernel pass per layer)
 
 
 class FinishReason(StrEnum):
@@ -78,6 +79,8 @@ class GenerationRequest:
     delta_key: the key the engine holds the tenant's delta under (the service's cache uses
     "<tenant>@<version>", so a replaced delta never aliases the old one); None (or "") means
     the base model. alpha scales that delta: 0 = base, 1 = the fine-tune, >1 extrapolates (EXPO).
+    extra_deltas: more (delta key, alpha) pairs composed with it (task arithmetic): every
+    delta-carrying layer adds alpha_i * delta_i(x) for each, never merging them; needs delta_key.
     """
 
     request_id: str
@@ -85,6 +88,7 @@ class GenerationRequest:
     sampling: SamplingParams = field(default_factory=SamplingParams)
     delta_key: str | None = None
     alpha: float = 1.0
+    extra_deltas: tuple[tuple[str, float], ...] = ()
 
     def __post_init__(self) -> None:
         """Raise InvalidArgumentError naming the first invalid field: a request that exists is
@@ -94,10 +98,30 @@ class GenerationRequest:
             raise InvalidArgumentError("prompt must contain at least one token")
         if not self.request_id or len(self.request_id) > MAX_REQUEST_ID_CHARS:
             raise InvalidArgumentError(f"request_id must have 1-{MAX_REQUEST_ID_CHARS} characters")
-        if not (math.isfinite(self.alpha) and abs(self.alpha) <= MAX_ABS_ALPHA):
-            raise InvalidArgumentError(
-                f"alpha must be in [-{MAX_ABS_ALPHA:g}, {MAX_ABS_ALPHA:g}], got {self.alpha!r}"
-            )
+        for alpha in (self.alpha, *(a for _, a in self.extra_deltas)):
+            if not (math.isfinite(alpha) and abs(alpha) <= MAX_ABS_ALPHA):
+                raise InvalidArgumentError(
+                    f"alpha must be in [-{MAX_ABS_ALPHA:g}, {MAX_ABS_ALPHA:g}], got {alpha!r}"
+                )
+        if self.extra_deltas:
+            keys = [self.delta_key, *(k for k, _ in self.extra_deltas)]
+            if not all(keys):
+                raise InvalidArgumentError("every composed delta needs a tenant (the base has no delta)")
+            if len(set(keys)) != len(keys):
+                raise InvalidArgumentError("a composition names each delta once")
+            if len(keys) > MAX_COMPOSED_DELTAS:
+                raise InvalidArgumentError(f"a request composes at most {MAX_COMPOSED_DELTAS} deltas")
+
+    @property
+    def deltas(self) -> tuple[tuple[str, float], ...]:
+        """Every (delta key, alpha) this request applies, zero alphas left out (empty = base)."""
+        parts = ((self.delta_key, self.alpha), *self.extra_deltas) if self.delta_key else ()
+        return tuple((k, a) for k, a in parts if a != 0.0)
+
+    @property
+    def delta_keys(self) -> tuple[str, ...]:
+        """Every delta key the request names (whatever its alpha): all must stay resident."""
+        return (self.delta_key, *(k for k, _ in self.extra_deltas)) if self.delta_key else ()
 
 
 @dataclass(frozen=True)
@@ -123,6 +147,7 @@ class RequestOutput:
     finish_reason: FinishReason | None = None
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    cached_tokens: int = 0  # prompt tokens whose KV came from the prefix cache
     logprobs: list[TokenLogprob] | None = None
     arrival_time: float = 0.0
     first_scheduled_time: float | None = None

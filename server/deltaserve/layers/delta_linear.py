@@ -52,20 +52,24 @@ class FusedLinear(nn.Module):
         self.in_features = parts[0].in_features
 
     def forward(
-        self, x: torch.Tensor, sign_segments: tuple[Segments, ...], delta_segments: Segments
+        self, x: torch.Tensor, sign_segments: tuple[Segments, ...], delta_segments: Segments,
+        sign_passes: tuple[tuple[Segments, ...], ...] = (),
     ) -> torch.Tensor:
         """x: [T, K] -> y: [T, sum of the parts' N]. On the CPU, the 1-bit planes of all parts
-        go to the table-lookup kernel in one call (each token's tables built once)."""
+        go to the table-lookup kernel in one call per pass (each token's tables built once);
+        sign_passes are the further 1-bit passes of composed requests (ForwardBatch)."""
         y = self.base(x)
-        if self._lut_all(x, sign_segments) and sign_lut_matmul_parts(x, y, self._lut_parts(), sign_segments):
-            sign_segments = ()  # done for every part
-        if len(self.parts) == 1:
-            self.parts[0].add_deltas(x, y, sign_segments, delta_segments)
-            return y
-        start = 0
-        for part, n in zip(self.parts, self.splits, strict=True):
-            part.add_deltas(x, y[:, start : start + n], sign_segments, delta_segments)
-            start += n
+        for i, signs in enumerate((sign_segments, *sign_passes)):
+            if self._lut_all(x, signs) and sign_lut_matmul_parts(x, y, self._lut_parts(), signs):
+                signs = ()  # done for every part
+            dense = delta_segments if i == 0 else None  # dense-held deltas: every segment at once
+            if len(self.parts) == 1:
+                self.parts[0].add_deltas(x, y, signs, dense)
+                continue
+            start = 0
+            for part, n in zip(self.parts, self.splits, strict=True):
+                part.add_deltas(x, y[:, start : start + n], signs, dense)
+                start += n
         return y
 
     def _lut_all(self, x: torch.Tensor, sign_segments: tuple[Segments, ...]) -> bool:
@@ -111,15 +115,17 @@ class DeltaLinear(nn.Module):
         return (self.in_features + 31) // 32
 
     def add_deltas(self, x: torch.Tensor, y: torch.Tensor, sign_segments: tuple[Segments, ...],
-                   delta_segments: Segments) -> None:
+                   delta_segments: Segments | None) -> None:
         """y[seg] += this module's tenant deltas, in place; x: [T, K], y: [T, N] (may be a column
         view of a fused output: any row stride, unit column stride). sign_segments[p]: the
-        segments of tenants with a 1-bit plane p (one kernel pass per plane)."""
+        segments of tenants with a 1-bit plane p (one kernel pass per plane; they must not
+        overlap). delta_segments: the segments of every delta held otherwise (dense, low-rank,
+        sparse, bias; they may overlap, each is added in turn), None to skip those."""
         stacks = [(self.packed, self.scales), *self.plane_stacks] if self.packed is not None else []
         for (packed, scales), segments in zip(stacks, sign_segments, strict=False):
             if len(segments):
                 sign_delta_matmul(x, y, packed, scales, segments)
-        if self.others or self.bias.deltas:
+        if delta_segments is not None and (self.others or self.bias.deltas):
             for start, length, slot, alpha in zip(
                 delta_segments.starts_list, delta_segments.lengths_list, delta_segments.slots_list,
                 delta_segments.alphas_list, strict=True,

@@ -53,9 +53,14 @@ class ForwardBatch:
     input_ids, positions, slot_mapping: int64 [T] (slot_mapping = flat KV-cache row per token).
     sign_segments: per 1-bit plane p, the segments of tenants whose deltas have plane p (one
     kernel call per plane and layer; BitDelta tenants have plane 0 only, multi-bit ones more).
-    delta_segments: all tenant segments (dense / low-rank / embedding / norm / bias deltas).
+    delta_segments: all tenant segments (dense / low-rank / embedding / norm / bias deltas);
+    a composed request's rows carry one segment per delta, so these may overlap (their
+    consumers add each segment's delta in turn).
     logits_index: int64 [R] rows whose next token is sampled; logits_segments: the
     tenant segments over those R rows (for the final norm and lm_head deltas).
+    sign_passes: further kernel passes of 1-bit planes, for composed requests: pass i holds,
+    per plane, the segments of the (i+1)-th delta of each composition (sign_segments is pass
+    0); segments within a pass never overlap.
     """
 
     input_ids: torch.Tensor
@@ -67,6 +72,7 @@ class ForwardBatch:
     decode: DecodeAttention | None
     logits_index: torch.Tensor
     logits_segments: Segments
+    sign_passes: tuple[tuple[Segments, ...], ...] = ()
 
     @property
     def num_tokens(self) -> int:

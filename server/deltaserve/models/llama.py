@@ -87,20 +87,20 @@ class DecoderLayer(nn.Module):
         k_cache: torch.Tensor, v_cache: torch.Tensor,
     ) -> torch.Tensor:
         """h: [T, hidden] residual stream -> [T, hidden]."""
-        sg, dg = batch.sign_segments, batch.delta_segments
+        sg, dg, sp = batch.sign_segments, batch.delta_segments, batch.sign_passes
         t = h.shape[0]
         x = self.input_layernorm(h, dg)
-        qkv = self.qkv_proj(x, sg, dg)  # [T, q + 2 kv]
+        qkv = self.qkv_proj(x, sg, dg, sp)  # [T, q + 2 kv]
         # rotate q and k heads in one pass: [T, Hq + Hkv, D]
         qk = fused.rotary(qkv[:, : self.q_size + self.kv_size].view(t, -1, self.head_dim), cos, sin)
         q, k = qk.split([self.num_heads, self.num_kv_heads], dim=1)
         v = qkv[:, self.q_size + self.kv_size :].view(t, self.num_kv_heads, self.head_dim)
         a = paged_attention(q, k, v, k_cache, v_cache, batch, self.scale)
-        h = h + self.o_proj(a.reshape(t, self.q_size), sg, dg)
+        h = h + self.o_proj(a.reshape(t, self.q_size), sg, dg, sp)
         x = self.post_attention_layernorm(h, dg)
-        gate_up = self.gate_up_proj(x, sg, dg)  # [T, 2 inter]
+        gate_up = self.gate_up_proj(x, sg, dg, sp)  # [T, 2 inter]
         m = fused.silu_and_mul(gate_up)
-        return h + self.down_proj(m, sg, dg)
+        return h + self.down_proj(m, sg, dg, sp)
 
 
 class LlamaFamilyModel(nn.Module):

@@ -99,6 +99,7 @@ class ServerConfig:
     max_tokens_per_step: int | None = None
     kv_blocks: int | None = None
     block_size: int | None = None
+    prefix_cache: bool = True  # reuse KV blocks of equal prompt prefixes (same tenant version and alpha)
     scheduler: str = "vtc"
     tenant_weights: dict[str, float] = field(default_factory=dict)
     # delta cache budgets (bytes)

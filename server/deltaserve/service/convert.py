@@ -8,7 +8,7 @@ from deltaserve_client._proto.deltaserve.v1 import deltas_pb2 as dpb
 from deltaserve_client._proto.deltaserve.v1 import generation_pb2 as gpb
 from google.protobuf.timestamp_pb2 import Timestamp
 
-from deltaserve.engine.types import FinishReason, SamplingParams, TokenLogprob
+from deltaserve.engine.types import MAX_COMPOSED_DELTAS, FinishReason, SamplingParams, TokenLogprob
 from deltaserve.errors import InvalidArgumentError
 from deltaserve.service.cache import DeltaStatus, Tier
 
@@ -23,7 +23,10 @@ _U32 = 2**32 - 1
 
 @dataclass(frozen=True)
 class GenerateInput:
-    """A validated-at-the-edge Generate/GenerateStream request, before tokenization."""
+    """A validated-at-the-edge Generate/GenerateStream request, before tokenization.
+
+    A composition of deltas is tenant + alpha (its first part) and `more`: the other
+    (tenant, alpha) parts."""
 
     tenant: str | None
     prompt: str | None
@@ -31,6 +34,32 @@ class GenerateInput:
     sampling: SamplingParams
     alpha: float
     request_id: str | None
+    more: tuple[tuple[str, float], ...] = ()
+
+    @property
+    def tenants(self) -> tuple[str, ...]:
+        """Every tenant the request uses (empty: the base model)."""
+        return (self.tenant, *(t for t, _ in self.more)) if self.tenant else ()
+
+
+def request_tenants(req: gpb.GenerateRequest) -> tuple[str, ...]:
+    """The tenant ids a GenerateRequest names, composition parts included (empty: the base)."""
+    if req.deltas:
+        return tuple(d.tenant for d in req.deltas)
+    return (req.tenant,) if req.tenant else ()
+
+
+def _composition(req: gpb.GenerateRequest) -> tuple[tuple[str, float], ...]:
+    if req.tenant or req.HasField("alpha"):
+        raise InvalidArgumentError("give either tenant (+ alpha) or deltas, not both")
+    parts = tuple((d.tenant, d.alpha if d.HasField("alpha") else 1.0) for d in req.deltas)
+    if any(not t for t, _ in parts):
+        raise InvalidArgumentError("every entry of deltas needs a tenant")
+    if len({t for t, _ in parts}) != len(parts):
+        raise InvalidArgumentError("deltas names each tenant once")
+    if len(parts) > MAX_COMPOSED_DELTAS:
+        raise InvalidArgumentError(f"deltas composes at most {MAX_COMPOSED_DELTAS} tenants")
+    return parts
 
 
 @dataclass(frozen=True)
@@ -40,6 +69,7 @@ class Usage:
     queue_time: float
     ttft: float
     total_time: float
+    cached_prompt_tokens: int = 0
 
 
 def sampling_from_proto(sp: gpb.SamplingParams) -> SamplingParams:
@@ -67,13 +97,19 @@ def request_from_proto(req: gpb.GenerateRequest) -> GenerateInput:
         if not req.messages.messages:
             raise InvalidArgumentError("messages must contain at least one turn")
         messages = tuple((m.role, m.content) for m in req.messages.messages)
+    tenant, alpha = req.tenant or None, req.alpha if req.HasField("alpha") else 1.0
+    more: tuple[tuple[str, float], ...] = ()
+    if req.deltas:
+        (tenant, alpha), *rest = _composition(req)
+        more = tuple(rest)
     return GenerateInput(
-        tenant=req.tenant or None,
+        tenant=tenant,
         prompt=req.prompt if which == "prompt" else None,
         messages=messages,
         sampling=sampling_from_proto(req.sampling),
-        alpha=req.alpha if req.HasField("alpha") else 1.0,
+        alpha=alpha,
         request_id=req.request_id if req.HasField("request_id") else None,
+        more=more,
     )
 
 
@@ -88,6 +124,7 @@ def usage_to_proto(u: Usage) -> gpb.Usage:
         queue_time_seconds=u.queue_time,
         time_to_first_token_seconds=u.ttft,
         total_time_seconds=u.total_time,
+        cached_prompt_tokens=u.cached_prompt_tokens,
     )
 
 

@@ -27,6 +27,7 @@ import grpc
 from deltaserve.errors import DeltaServeError, InvalidArgumentError, retry_after_seconds
 from deltaserve.service.auth import Authenticator
 from deltaserve.service.cache import validate_tenant_id
+from deltaserve.service.convert import request_tenants
 from deltaserve.service.metrics import INVALID, ServerMetrics
 
 log = logging.getLogger("deltaserve.service")
@@ -101,12 +102,13 @@ class ServiceInterceptor(grpc.aio.ServerInterceptor):
                 self._auth.require_admin(principal)
                 return parse(raw)
             request = parse(raw)
-            tenant = request.tenant or None
-            if tenant is not None:
+            tenants = request_tenants(request)  # a composition names several
+            for tenant in tenants:
                 validate_tenant_id(tenant)
             if self._metrics is not None:
-                seen[0] = self._metrics.tenant_label(tenant)
-            self._auth.require_tenant(principal, tenant)
+                seen[0] = self._metrics.tenant_label(tenants[0] if tenants else None)
+            for tenant in tenants or (None,):
+                self._auth.require_tenant(principal, tenant)
             return request
 
         def count(code: grpc.StatusCode) -> None:

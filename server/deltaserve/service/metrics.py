@@ -17,7 +17,12 @@ key's name from the keys file, never the key) is capped the same way, by the sam
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+
+from deltaserve.engine.block_manager import PrefixCacheCounters
+from deltaserve.engine.stats import EngineStats
 
 OTHER = "__other__"
 BASE = "__base__"
@@ -107,6 +112,24 @@ class ServerMetrics:
         self.step_seconds = Histogram(p + "step_seconds", "Engine step duration", buckets=_ITL, registry=r)
         self.kv_blocks_used = Gauge(p + "kv_blocks_used", "Paged KV cache blocks in use", registry=r)
         self.kv_blocks_total = Gauge(p + "kv_blocks_total", "Paged KV cache blocks in all", registry=r)
+        self.kv_blocks_cached = Gauge(
+            p + "kv_blocks_cached",
+            "Free KV blocks still holding a cached prompt prefix (evictable; not counted as used)",
+            registry=r,
+        )
+        self.prefix_queries = Counter(
+            p + "prefix_cache_queries", "Admissions that looked up the prefix cache", registry=r
+        )
+        self.prefix_hits = Counter(
+            p + "prefix_cache_hits", "Admissions that reused at least one cached KV block", registry=r
+        )
+        self.prefix_query_tokens = Counter(
+            p + "prefix_cache_query_tokens", "Prompt tokens looked up in the prefix cache", registry=r
+        )
+        self.prefix_hit_tokens = Counter(
+            p + "prefix_cache_hit_tokens", "Prompt tokens whose KV came from the prefix cache", registry=r
+        )
+        self._prefix_seen = PrefixCacheCounters()
         # delta cache
         self.cache_bytes = Gauge(p + "delta_cache_bytes", "Bytes held per tier", ["tier"], registry=r)
         self.cache_entries = Gauge(
@@ -182,6 +205,18 @@ class ServerMetrics:
             server.shutdown()
             server.server_close()
             self._http = None
+
+    def observe_kv(self, stats: EngineStats) -> None:
+        """KV gauges, and the prefix-cache counters advanced to the engine's totals."""
+        self.kv_blocks_used.set(stats.kv_blocks_used)
+        self.kv_blocks_total.set(stats.kv_blocks_total)
+        self.kv_blocks_cached.set(stats.kv_blocks_cached)
+        now, seen = stats.prefix_cache, self._prefix_seen
+        self.prefix_queries.inc(max(0, now.queries - seen.queries))
+        self.prefix_hits.inc(max(0, now.hits - seen.hits))
+        self.prefix_query_tokens.inc(max(0, now.query_tokens - seen.query_tokens))
+        self.prefix_hit_tokens.inc(max(0, now.hit_tokens - seen.hit_tokens))
+        self._prefix_seen = replace(now)
 
     def set_tenants_info(self, running: list[str], waiting: list[str], max_lora: int) -> None:
         """Replace the single lora_requests_info series (ids sorted, comma-joined)."""

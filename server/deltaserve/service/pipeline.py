@@ -165,6 +165,9 @@ class GenerationPipeline:
             prompt_token_ids=tuple(ids),
             sampling=inp.sampling,
             alpha=inp.alpha,
+            # tenant ids until the cache resolves them to delta keys: validates the composition
+            delta_key=inp.tenant,
+            extra_deltas=inp.more,
         )
         return req
 
@@ -192,18 +195,21 @@ class GenerationPipeline:
             n = len(req.prompt_token_ids)  # the engine stops a sequence at max_model_len tokens
             charge = quota.admit(n, min(req.sampling.max_new_tokens, self._engine.max_model_len - n))
         self._track(req.request_id, _Track(inp.tenant or ""))
-        lease: Lease | None = None
+        leases: list[Lease] = []
         finished = False
         generated = 0
         try:
-            if inp.tenant:
+            for tenant in inp.tenants:  # one lease per composed delta, in the request's order
                 try:
-                    lease = await asyncio.wait_for(self._cache.acquire(inp.tenant), _left(deadline))
+                    leases.append(await asyncio.wait_for(self._cache.acquire(tenant), _left(deadline)))
                 except TimeoutError:
                     raise DeadlineExceededError(
                         "deadline passed while the tenant's delta was loading"
                     ) from None
-                req = dataclasses.replace(req, delta_key=lease.key)
+            if leases:
+                alphas = (alpha for _, alpha in inp.more)
+                extra = tuple((lease.key, alpha) for lease, alpha in zip(leases[1:], alphas, strict=True))
+                req = dataclasses.replace(req, delta_key=leases[0].key, extra_deltas=extra)
             if self._aborting:
                 raise UnavailableError("the server is shutting down; retry on another replica")
             stream = self._engine.generate(req)
@@ -231,17 +237,17 @@ class GenerationPipeline:
             if charge is not None:
                 charge.settle(generated)
             # a task of its own, so that a cancelled caller cannot cut the clean-up short
-            cleanup = asyncio.ensure_future(self._cleanup(req.request_id, finished, lease))
+            cleanup = asyncio.ensure_future(self._cleanup(req.request_id, finished, leases))
             await asyncio.shield(cleanup)
 
-    async def _cleanup(self, rid: str, finished: bool, lease: Lease | None) -> None:
+    async def _cleanup(self, rid: str, finished: bool, leases: list[Lease]) -> None:
         try:
             if not finished:
                 with contextlib.suppress(Exception):  # the engine may already be stopped
                     await self._engine.abort(rid)
                     self._observe_kv(await self._engine.stats())
         finally:
-            if lease is not None:
+            for lease in leases:
                 await self._cache.release(lease)
             self._untrack(rid)
 
@@ -313,8 +319,7 @@ class GenerationPipeline:
 
     def _observe_kv(self, stats: EngineStats) -> None:
         if self._metrics is not None:
-            self._metrics.kv_blocks_used.set(stats.kv_blocks_used)
-            self._metrics.kv_blocks_total.set(stats.kv_blocks_total)
+            self._metrics.observe_kv(stats)
 
 
 def _left(deadline: float | None) -> float | None:
@@ -334,4 +339,5 @@ def usage_of(out: RequestOutput, arrival: float, first_token: float | None, now:
         queue_time=_queue_time(out, arrival, now),
         ttft=(first_token - arrival) if first_token is not None else 0.0,
         total_time=now - arrival,
+        cached_prompt_tokens=out.cached_tokens,
     )

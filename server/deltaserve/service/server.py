@@ -110,6 +110,7 @@ def make_engine(config: ServerConfig) -> AsyncEngine:
         max_running=config.max_running,
         tenant_slots=config.tenant_slots or 8,
         max_waiting=config.max_queue,
+        prefix_caching=config.prefix_cache,
         **kw,
     )
     policy = None

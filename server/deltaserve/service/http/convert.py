@@ -158,11 +158,12 @@ def finish_reason(out: RequestOutput) -> str | None:
     return _FINISH.get(out.finish_reason, "stop") if out.finish_reason is not None else "stop"
 
 
-def usage(out: RequestOutput) -> dict[str, int]:
+def usage(out: RequestOutput) -> dict[str, Any]:
     return {
         "prompt_tokens": out.prompt_tokens,
         "completion_tokens": out.completion_tokens,
         "total_tokens": out.prompt_tokens + out.completion_tokens,
+        "prompt_tokens_details": {"cached_tokens": out.cached_tokens},
     }
 
 

@@ -24,15 +24,15 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1e\x64\x65ltaserve/v1/generation.proto\x12\rdeltaserve.v1\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"<\n\x0c\x43hatMessages\x12,\n\x08messages\x18\x01 \x03(\x0b\x32\x1a.deltaserve.v1.ChatMessage\"\xa2\x02\n\x0eSamplingParams\x12\x1b\n\x0emax_new_tokens\x18\x01 \x01(\rH\x00\x88\x01\x01\x12\x13\n\x0btemperature\x18\x02 \x01(\x01\x12\r\n\x05top_k\x18\x03 \x01(\r\x12\x12\n\x05top_p\x18\x04 \x01(\x01H\x01\x88\x01\x01\x12\x1f\n\x12repetition_penalty\x18\x05 \x01(\x01H\x02\x88\x01\x01\x12\x11\n\x04seed\x18\x06 \x01(\x04H\x03\x88\x01\x01\x12\x0c\n\x04stop\x18\x07 \x03(\t\x12\x16\n\x0estop_token_ids\x18\x08 \x03(\r\x12\x12\n\nignore_eos\x18\t \x01(\x08\x12\x10\n\x08logprobs\x18\n \x01(\rB\x11\n\x0f_max_new_tokensB\x08\n\x06_top_pB\x15\n\x13_repetition_penaltyB\x07\n\x05_seed\"\xe4\x01\n\x0fGenerateRequest\x12\x0e\n\x06tenant\x18\x01 \x01(\t\x12\x10\n\x06prompt\x18\x02 \x01(\tH\x00\x12/\n\x08messages\x18\x03 \x01(\x0b\x32\x1b.deltaserve.v1.ChatMessagesH\x00\x12/\n\x08sampling\x18\x04 \x01(\x0b\x32\x1d.deltaserve.v1.SamplingParams\x12\x12\n\x05\x61lpha\x18\x05 \x01(\x01H\x01\x88\x01\x01\x12\x17\n\nrequest_id\x18\x06 \x01(\tH\x02\x88\x01\x01\x42\x07\n\x05inputB\x08\n\x06_alphaB\r\n\x0b_request_id\"\x96\x01\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\r\x12\x1a\n\x12queue_time_seconds\x18\x03 \x01(\x01\x12#\n\x1btime_to_first_token_seconds\x18\x04 \x01(\x01\x12\x1a\n\x12total_time_seconds\x18\x05 \x01(\x01\"/\n\nTopLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\r\x12\x0f\n\x07logprob\x18\x02 \x01(\x01\"Y\n\x0cTokenLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\r\x12\x0f\n\x07logprob\x18\x02 \x01(\x01\x12&\n\x03top\x18\x03 \x03(\x0b\x32\x19.deltaserve.v1.TopLogprob\"\xcf\x01\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x11\n\ttoken_ids\x18\x03 \x03(\r\x12\x32\n\rfinish_reason\x18\x04 \x01(\x0e\x32\x1b.deltaserve.v1.FinishReason\x12#\n\x05usage\x18\x05 \x01(\x0b\x32\x14.deltaserve.v1.Usage\x12-\n\x08logprobs\x18\x06 \x03(\x0b\x32\x1b.deltaserve.v1.TokenLogprob\"\xe7\x01\n\x16GenerateStreamResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x11\n\ttoken_ids\x18\x03 \x03(\r\x12-\n\x08logprobs\x18\x04 \x03(\x0b\x32\x1b.deltaserve.v1.TokenLogprob\x12\x10\n\x08\x66inished\x18\x05 \x01(\x08\x12\x32\n\rfinish_reason\x18\x06 \x01(\x0e\x32\x1b.deltaserve.v1.FinishReason\x12#\n\x05usage\x18\x07 \x01(\x0b\x32\x14.deltaserve.v1.Usage*x\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x12\x17\n\x13\x46INISH_REASON_ABORT\x10\x03\x32\xb4\x01\n\nGeneration\x12K\n\x08Generate\x12\x1e.deltaserve.v1.GenerateRequest\x1a\x1f.deltaserve.v1.GenerateResponse\x12Y\n\x0eGenerateStream\x12\x1e.deltaserve.v1.GenerateRequest\x1a%.deltaserve.v1.GenerateStreamResponse0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1e\x64\x65ltaserve/v1/generation.proto\x12\rdeltaserve.v1\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"<\n\x0c\x43hatMessages\x12,\n\x08messages\x18\x01 \x03(\x0b\x32\x1a.deltaserve.v1.ChatMessage\"\xa2\x02\n\x0eSamplingParams\x12\x1b\n\x0emax_new_tokens\x18\x01 \x01(\rH\x00\x88\x01\x01\x12\x13\n\x0btemperature\x18\x02 \x01(\x01\x12\r\n\x05top_k\x18\x03 \x01(\r\x12\x12\n\x05top_p\x18\x04 \x01(\x01H\x01\x88\x01\x01\x12\x1f\n\x12repetition_penalty\x18\x05 \x01(\x01H\x02\x88\x01\x01\x12\x11\n\x04seed\x18\x06 \x01(\x04H\x03\x88\x01\x01\x12\x0c\n\x04stop\x18\x07 \x03(\t\x12\x16\n\x0estop_token_ids\x18\x08 \x03(\r\x12\x12\n\nignore_eos\x18\t \x01(\x08\x12\x10\n\x08logprobs\x18\n \x01(\rB\x11\n\x0f_max_new_tokensB\x08\n\x06_top_pB\x15\n\x13_repetition_penaltyB\x07\n\x05_seed\"\x90\x02\n\x0fGenerateRequest\x12\x0e\n\x06tenant\x18\x01 \x01(\t\x12\x10\n\x06prompt\x18\x02 \x01(\tH\x00\x12/\n\x08messages\x18\x03 \x01(\x0b\x32\x1b.deltaserve.v1.ChatMessagesH\x00\x12/\n\x08sampling\x18\x04 \x01(\x0b\x32\x1d.deltaserve.v1.SamplingParams\x12\x12\n\x05\x61lpha\x18\x05 \x01(\x01H\x01\x88\x01\x01\x12\x17\n\nrequest_id\x18\x06 \x01(\tH\x02\x88\x01\x01\x12*\n\x06\x64\x65ltas\x18\x07 \x03(\x0b\x32\x1a.deltaserve.v1.DeltaWeightB\x07\n\x05inputB\x08\n\x06_alphaB\r\n\x0b_request_id\";\n\x0b\x44\x65ltaWeight\x12\x0e\n\x06tenant\x18\x01 \x01(\t\x12\x12\n\x05\x61lpha\x18\x02 \x01(\x01H\x00\x88\x01\x01\x42\x08\n\x06_alpha\"\xb4\x01\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\r\x12\x1a\n\x12queue_time_seconds\x18\x03 \x01(\x01\x12#\n\x1btime_to_first_token_seconds\x18\x04 \x01(\x01\x12\x1a\n\x12total_time_seconds\x18\x05 \x01(\x01\x12\x1c\n\x14\x63\x61\x63hed_prompt_tokens\x18\x06 \x01(\r\"/\n\nTopLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\r\x12\x0f\n\x07logprob\x18\x02 \x01(\x01\"Y\n\x0cTokenLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\r\x12\x0f\n\x07logprob\x18\x02 \x01(\x01\x12&\n\x03top\x18\x03 \x03(\x0b\x32\x19.deltaserve.v1.TopLogprob\"\xcf\x01\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x11\n\ttoken_ids\x18\x03 \x03(\r\x12\x32\n\rfinish_reason\x18\x04 \x01(\x0e\x32\x1b.deltaserve.v1.FinishReason\x12#\n\x05usage\x18\x05 \x01(\x0b\x32\x14.deltaserve.v1.Usage\x12-\n\x08logprobs\x18\x06 \x03(\x0b\x32\x1b.deltaserve.v1.TokenLogprob\"\xe7\x01\n\x16GenerateStreamResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x11\n\ttoken_ids\x18\x03 \x03(\r\x12-\n\x08logprobs\x18\x04 \x03(\x0b\x32\x1b.deltaserve.v1.TokenLogprob\x12\x10\n\x08\x66inished\x18\x05 \x01(\x08\x12\x32\n\rfinish_reason\x18\x06 \x01(\x0e\x32\x1b.deltaserve.v1.FinishReason\x12#\n\x05usage\x18\x07 \x01(\x0b\x32\x14.deltaserve.v1.Usage*x\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x12\x17\n\x13\x46INISH_REASON_ABORT\x10\x03\x32\xb4\x01\n\nGeneration\x12K\n\x08Generate\x12\x1e.deltaserve.v1.GenerateRequest\x1a\x1f.deltaserve.v1.GenerateResponse\x12Y\n\x0eGenerateStream\x12\x1e.deltaserve.v1.GenerateRequest\x1a%.deltaserve.v1.GenerateStreamResponse0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'deltaserve.v1.generation_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_FINISHREASON']._serialized_start=1418
-  _globals['_FINISHREASON']._serialized_end=1538
+  _globals['_FINISHREASON']._serialized_start=1553
+  _globals['_FINISHREASON']._serialized_end=1673
   _globals['_CHATMESSAGE']._serialized_start=49
   _globals['_CHATMESSAGE']._serialized_end=93
   _globals['_CHATMESSAGES']._serialized_start=95
@@ -40,17 +40,19 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_SAMPLINGPARAMS']._serialized_start=158
   _globals['_SAMPLINGPARAMS']._serialized_end=448
   _globals['_GENERATEREQUEST']._serialized_start=451
-  _globals['_GENERATEREQUEST']._serialized_end=679
-  _globals['_USAGE']._serialized_start=682
-  _globals['_USAGE']._serialized_end=832
-  _globals['_TOPLOGPROB']._serialized_start=834
-  _globals['_TOPLOGPROB']._serialized_end=881
-  _globals['_TOKENLOGPROB']._serialized_start=883
-  _globals['_TOKENLOGPROB']._serialized_end=972
-  _globals['_GENERATERESPONSE']._serialized_start=975
-  _globals['_GENERATERESPONSE']._serialized_end=1182
-  _globals['_GENERATESTREAMRESPONSE']._serialized_start=1185
-  _globals['_GENERATESTREAMRESPONSE']._serialized_end=1416
-  _globals['_GENERATION']._serialized_start=1541
-  _globals['_GENERATION']._serialized_end=1721
+  _globals['_GENERATEREQUEST']._serialized_end=723
+  _globals['_DELTAWEIGHT']._serialized_start=725
+  _globals['_DELTAWEIGHT']._serialized_end=784
+  _globals['_USAGE']._serialized_start=787
+  _globals['_USAGE']._serialized_end=967
+  _globals['_TOPLOGPROB']._serialized_start=969
+  _globals['_TOPLOGPROB']._serialized_end=1016
+  _globals['_TOKENLOGPROB']._serialized_start=1018
+  _globals['_TOKENLOGPROB']._serialized_end=1107
+  _globals['_GENERATERESPONSE']._serialized_start=1110
+  _globals['_GENERATERESPONSE']._serialized_end=1317
+  _globals['_GENERATESTREAMRESPONSE']._serialized_start=1320
+  _globals['_GENERATESTREAMRESPONSE']._serialized_end=1551
+  _globals['_GENERATION']._serialized_start=1676
+  _globals['_GENERATION']._serialized_end=1856
 # @@protoc_insertion_point(module_scope)
