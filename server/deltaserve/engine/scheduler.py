@@ -125,8 +125,8 @@ class Scheduler:
                 i += 1
                 continue
             break
-        if out.preempted:
-            return out
+        if out.preempted or not self.waiting or len(self.running) >= self.max_running or budget == 0:
+            return out  # nothing to admit: the policy is not asked (VTC sorts the queue)
         for seq in self.policy.candidates(self.waiting, self.running):
             if len(self.running) >= self.max_running or budget == 0:
                 break
