@@ -28,7 +28,7 @@ MIX = [("alice", 0.6), ("bob", 0.7)]
 
 @pytest.fixture(scope="module")
 def srv(models):
-    s = ServerThread(config_for(models))
+    s = ServerThread(config_for(models, http_port=0))
     yield s
     s.stop()
 
@@ -111,3 +111,22 @@ def test_client_cli_generates_a_composition(srv, models, tmp_path):
     assert json.loads(out.stdout)["token_ids"] == want
     bad = subprocess.run([*cmd, "--tenant", "alice"], capture_output=True, text=True, timeout=120)
     assert bad.returncode != 0 and "not both" in bad.stderr
+
+
+def test_openai_api_composes_extra_deltas_with_the_model(srv):
+    import openai
+
+    client = openai.OpenAI(
+        base_url=f"http://127.0.0.1:{srv.server.http_port}/v1", api_key="none", max_retries=0, timeout=60
+    )
+    extra = {"alpha": 0.6, "deltas": [{"tenant": "bob", "alpha": 0.7}], "return_token_ids": True,
+             "ignore_eos": True}
+    got = client.completions.create(model="alice", prompt=PROMPTS[1], max_tokens=NEW, temperature=0,
+                                    extra_body=extra)
+    with srv.client() as c:
+        want = c.generate(PROMPTS[1], deltas=MIX, sampling=GREEDY)
+    assert got.choices[0].model_extra["token_ids"] == list(want.token_ids)
+    for model, deltas in (("base", [{"tenant": "bob"}]), ("alice", [{"tenant": "alice"}]),
+                          ("alice", [{"tenant": "no/such"}])):
+        with pytest.raises(openai.BadRequestError):
+            client.completions.create(model=model, prompt="t5", max_tokens=2, extra_body={"deltas": deltas})

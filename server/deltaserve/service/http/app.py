@@ -179,6 +179,10 @@ class _Generation:
             if ctx.metrics is not None:
                 outcome.label = ctx.metrics.tenant_label(tenant)
             ctx.auth.require_tenant(principal, tenant)
+            for i, part in enumerate(body.deltas or ()):  # a composition: every tenant checked
+                if tenant is None:
+                    raise InvalidParamError("deltas compose with a tenant model, not the base", "deltas")
+                ctx.auth.require_tenant(principal, self._tenant(part.tenant, f"deltas[{i}].tenant"))
             rid = uuid.uuid4().hex
             inp = convert.input_of(body, tenant, rid, ctx.max_new_tokens)
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
@@ -228,13 +232,13 @@ class _Generation:
         except ValidationError as exc:
             raise _param_error(exc) from None
 
-    def _tenant(self, model: str) -> str | None:
-        if model in self._ctx.base_ids:
+    def _tenant(self, model: str, param: str = "model") -> str | None:
+        if model in self._ctx.base_ids and param == "model":
             return None
         try:
             return validate_tenant_id(model)
         except InvalidArgumentError as exc:
-            raise InvalidParamError(str(exc), "model") from None
+            raise InvalidParamError(str(exc), param) from None
 
     async def _texts(self, outs: Sequence[RequestOutput]) -> dict[int, str]:
         ids = convert.logprob_ids(outs)

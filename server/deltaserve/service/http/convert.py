@@ -149,6 +149,7 @@ def input_of(
         sampling=sampling_of(body, max_new_tokens_limit),
         alpha=alpha,
         request_id=request_id,
+        more=tuple((d.tenant, d.alpha) for d in body.deltas or ()),
     )
 
 

@@ -20,6 +20,14 @@ class StreamOptions(BaseModel):
     include_usage: bool = False
 
 
+class DeltaWeight(BaseModel):
+    """A further tenant's delta composed into the request, at a strength."""
+
+    model_config = ConfigDict(extra="forbid")
+    tenant: str
+    alpha: float = 1.0
+
+
 class _GenerateBody(BaseModel):
     """Fields shared by /v1/completions and /v1/chat/completions."""
 
@@ -46,6 +54,9 @@ class _GenerateBody(BaseModel):
     repetition_penalty: float | None = Field(None, description="> 0; 1 = off")
     ignore_eos: bool | None = Field(False, description="keep generating past end-of-sequence")
     return_token_ids: bool | None = Field(False, description="add the generated token ids to each choice")
+    deltas: list[DeltaWeight] | None = Field(
+        None, description="more tenants' deltas composed with the model's (sum of alpha_i * delta_i)"
+    )
 
 
 class CompletionBody(_GenerateBody):
