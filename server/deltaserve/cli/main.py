@@ -24,6 +24,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "import-lora": ("import_lora", "turn a PEFT LoRA adapter into a delta file (exact by default)"),
     "finetune": ("finetune", "full fine-tune of a base on a built-in task or a JSONL"),
     "eval": ("evaluate", "fidelity evaluation of codecs on tenant fine-tunes"),
+    "analyze": ("analyze", "Riemann-sum loss-change analysis of delta edits (the unified view)"),
     "demo": ("demo", "end-to-end demo on the embedded SmolLM2 model"),
 }
 
