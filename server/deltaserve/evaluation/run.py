@@ -21,7 +21,7 @@ from tqdm import tqdm
 
 from deltaserve.errors import InvalidArgumentError
 from deltaserve.evaluation.codecs import REFERENCE, CodecSpec
-from deltaserve.evaluation.engine_io import generate_greedy, sequence_logits
+from deltaserve.evaluation.engine_io import Deltas, generate_greedy, sequence_logits
 from deltaserve.evaluation.evalset import TenantSpec, calibration_examples, eval_examples
 from deltaserve.tasks.base import Example
 from deltaserve.tasks.prompting import answer_ids, is_correct, prompt_ids
@@ -91,26 +91,31 @@ class EvalResult:
 
 
 @dataclass
-class _Measure:
+class Measure:
     accuracy: float
     logits: list[torch.Tensor]
     perplexity: float
     completions: list[str]
 
 
-def _measure(engine, tok, examples: list[Example], logit_n: int, tenant, alpha, max_new) -> _Measure:
+def measure(
+    engine, tok, examples: list[Example], logit_n: int, tenant, alpha, max_new, extra: Deltas = ()
+) -> Measure:
+    """Through the engine, for `tenant` at `alpha` (composed with `extra`, see engine_io): exact-match
+    accuracy of greedy answers on all examples, and logits and answer perplexity (answer + EOS,
+    teacher-forced) on the first logit_n."""
     prompts = [prompt_ids(tok, e) for e in examples]
-    completions = generate_greedy(engine, prompts, tenant, alpha, max_new)
+    completions = generate_greedy(engine, prompts, tenant, alpha, max_new, extra)
     acc = sum(is_correct(c, e.answer) for c, e in zip(completions, examples, strict=True)) / len(examples)
     seqs = [p + answer_ids(tok, e) for p, e in zip(prompts[:logit_n], examples[:logit_n], strict=True)]
-    logits = sequence_logits(engine, seqs, tenant, alpha)
+    logits = sequence_logits(engine, seqs, tenant, alpha, extra=extra)
     nll, count = 0.0, 0
     for p, s, lg in zip(prompts, seqs, logits, strict=False):
         target = torch.tensor(s[len(p) :])
         logp = torch.log_softmax(lg[len(p) - 1 : len(s) - 1], dim=-1)
         nll -= float(logp.gather(1, target[:, None]).sum())
         count += len(target)
-    return _Measure(acc, logits, math.exp(nll / count), completions)
+    return Measure(acc, logits, math.exp(nll / count), completions)
 
 
 def _mse(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:
@@ -118,7 +123,8 @@ def _mse(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:
     return sq / sum(x.numel() for x in a)
 
 
-def _write_calib(tok, examples: list[Example], path: Path) -> Path:
+def write_calib(tok, examples: list[Example], path: Path) -> Path:
+    """Scale-distillation calibration file: one JSON list of token ids (prompt + answer) a line."""
     with path.open("w") as fh:
         for e in examples:
             fh.write(json.dumps(prompt_ids(tok, e) + answer_ids(tok, e)) + "\n")
@@ -160,7 +166,7 @@ def evaluate(cfg: EvalConfig, on_update: Callable[[EvalResult], None] | None = N
         examples = eval_examples(tenant, cfg.eval_sets, cfg.n, cfg.seed)
         work = Path(cfg.work_dir) / tenant.name
         work.mkdir(parents=True, exist_ok=True)
-        calib = _write_calib(tok, calibration_examples(tenant, examples, cfg.calib_n), work / "calib.jsonl")
+        calib = write_calib(tok, calibration_examples(tenant, examples, cfg.calib_n), work / "calib.jsonl")
         reference: list[torch.Tensor] | None = None
         specs = [REFERENCE] + [s for s in cfg.codecs if s.label != REFERENCE.label]
         bar = tqdm(specs, desc=f"eval {tenant.name}", unit="codec", disable=not cfg.progress)
@@ -188,10 +194,10 @@ def evaluate(cfg: EvalConfig, on_update: Callable[[EvalResult], None] | None = N
             name = f"{tenant.name}/{spec.label}"
             engine.load_delta(name, delta)
             del delta
-            m = _measure(engine, tok, examples, cfg.logit_n, name, 1.0, cfg.max_new_tokens)
+            m = measure(engine, tok, examples, cfg.logit_n, name, 1.0, cfg.max_new_tokens)
             if reference is None:
                 reference = m.logits
-                b = _measure(engine, tok, examples, cfg.logit_n, None, 1.0, cfg.max_new_tokens)
+                b = measure(engine, tok, examples, cfg.logit_n, None, 1.0, cfg.max_new_tokens)
                 result.rows.append(
                     Row(
                         tenant.name,
@@ -223,7 +229,7 @@ def evaluate(cfg: EvalConfig, on_update: Callable[[EvalResult], None] | None = N
             notify(result)
             if spec.codec == "bitdelta" and _sweeps(spec, cfg.codecs):
                 for a in cfg.alphas:
-                    p = _measure(engine, tok, examples, cfg.logit_n, name, a, cfg.max_new_tokens)
+                    p = measure(engine, tok, examples, cfg.logit_n, name, a, cfg.max_new_tokens)
                     result.alpha.append(AlphaPoint(tenant.name, spec.label, a, p.accuracy, p.perplexity))
                     notify(result)
             engine.unload_delta(name)
