@@ -52,7 +52,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--grad-checkpointing", action="store_true", help="per-layer gradient checkpointing (large models)"
     )
     parser.add_argument("--json", action="store_true", help="print JSON instead of the summary table")
-    parser.add_argument("--markdown", metavar="FILE", help="also write a markdown table to FILE")
+    parser.add_argument(
+        "--markdown", metavar="FILE", help="also write a markdown table to FILE (rewritten after each edit)"
+    )
     parser.add_argument("--plot", metavar="FILE.png", help="also write a plot (estimate vs measured, shares)")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
 
@@ -84,9 +86,13 @@ def run(args: argparse.Namespace) -> int:
         gradient_checkpointing=args.grad_checkpointing,
         progress=not args.no_progress,
     )
-    result = analyze(cfg)
+
+    def save(partial) -> None:  # the rows done so far survive an interrupted long run
+        Path(args.markdown).write_text(to_markdown(partial))
+
+    result = analyze(cfg, on_update=save if args.markdown else None)
     if args.markdown:
-        Path(args.markdown).write_text(to_markdown(result))
+        save(result)
     if args.plot:
         try:
             import matplotlib  # noqa: F401
