@@ -72,6 +72,9 @@ def test_eval_rows_per_codec_and_raw_matches_finetune(tiny_dir, tmp_path):
             assert r["delta_bytes"] > 0 and r["ratio"] > 0 and r["perplexity"] > 1
     assert rows["bitdelta"]["delta_bytes"] < rows["raw"]["delta_bytes"] / 8
     assert rows["bitdelta+distill"]["distill"]["steps"] == 1
+    assert rows["bitdelta-row"]["delta_bytes"] > rows["bitdelta"]["delta_bytes"]  # a scale per row
+    assert rows["bitdelta-row+distill"]["distill"]["steps"] == 1
+    assert rows["bitdelta-row+distill"]["distill"]["mse_on"] in ("held-out", "calibration")
     alpha = {p["alpha"]: p for p in res["alpha"]}
     assert set(alpha) == {0.0, 1.0}
     assert alpha[0.0]["perplexity"] == pytest.approx(rows["base"]["perplexity"], rel=1e-4)

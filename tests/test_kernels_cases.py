@@ -2,6 +2,8 @@
 
 Popularity shapes follow Punica's SGMV tests: distinct, uniform, zipf, identical, skewed.
 Inputs are random (never zeros); segments may be empty and leave gaps of uncovered tokens.
+Scales are per output row (fp32 [S, N], random, never constant along a row) unless a case asks
+for one scale per slot (fp32 [S]).
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ class Case:
     x: torch.Tensor  # [T, K]
     y: torch.Tensor  # [T, N]
     packed: torch.Tensor  # int32 [S, N, ceil(K/32)]
-    scales: torch.Tensor  # fp32 [S]
+    scales: torch.Tensor  # fp32 [S, N] (row scales) or [S]
     segments: Segments
 
 
@@ -43,9 +45,10 @@ def pick_slots(popularity: str, groups: int, slots: int, gen: torch.Generator) -
 def make_case(
     k: int, n: int, lengths: list[int], slots: int, popularity: str = "uniform",
     dtype: torch.dtype = torch.float32, alphas: list[float] | None = None, gap: int = 1,
-    seed: int = 0, device: str = "cpu",
+    seed: int = 0, device: str = "cpu", row_scales: bool = True,
 ) -> Case:
-    """Segments of the given lengths, separated by `gap` uncovered tokens (also before the first)."""
+    """Segments of the given lengths, separated by `gap` uncovered tokens (also before the first);
+    scales fp32 [S, N] (row_scales) or [S]."""
     gen = torch.Generator().manual_seed(seed)
     starts, pos = [], gap
     for length in lengths:
@@ -57,7 +60,7 @@ def make_case(
     x = (torch.randn(t, k, generator=gen) + 0.1).to(dtype)
     y = torch.randn(t, n, generator=gen).to(dtype)
     packed = torch.stack([pack_signs(torch.randn(n, k, generator=gen)) for _ in range(slots)])
-    scales = torch.rand(slots, generator=gen) * 0.02 + 0.001
+    scales = torch.rand((slots, n) if row_scales else (slots,), generator=gen) * 0.02 + 0.001
     seg = Segments.build(starts, lengths, pick_slots(popularity, len(lengths), slots, gen), alphas, device)
     return Case(x.to(device), y.to(device), packed.to(device), scales.to(device), seg)
 
@@ -86,3 +89,5 @@ def test_make_case_leaves_gaps_uncovered():
     assert case.segments.starts_list == (2, 7, 9)
     assert case.x.shape == (13, 40) and case.packed.shape == (2, 8, 2)
     assert bool((case.x != 0).all())
+    assert case.scales.shape == (2, 8) and bool((case.scales.std(dim=1) > 0).all())  # rows vary
+    assert make_case(40, 8, [1], slots=2, row_scales=False).scales.shape == (2,)

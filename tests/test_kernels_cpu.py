@@ -146,12 +146,43 @@ def test_fallback_to_reference_when_build_fails(tmp_path):
     assert proc.stderr.count("CPU kernels unavailable") == 1, proc.stderr[-3000:]
 
 
-def test_autograd_callers_get_gradients(ext):
-    case = make_case(k=64, n=12, lengths=[2, 3], slots=2, seed=4)
+@pytest.mark.parametrize("row_scales", [True, False])
+def test_autograd_callers_get_gradients(ext, row_scales):
+    case = make_case(k=64, n=12, lengths=[2, 3], slots=2, popularity="distinct", seed=4,
+                     row_scales=row_scales)
     scales = case.scales.clone().requires_grad_(True)
     y = sign_delta_matmul(case.x, case.y.clone(), case.packed, scales, case.segments)
     y.sum().backward()
     assert scales.grad is not None and bool((scales.grad != 0).all())
+
+
+@pytest.mark.parametrize("lengths", [[1, 3, 2], [20, 1]])
+def test_row_scales_scale_each_output_column(ext, lengths):
+    # row n of the slot's delta is scales[slot, n] * Sign[n]: the kernel equals the reference with
+    # the rows unscaled times the scales column by column, and a per-slot scale [S] equals its
+    # constant rows [S, N] bit for bit (decode and prefill paths)
+    case = make_case(k=100, n=21, lengths=lengths, slots=2, popularity="distinct", seed=8)
+    got = sign_delta_matmul(case.x, case.y.clone(), case.packed, case.scales, case.segments, backend="cpu")
+    ones = torch.ones_like(case.scales)
+    plain = sign_delta_matmul(case.x, torch.zeros_like(case.y), case.packed, ones, case.segments,
+                              backend="cpu")
+    want = case.y.clone()
+    for s, n, slot in zip(case.segments.starts_list, case.segments.lengths_list, case.segments.slots_list,
+                          strict=True):
+        want[s : s + n] += plain[s : s + n] * case.scales[slot]
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    per_slot = case.scales[:, 0]
+    expanded = per_slot[:, None].expand_as(case.scales).contiguous()
+    a = sign_delta_matmul(case.x, case.y.clone(), case.packed, per_slot, case.segments, backend="cpu")
+    b = sign_delta_matmul(case.x, case.y.clone(), case.packed, expanded, case.segments, backend="cpu")
+    assert torch.equal(a, b)
+
+
+def test_scales_of_the_wrong_shape_are_rejected(ext):
+    case = make_case(k=64, n=8, lengths=[1], slots=2)
+    for bad in (case.scales[:, :7], case.scales[:1], case.scales[:, :, None]):
+        with pytest.raises(ValueError, match="scales"):
+            sign_delta_matmul(case.x, case.y, case.packed, bad, case.segments)
 
 
 @pytest.mark.parametrize("k,n", [(576, 192), (1536, 576), (3584, 512)])

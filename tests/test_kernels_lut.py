@@ -65,8 +65,8 @@ def _check(case, bits: int, isa: int, gemm_min_tokens: int = 16) -> None:
     columns = (segs.starts_list, segs.lengths_list, segs.slots_list, segs.alphas_list)
     for s, n, slot, a in zip(*columns, strict=True):
         covered[s : s + n] = True
-        if n < gemm_min_tokens:  # decode path: tables rounded to integers
-            factor = abs(a * float(case.scales[slot]))
+        if n < gemm_min_tokens:  # decode path: tables rounded to integers, times each row's factor
+            factor = (a * case.scales[slot]).abs()  # [N] (or a scalar)
             allowed[s : s + n] += factor * bound[s : s + n, None]
     err = (got.float() - want.float()).abs()
     assert (err <= allowed).all(), f"max excess {(err - allowed).max().item():.3g}"
@@ -124,19 +124,36 @@ def test_lut_layout_falls_back_to_the_reference_for_autograd():
     assert x.grad is not None
 
 
-def test_delta_linear_keeps_cpu_stacks_in_the_lut_layout(ext):
+@pytest.mark.parametrize("row_scales", [False, True])
+def test_delta_linear_keeps_cpu_stacks_in_the_lut_layout(ext, row_scales):
     gen = torch.Generator().manual_seed(2)
     lin = DeltaLinear("m", 70, 100)
     lin.resize_sign_capacity(2, torch.device("cpu"))
-    assert is_lut(lin.packed)
+    assert is_lut(lin.packed) and lin.scales.shape == (2, 70)
     signs = pack_signs(torch.randn(70, 100, generator=gen))
-    lin.set_slot(1, "m", SignDelta(signs, torch.tensor(0.01), 70, 100), torch.float32, torch.device("cpu"))
+    scale = torch.rand(70, generator=gen) * 0.02 + 0.001 if row_scales else torch.tensor(0.01)
+    delta = SignDelta(signs, scale, 70, 100)
+    assert lin.check("m", delta) is None
+    lin.set_slot(1, "m", delta, torch.float32, torch.device("cpu"))
     x = torch.randn(3, 100, generator=gen)
     segs = Segments.build([0], [3], [1], [1.0])
     got = torch.zeros(3, 70)
     lin.add_deltas(x, got, (segs,), segs)
-    want = x @ SignDelta(signs, torch.tensor(0.01), 70, 100).decode().T
+    want = x @ delta.decode().T
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+    assert "scale" in lin.check("m", SignDelta(signs, torch.ones(69), 70, 100))
+
+
+@pytest.mark.parametrize("lengths", [[1, 2], [17]])
+def test_per_slot_scales_equal_their_constant_rows(ext, lengths):
+    case = make_case(k=130, n=70, lengths=lengths, slots=2, popularity="distinct", seed=6, row_scales=False)
+    expanded = case.scales[:, None].expand(2, 70).contiguous()
+    config = CpuKernelConfig(lut_gemm_min_tokens=16)
+    a = sign_delta_matmul(case.x, case.y.clone(), to_lut(case.packed), case.scales, case.segments,
+                          cpu_config=config)
+    b = sign_delta_matmul(case.x, case.y.clone(), to_lut(case.packed), expanded, case.segments,
+                          cpu_config=config)
+    assert torch.equal(a, b)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -152,11 +169,11 @@ def test_parts_and_planes_in_one_call_match_the_reference(ext, dtype):
     plane0 = Segments.build([1, 4, 8], [2, 3, 17], [0, 2, 1], [1.0, -0.5, 2.0])
     plane1 = Segments.build([4, 8], [3, 17], [2, 1], [-0.5, 2.0])  # decode- and prefill-sized
 
-    def stack(n):
+    def stack(n, rows=True):  # scales per output row [3, n] (random) or per slot [3]
         packed = torch.stack([pack_signs(torch.randn(n, k, generator=gen)) for _ in range(3)])
-        return packed, torch.rand(3, generator=gen) * 0.02 + 0.001
+        return packed, torch.rand((3, n) if rows else (3,), generator=gen) * 0.02 + 0.001
 
-    (p00, s00), (p01, s01), (p10, s10) = stack(70), stack(70), stack(40)
+    (p00, s00), (p01, s01), (p10, s10) = stack(70), stack(70, rows=False), stack(40)
     want = y0.clone()
     sign_delta_matmul_ref(x, want[:, :70], p00, s00, plane0)
     sign_delta_matmul_ref(x, want[:, :70], p01, s01, plane1)

@@ -1,5 +1,6 @@
 """Triton kernels vs the reference: on the CPU through TRITON_INTERPRET=1 (in a subprocess, since
-triton reads the switch at import), and on CUDA (bf16/fp16/fp32) when a GPU is present."""
+triton reads the switch at import), and on CUDA (bf16/fp16/fp32) when a GPU is present. The
+cases scale every output row by its own random scale (test_kernels_cases.make_case)."""
 
 from __future__ import annotations
 
@@ -53,6 +54,13 @@ _SCRIPT = textwrap.dedent(
         got = fn(case.x, case.y.clone(), case.packed, case.scales, case.segments, config=cfg)
         if not torch.allclose(got.float(), want.float(), rtol=2e-3, atol=2e-3):
             failures.append(f"{fn.__name__} config {cfg}")
+    # one scale per slot [S] is a constant row of [S, N]
+    case = make_case(70, 33, [2, 17], 2, "distinct", torch.float32, seed=5, row_scales=False)
+    want = sign_delta_matmul_ref(case.x, case.y.clone(), case.packed, case.scales, case.segments)
+    for fn in (triton_sign.sign_delta_decode, triton_sign.sign_delta_prefill):
+        got = fn(case.x, case.y.clone(), case.packed, case.scales, case.segments)
+        if not torch.allclose(got, want, rtol=1e-4, atol=1e-4):
+            failures.append(f"{fn.__name__} with per-slot scales")
     print(json.dumps({"failures": failures, "cases": i + 1, "configs": len(pinned)}))
     """
 )

@@ -20,12 +20,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default="float32",
         help="dtype of dense differences (embeddings, lm_head, norms, biases); default float32",
     )
-    distill = parser.add_argument_group("scale distillation (bitdelta)")
-    distill.add_argument("--distill-steps", type=int, help="train the scales for N Adam steps")
-    distill.add_argument("--calib", type=Path, help="calibration text (.txt) or token ids (.json / .jsonl)")
-    distill.add_argument("--distill-lr", type=float, default=1e-4, help="Adam learning rate (1e-4)")
-    distill.add_argument("--distill-seq-len", type=int, default=128, help="tokens per sample (128)")
-    distill.add_argument("--distill-batch", type=int, default=4, help="samples per step (4)")
+    add_distill_arguments(parser)
     parser.add_argument(
         "--allow-pickle",
         action="store_true",
@@ -35,9 +30,74 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
 
 
+def add_distill_arguments(parser: argparse.ArgumentParser) -> None:
+    """The scale distillation group; `distill_config` reads it."""
+    from deltaserve.deltas.compress import DISTILL_BUDGETS
+
+    distill = parser.add_argument_group(
+        "scale distillation (bitdelta): on with --distill-steps or --distill-budget; flags override a budget"
+    )
+    distill.add_argument(
+        "--distill-budget",
+        choices=sorted(DISTILL_BUDGETS),
+        help="preset: paper (800 samples x 128 tokens, 200 steps of 4) or cpu (minutes on a small CPU)",
+    )
+    distill.add_argument("--distill-steps", type=int, help="train the scales for at most N Adam steps")
+    distill.add_argument(
+        "--calib",
+        type=Path,
+        help="calibration: text (.txt), token ids (.json / .jsonl) or the tenant's own chat examples "
+        '(.jsonl lines {"prompt" | "messages", "answer"}, as for finetune --data)',
+    )
+    distill.add_argument("--distill-lr", type=float, help="Adam learning rate (1e-4)")
+    distill.add_argument("--distill-seq-len", type=int, help="tokens per sample (128)")
+    distill.add_argument("--distill-batch", type=int, help="samples per step (4)")
+    distill.add_argument("--distill-samples", type=int, help="calibration samples used at most (all)")
+    distill.add_argument(
+        "--distill-holdout",
+        type=float,
+        help="fraction of the samples held out for early stopping on their logit MSE (0.1; 0: off)",
+    )
+    distill.add_argument("--distill-eval-every", type=int, help="steps between held-out scores (10)")
+    distill.add_argument("--distill-patience", type=int, help="scores without a new best before stopping (3)")
+
+
+def distill_config(args: argparse.Namespace):
+    """The DistillConfig of the parsed distillation flags (budget, then explicit flags), or None
+    when distillation was not asked for; --calib is required with it and refused without it."""
+    from deltaserve.deltas.compress import DISTILL_BUDGETS, DistillConfig
+    from deltaserve.errors import InvalidArgumentError
+
+    if args.distill_steps is None and args.distill_budget is None:
+        if args.calib is not None:
+            raise InvalidArgumentError("--calib is used only with --distill-steps N or --distill-budget")
+        return None
+    if args.calib is None:
+        raise InvalidArgumentError("scale distillation needs --calib FILE (text, token ids or chat examples)")
+    values = dict(DISTILL_BUDGETS[args.distill_budget]) if args.distill_budget else {}
+    flags = {
+        "steps": args.distill_steps,
+        "lr": args.distill_lr,
+        "seq_len": args.distill_seq_len,
+        "batch_size": args.distill_batch,
+        "max_samples": args.distill_samples,
+        "holdout": args.distill_holdout,
+        "eval_every": args.distill_eval_every,
+        "patience": args.distill_patience,
+    }
+    values.update({k: v for k, v in flags.items() if v is not None})
+    return DistillConfig(calib=args.calib, **values)
+
+
 def add_codec_arguments(parser: argparse.ArgumentParser) -> None:
     """The codec option group (each codec accepts only its own); `codec_options` reads it."""
     codec = parser.add_argument_group("codec options (each codec accepts only its own)")
+    codec.add_argument(
+        "--row-scales",
+        action="store_const",
+        const=True,
+        help="bitdelta: one scale per output row (mean |delta| of the row) instead of one per matrix",
+    )
     codec.add_argument("--magnitude-bits", type=int, help="bitdelta-mb: b, with 2^b magnitude buckets")
     codec.add_argument("--drop-rate", type=float, help="dare: drop probability p in [0, 1)")
     codec.add_argument("--dare-k", type=float, help="dare: dropped entries scaled by k (0 = plain DARE)")
@@ -50,6 +110,7 @@ def add_codec_arguments(parser: argparse.ArgumentParser) -> None:
 def codec_options(args: argparse.Namespace) -> dict:
     """Codec field name -> value of every codec option given on the command line."""
     return {
+        "row_scales": args.row_scales,
         "magnitude_bits": args.magnitude_bits,
         "drop_rate": args.drop_rate,
         "k": args.dare_k,
@@ -63,22 +124,9 @@ def codec_options(args: argparse.Namespace) -> dict:
 def run(args: argparse.Namespace) -> int:
     from deltaserve.cli.inspect import human_bytes
     from deltaserve.deltas.codecs import make_codec
-    from deltaserve.deltas.compress import CompressConfig, DistillConfig, compress
-    from deltaserve.errors import InvalidArgumentError
+    from deltaserve.deltas.compress import CompressConfig, compress
 
-    distill = None
-    if args.distill_steps is not None:
-        if args.calib is None:
-            raise InvalidArgumentError("--distill-steps needs --calib FILE (calibration text or token ids)")
-        distill = DistillConfig(
-            steps=args.distill_steps,
-            calib=args.calib,
-            lr=args.distill_lr,
-            seq_len=args.distill_seq_len,
-            batch_size=args.distill_batch,
-        )
-    elif args.calib is not None:
-        raise InvalidArgumentError("--calib is used only with --distill-steps N")
+    distill = distill_config(args)
     cfg = CompressConfig(
         base=args.base,
         finetuned=args.finetuned,
@@ -101,5 +149,10 @@ def run(args: argparse.Namespace) -> int:
     print(f"  compression {fp16_total / max(report.file_bytes, 1):.1f}x vs the whole fine-tune in fp16")
     if report.distill:
         d = report.distill
-        print(f"  scale distillation: logit MSE {d['mse_before']:.6g} -> {d['mse_after']:.6g}")
+        stop = f", stopped early, best at step {d['best_step']}" if d["stopped_early"] else ""
+        print(
+            f"  scale distillation: {d['mse_on']} logit MSE {d['mse_before']:.6g} -> {d['mse_after']:.6g} "
+            f"({d['steps']} of {d['max_steps']} steps{stop}; {d['samples']} + {d['heldout_samples']} "
+            f"held-out samples of {d['seq_len']} tokens; {d['seconds']:.0f} s)"
+        )
     return 0

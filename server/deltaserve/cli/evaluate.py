@@ -49,6 +49,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--distill-steps", type=int, default=30, help="scale distillation steps (30)")
     parser.add_argument("--distill-lr", type=float, default=1e-4, help="scale distillation Adam lr (1e-4)")
     parser.add_argument(
+        "--distill-samples",
+        type=int,
+        help="calibration samples of 128 tokens from the task's training split (default: those of 128 "
+        "examples, ~45); the paper's budget is 800 with --distill-steps 200",
+    )
+    parser.add_argument(
+        "--distill-holdout",
+        type=float,
+        default=0.1,
+        help="share of the calibration samples held out for early stopping on their logit MSE (0.1; 0: off)",
+    )
+    parser.add_argument(
         "--compose",
         action="store_true",
         help="evaluate the --tenant deltas (2-4) composed per request at each --weights point "
@@ -98,6 +110,8 @@ def run(args: argparse.Namespace) -> int:
             alphas=alphas,
             distill_steps=args.distill_steps,
             distill_lr=args.distill_lr,
+            distill_samples=args.distill_samples,
+            distill_holdout=args.distill_holdout,
             progress=not args.no_progress,
         )
 

@@ -39,7 +39,14 @@ SHAPE_FIELDS = (
 
 @dataclass(frozen=True)
 class DistillConfig:
-    """Scale distillation settings (BitDelta): only the per-matrix scales train."""
+    """Scale distillation settings (BitDelta): only the scales train (per matrix or per row).
+
+    steps: most Adam steps of `batch_size` samples of `seq_len` tokens; max_samples: the
+    calibration samples used at most (None: all the file gives); holdout: the fraction of them
+    held out (at most max_holdout samples) and scored every `eval_every` steps: training stops
+    after `patience` scores without improvement and the scales of the best score are kept
+    (holdout 0: no early stopping, the last scales are kept). See DISTILL_BUDGETS for presets.
+    """
 
     steps: int
     calib: Path
@@ -47,6 +54,11 @@ class DistillConfig:
     seq_len: int = 128
     batch_size: int = 4
     seed: int = 0
+    max_samples: int | None = None
+    holdout: float = 0.1
+    max_holdout: int = 16
+    eval_every: int = 10
+    patience: int = 3
 
     def __post_init__(self) -> None:
         if self.steps <= 0:
@@ -55,6 +67,21 @@ class DistillConfig:
             raise InvalidArgumentError(f"--distill-lr must be positive, got {self.lr}")
         if self.seq_len < 2 or self.batch_size < 1:
             raise InvalidArgumentError("distillation needs seq_len >= 2 and batch_size >= 1")
+        if self.max_samples is not None and self.max_samples < 1:
+            raise InvalidArgumentError(f"--distill-samples must be positive, got {self.max_samples}")
+        if not 0 <= self.holdout < 1 or self.max_holdout < 1:
+            raise InvalidArgumentError(f"--distill-holdout must be in [0, 1), got {self.holdout}")
+        if self.eval_every < 1 or self.patience < 1:
+            raise InvalidArgumentError("--distill-eval-every and --distill-patience must be >= 1")
+
+
+# Presets (steps, samples, seq_len, batch size). paper: BitDelta's budget (800 samples x 128
+# tokens, 200 steps of 4 = one pass). cpu: what fits a few minutes of a 2-core CPU on a
+# SmolLM2-135M-sized model (docs/FIDELITY.md has the measurements).
+DISTILL_BUDGETS: dict[str, dict] = {
+    "paper": {"steps": 200, "max_samples": 800, "seq_len": 128, "batch_size": 4},
+    "cpu": {"steps": 60, "max_samples": 240, "seq_len": 128, "batch_size": 4},
+}
 
 
 @dataclass(frozen=True)

@@ -60,7 +60,8 @@ class LinearDelta:
 class SignDelta(LinearDelta):
     """BitDelta: delta = scale * Sign, signs packed as described in the module doc.
 
-    packed: int32 [N, ceil(K/32)]; scale: fp32 scalar tensor.
+    packed: int32 [N, ceil(K/32)]; scale: fp32, a scalar tensor (one scale per matrix) or [N]
+    (one scale per output row: delta[n, :] = scale[n] * Sign[n, :]).
     """
 
     packed: torch.Tensor
@@ -71,10 +72,11 @@ class SignDelta(LinearDelta):
     def decode(self) -> torch.Tensor:
         from deltaserve.deltas.packing import unpack_signs
 
-        return unpack_signs(self.packed, self.in_features).to(torch.float32) * self.scale.float()
+        signs = unpack_signs(self.packed, self.in_features).to(torch.float32)
+        return signs * self.scale.float().reshape(-1, 1)  # [1, 1] or [N, 1]
 
     def nbytes(self) -> int:
-        return self.packed.numel() * 4 + 4
+        return self.packed.numel() * 4 + 4 * self.scale.numel()
 
     def to(self, device: torch.device | str) -> SignDelta:
         return SignDelta(self.packed.to(device), self.scale.to(device), self.out_features, self.in_features)

@@ -42,6 +42,8 @@ class EvalConfig:
     alphas: tuple[float, ...] = DEFAULT_ALPHAS
     distill_steps: int = 30
     distill_lr: float = 1e-4
+    distill_samples: int | None = None  # calibration samples of 128 tokens at most (None: calib_n's)
+    distill_holdout: float = 0.1  # share of them held out for early stopping (0: off)
     calib_n: int = 128
     seed: int = 0
     progress: bool = True
@@ -58,6 +60,10 @@ class EvalConfig:
             raise InvalidArgumentError("--n, --logit-n and --max-new-tokens must be >= 1")
         if self.distill_steps < 1:
             raise InvalidArgumentError("--distill-steps must be >= 1")
+        if self.distill_samples is not None and self.distill_samples < 1:
+            raise InvalidArgumentError("--distill-samples must be >= 1")
+        if not 0 <= self.distill_holdout < 1:
+            raise InvalidArgumentError("--distill-holdout must be in [0, 1)")
 
 
 @dataclass
@@ -159,6 +165,8 @@ def evaluate(cfg: EvalConfig, on_update: Callable[[EvalResult], None] | None = N
             "max_new_tokens": cfg.max_new_tokens,
             "distill_steps": cfg.distill_steps,
             "distill_lr": cfg.distill_lr,
+            "distill_samples": cfg.distill_samples,
+            "distill_holdout": cfg.distill_holdout,
             "engine_dtype": "float32",
         }
     )
@@ -166,7 +174,9 @@ def evaluate(cfg: EvalConfig, on_update: Callable[[EvalResult], None] | None = N
         examples = eval_examples(tenant, cfg.eval_sets, cfg.n, cfg.seed)
         work = Path(cfg.work_dir) / tenant.name
         work.mkdir(parents=True, exist_ok=True)
-        calib = write_calib(tok, calibration_examples(tenant, examples, cfg.calib_n), work / "calib.jsonl")
+        # enough training examples to fill distill_samples samples (an example is >= ~21 tokens)
+        calib_n = cfg.calib_n if cfg.distill_samples is None else max(cfg.calib_n, 6 * cfg.distill_samples)
+        calib = write_calib(tok, calibration_examples(tenant, examples, calib_n), work / "calib.jsonl")
         reference: list[torch.Tensor] | None = None
         specs = [REFERENCE] + [s for s in cfg.codecs if s.label != REFERENCE.label]
         bar = tqdm(specs, desc=f"eval {tenant.name}", unit="codec", disable=not cfg.progress)
@@ -176,7 +186,10 @@ def evaluate(cfg: EvalConfig, on_update: Callable[[EvalResult], None] | None = N
             if path.exists():
                 path.unlink()
             distill = (
-                DistillConfig(steps=cfg.distill_steps, calib=calib, lr=cfg.distill_lr, seed=cfg.seed)
+                DistillConfig(
+                    steps=cfg.distill_steps, calib=calib, lr=cfg.distill_lr, seed=cfg.seed,
+                    max_samples=cfg.distill_samples, holdout=cfg.distill_holdout,
+                )
                 if spec.distill
                 else None
             )

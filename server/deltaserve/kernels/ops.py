@@ -12,7 +12,10 @@ The engine calls only `sign_delta_matmul`; which backend runs is decided here:
 
 All backends have the reference's semantics: fp32 accumulation, y keeps its
 dtype (fp32, bf16 or fp16), empty segments are skipped, tokens outside every
-segment are left untouched. Segments must not overlap. The table-lookup kernel rounds its
+segment are left untouched. Segments must not overlap. Scales are per output row: every
+kernel reads fp32 [S, N] (`row_scales`; a per-matrix scale [S] is expanded to constant rows
+here, the engine keeps its stacks as [S, N]) and multiplies output column n of a slot's
+product by alpha * scales[slot, n]. The table-lookup kernel rounds its
 decode tables to integers (kernels/cpu/sign_lut.cpp states the bound): 16-bit tables when y
 is fp32 (error ~3e-5 of the delta's size), 8-bit otherwise (~1%, below bf16's rounding of
 the layer output), unless CpuKernelConfig.table_bits says otherwise.
@@ -71,8 +74,21 @@ def _check(x: torch.Tensor, y: torch.Tensor, packed: torch.Tensor, scales: torch
         )
     if packed.shape[2] != (k + 31) // 32:
         raise ValueError(f"packed has {packed.shape[2]} words per row, K={k} needs {(k + 31) // 32}")
-    if scales.shape != (packed.shape[0],):
-        raise ValueError("scales must be [S]")
+    _check_scales(scales, packed.shape[0], y.shape[1])
+
+
+def _check_scales(scales: torch.Tensor, slots: int, n: int) -> None:
+    if tuple(scales.shape) not in ((slots,), (slots, n)):
+        raise ValueError(f"scales are {tuple(scales.shape)}; expected [S, N] = [{slots}, {n}] or [S]")
+
+
+def row_scales(scales: torch.Tensor, n: int) -> torch.Tensor:
+    """fp32 [S, N] contiguous scales, what every kernel reads: [S, N] as given (cast when needed),
+    [S] (one scale per slot) expanded to constant rows. Differentiable."""
+    scales = scales.to(torch.float32)
+    if scales.dim() == 1:
+        scales = scales[:, None].expand(scales.shape[0], n)
+    return scales.contiguous()
 
 
 def _check_lut(x: torch.Tensor, y: torch.Tensor, lut: torch.Tensor, scales: torch.Tensor) -> None:
@@ -81,8 +97,7 @@ def _check_lut(x: torch.Tensor, y: torch.Tensor, lut: torch.Tensor, scales: torc
     t, k = x.shape
     if y.shape[0] != t or tuple(lut.shape) != lut_shape(lut.shape[0], y.shape[1], k):
         raise ValueError(f"lut {tuple(lut.shape)} does not match x {tuple(x.shape)} and y {tuple(y.shape)}")
-    if scales.shape != (lut.shape[0],):
-        raise ValueError("scales must be [S]")
+    _check_scales(scales, lut.shape[0], y.shape[1])
 
 
 def _cpu(x, y, packed, scales, segments: Segments, config: CpuKernelConfig) -> torch.Tensor | None:
@@ -135,17 +150,19 @@ def sign_delta_matmul(
     x: torch.Tensor,  # [T, K]
     y: torch.Tensor,  # [T, N], updated in place
     packed: torch.Tensor,  # int32 [S, N, ceil(K/32)] (row layout) or uint8 LUT layout
-    scales: torch.Tensor,  # fp32 [S]
+    scales: torch.Tensor,  # fp32 [S, N] per output row, or [S] per matrix
     segments: Segments,
     backend: Backend = "auto",
     cpu_config: CpuKernelConfig = _DEFAULT_CPU_CONFIG,
 ) -> torch.Tensor:
-    """y[seg] += alpha_seg * scales[slot] * x[seg] @ Sign_slot.T for every segment; returns y.
+    """y[seg] += alpha_seg * scales[slot] * (x[seg] @ Sign_slot.T) for every segment (scales[slot]
+    per output column); returns y.
 
     backend "auto" picks Triton on CUDA and the compiled kernel on the CPU; naming a backend
     forces it ("reference" always works; "cpu"/"triton" raise RuntimeError when unavailable).
     """
     _check(x, y, packed, scales)
+    scales = row_scales(scales, y.shape[1])
     needs_grad = torch.is_grad_enabled() and (x.requires_grad or scales.requires_grad or y.requires_grad)
     if is_lut(packed) and not (x.device.type == "cpu" and backend in ("auto", "cpu") and not needs_grad):
         packed = from_lut(packed, y.shape[1])  # the other paths read the row layout
@@ -188,9 +205,10 @@ def sign_lut_matmul_parts(
     """Every part's 1-bit planes added into its columns of y in one call of the table-lookup
     kernel (tables built once per token for all of them).
 
-    parts: (first column, N, [(lut, scales) of plane 0, 1, ...]) per matrix; plane p serves the
-    segments sign_segments[p]. Returns False (nothing done) when the compiled kernel is not
-    available or y lacks a unit column stride; the caller then goes part by part.
+    parts: (first column, N, [(lut, scales) of plane 0, 1, ...]) per matrix, scales fp32 [S, N]
+    (or [S], see `row_scales`); plane p serves the segments sign_segments[p]. Returns False
+    (nothing done) when the compiled kernel is not available or y lacks a unit column stride;
+    the caller then goes part by part.
     """
     ext = load_cpu_extension()
     if ext is None or y.stride(1) != 1 or x.device.type != "cpu":
@@ -205,7 +223,7 @@ def sign_lut_matmul_parts(
             if not len(segs):
                 continue
             luts.append(lut)
-            scales.append(sc)
+            scales.append(row_scales(sc, n))
             cols.append(col)
             ns.append(n)
             ids.append(pid)

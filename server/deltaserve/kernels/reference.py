@@ -2,10 +2,12 @@
 
 Semantics, for every segment g with tokens [s, s + l), slot t = slots[g], a = alphas[g]:
 
-    y[s:s+l] += (a * scales[t]) * x[s:s+l] @ Sign_t.T
+    y[s:s+l, n] += (a * scales[t, n]) * (x[s:s+l] @ Sign_t.T)[:, n]      for every output row n
 
 where Sign_t in {-1, +1}^[N, K] is unpacked from packed[t] (int32 [N, ceil(K/32)],
-layout in deltaserve.deltas.types). Accumulation is fp32; y keeps its dtype.
+layout in deltaserve.deltas.types) and scales[t] is the slot's scale per output row (fp32
+[S, N]; a per-matrix scale is a constant row, and fp32 [S] is accepted as that).
+Accumulation is fp32; y keeps its dtype.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ def sign_delta_matmul_ref(
     x: torch.Tensor,  # [T, K]
     y: torch.Tensor,  # [T, N], updated in place
     packed: torch.Tensor,  # int32 [S, N, ceil(K/32)]
-    scales: torch.Tensor,  # fp32 [S]
+    scales: torch.Tensor,  # fp32 [S, N] (or [S]: one scale per slot)
     segments: Segments,
 ) -> torch.Tensor:
     """Add every segment's scaled 1-bit delta product into y and return y."""
@@ -32,6 +34,6 @@ def sign_delta_matmul_ref(
             continue
         signs = unpack_signs(packed[slot], k).to(torch.float32)  # [N, K]
         xs = x[start : start + length].to(torch.float32)
-        factor = alpha * scales[slot].to(torch.float32)
+        factor = alpha * scales[slot].to(torch.float32)  # [N] (or a scalar), times each output column
         y[start : start + length] += (factor * (xs @ signs.T)).to(y.dtype)
     return y

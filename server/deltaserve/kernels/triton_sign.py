@@ -5,6 +5,9 @@ Semantics (plain torch, as kernels/reference.py), for every segment g with token
 
     y[s:s+l] += ((a * scales[t]) * (x[s:s+l].float() @ Sign_t.T)).to(y.dtype)
 
+with scales fp32 [S, N] contiguous: scales[t] multiplies output column n by scales[t, n]
+(a per-matrix scale is a constant row, see kernels/ops.row_scales).
+
 packed: int32 [S, N, KW], KW = ceil(K / 32); bit j of word w is column 32w + j,
 set = +1 (deltas/types.py). Bits are unpacked in registers inside the K loop;
 no dense +-1 matrix is written to memory. Segment metadata (starts, lengths,
@@ -46,10 +49,11 @@ def _decode_kernel(
     start = tl.load(starts_ptr + g).to(tl.int64)
     length = tl.load(lengths_ptr + g)
     slot = tl.load(slots_ptr + g).to(tl.int64)
-    factor = tl.load(alphas_ptr + g) * tl.load(scales_ptr + slot)
 
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # [BN]
     n_mask = offs_n < N
+    row_scales = tl.load(scales_ptr + slot * N + offs_n, mask=n_mask, other=0.0)  # [BN]
+    factor = tl.load(alphas_ptr + g) * row_scales
     offs_kw = tl.arange(0, BLOCK_KW)  # [BKW]
     offs_j = tl.arange(0, 32)  # [32]
     w_rows = packed_ptr + slot * stride_ps + offs_n[:, None].to(tl.int64) * stride_pn  # [BN, 1]
@@ -88,13 +92,14 @@ def _prefill_kernel(
         return
     start = tl.load(starts_ptr + g).to(tl.int64)
     slot = tl.load(slots_ptr + g).to(tl.int64)
-    factor = tl.load(alphas_ptr + g) * tl.load(scales_ptr + slot)
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # [BM]
     m_mask = offs_m < length
     rows = start + offs_m
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # [BN]
     n_mask = offs_n < N
+    row_scales = tl.load(scales_ptr + slot * N + offs_n, mask=n_mask, other=0.0)  # [BN]
+    factor = tl.load(alphas_ptr + g) * row_scales
     offs_k = tl.arange(0, BLOCK_K)  # [BK]
     x_rows = x_ptr + rows[:, None] * stride_xt  # [BM, 1]
     w_cols = packed_ptr + slot * stride_ps + offs_n[None, :].to(tl.int64) * stride_pn  # [1, BN]
@@ -110,7 +115,7 @@ def _prefill_kernel(
     y_ptrs = y_ptr + rows[:, None] * stride_yt + offs_n[None, :]
     mask = m_mask[:, None] & n_mask[None, :]
     yv = tl.load(y_ptrs, mask=mask, other=0.0)
-    delta = (acc * factor).to(y_ptr.dtype.element_ty)
+    delta = (acc * factor[None, :]).to(y_ptr.dtype.element_ty)
     out = (yv.to(tl.float32) + delta.to(tl.float32)).to(y_ptr.dtype.element_ty)
     tl.store(y_ptrs, out, mask=mask)
 
@@ -186,7 +191,12 @@ def _common(x, y, packed, scales, segments: Segments):
     if x.stride(1) != 1 or y.stride(1) != 1:
         raise ValueError("x and y need unit column stride")
     packed = packed.contiguous()
-    scales = scales.to(torch.float32)
+    n = packed.shape[1]
+    if scales.dim() == 1:  # one scale per slot: a constant row
+        scales = scales[:, None].expand(scales.shape[0], n)
+    scales = scales.to(torch.float32).contiguous()  # [S, N], row stride N
+    if scales.shape != (packed.shape[0], n):
+        raise ValueError(f"scales are {tuple(scales.shape)}, expected [S, N] = [{packed.shape[0]}, {n}]")
     return packed, scales
 
 

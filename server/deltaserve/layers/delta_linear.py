@@ -6,14 +6,15 @@ and down_proj are fusions of one). Each HF module keeps its own DeltaLinear, the
 module's tenant slots, which adds its deltas into its column range of the fused output:
 
     y = x @ W_base^T + b                                   (all T tokens, all parts at once)
-    y[seg] += alpha * scale_t * x[seg] @ Sign_t^T          (1-bit slots: one kernel call per module)
+    y[seg] += alpha * s_t * (x[seg] @ Sign_t^T)            (1-bit slots: one kernel call per module)
     y[seg] += alpha * x[seg] @ D_t^T  or  alpha * (x[seg] @ A_t^T) @ B_t^T   (dense / low-rank slots)
     y[seg] += alpha * db_t                                 (bias deltas)
 
 Merged per-tenant weights are never materialised. 1-bit slots live in stacked buffers
-packed: int32 [C, N, ceil(K/32)] and scales: fp32 [C], where C is the sign-slot capacity
-the engine asks for (grown on load, shrunk on unload); rows of tenants without a 1-bit
-delta on this layer are zero with scale 0.
+packed: int32 [C, N, ceil(K/32)] and scales: fp32 [C, N] (s_t: one scale per output row; a
+per-matrix scale fills its row), where C is the sign-slot capacity the engine asks for (grown
+on load, shrunk on unload); rows of tenants without a 1-bit delta on this layer are zero with
+scale 0.
 """
 
 from __future__ import annotations
@@ -103,7 +104,7 @@ class DeltaLinear(nn.Module):
         # 1-bit stacks: int32 [C, N, Kw] (row layout), or on the CPU with the compiled kernels the
         # same bits in the LUT layout uint8 [C, ceil(N/64), 8 Kw, 32] (kernels/lut_layout.py)
         self.packed: torch.Tensor | None = None
-        self.scales: torch.Tensor | None = None  # fp32 [C]
+        self.scales: torch.Tensor | None = None  # fp32 [C, N]: a scale per slot and output row
         # further 1-bit planes of multi-bit tenants (SignPlanesDelta), stacked like plane 0
         self.plane_stacks: list[tuple[torch.Tensor, torch.Tensor]] = []
         self.others: dict[int, LinearDelta] = {}  # slot -> DenseDelta | LowRankDelta (compute dtype)
@@ -168,7 +169,7 @@ class DeltaLinear(nn.Module):
             new = torch.zeros(shape, dtype=torch.uint8, device=device)
         else:
             new = torch.zeros(capacity, self.out_features, self.words, dtype=torch.int32, device=device)
-        new_scales = torch.zeros(capacity, dtype=torch.float32, device=device)
+        new_scales = torch.zeros(capacity, self.out_features, dtype=torch.float32, device=device)
         keep = min(old, capacity)
         if keep:
             new[:keep] = packed[:keep]
@@ -188,6 +189,8 @@ class DeltaLinear(nn.Module):
             )
         if isinstance(delta, SignDelta) and tuple(delta.packed.shape) != (self.out_features, self.words):
             return f"{self.name}: packed signs have shape {tuple(delta.packed.shape)}"
+        if isinstance(delta, SignDelta) and tuple(delta.scale.shape) not in ((), (self.out_features,)):
+            return f"{self.name}: scale is {tuple(delta.scale.shape)}, not () or ({self.out_features},)"
         planes_shape = tuple(delta.planes.shape[1:]) if isinstance(delta, SignPlanesDelta) else None
         if planes_shape is not None and planes_shape != (self.out_features, self.words):
             return f"{self.name}: packed sign planes have shape {tuple(delta.planes.shape)}"
@@ -203,7 +206,7 @@ class DeltaLinear(nn.Module):
             for (packed, scales), plane in zip(stacks, planes, strict=False):  # capacity covers them
                 bits = plane.packed.to(packed.device)
                 packed[slot].copy_(to_lut(bits[None])[0] if is_lut(packed) else bits)
-                scales[slot] = plane.scale.float()
+                scales[slot] = plane.scale.float()  # a scalar fills the row; [N] row scales copy
         elif isinstance(delta, DenseDelta):
             d = delta.delta.to(device=device, dtype=dtype)
             self.others[slot] = DenseDelta(d, delta.out_features, delta.in_features)

@@ -1,6 +1,6 @@
 """Codec registry: name -> codec class; `make_codec` builds one from options.
 
-Codecs: bitdelta (sign + one scale), bitdelta-mb (sign + 2^b magnitude buckets),
+Codecs: bitdelta (sign + one scale per matrix or per output row), bitdelta-mb (sign + 2^b magnitude buckets),
 dare (random drop with rescale, DARE-k), lowrank (truncated SVD), raw (dense).
 """
 

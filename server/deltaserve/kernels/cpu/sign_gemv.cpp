@@ -1,10 +1,10 @@
 // Segmented 1-bit delta matmul on the CPU, straight from packed sign bits.
 //
 // Semantics (same as deltaserve.kernels.reference.sign_delta_matmul_ref), for
-// every segment g with tokens [s, s + l), slot t, alpha a:
-//     y[s:s+l] += (a * scales[t]) * x[s:s+l] @ Sign_t.T        (fp32 accumulation)
+// every segment g with tokens [s, s + l), slot t, alpha a and every output row n:
+//     y[s:s+l, n] += (a * scales[t, n]) * (x[s:s+l] @ Sign_t.T)[:, n]     (fp32 accumulation)
 // packed: int32 [S, N, W], W = ceil(K / 32); bit j of word w = column 32w + j,
-// set = +1, clear = -1 (layout in deltaserve/deltas/types.py).
+// set = +1, clear = -1 (layout in deltaserve/deltas/types.py); scales: fp32 [S, N].
 //
 // Decode-shaped segments (few tokens): a GEMV that never leaves the packed
 // form. Each sign flips the IEEE sign bit of x (xor), so every term is exact
@@ -201,7 +201,8 @@ using deltaserve::emit;
 
 struct Segment {
   int64_t start, length, slot;
-  float factor;
+  float alpha;
+  const float* scales;  // the slot's row of scales [N]: output n gets alpha * scales[n]
 };
 
 template <typename T>
@@ -226,7 +227,8 @@ void run_gemv_segments(Isa isa, const std::vector<Segment>& segs, const float* x
         float acc[kMaxTokens];
         for (int64_t n = r0; n < r1; ++n) {
           row_dot_any(isa, tb, xs, base + n * W, W, acc);
-          for (int t = 0; t < tb; ++t) emit<T>(y + (sg.start + t0 + t) * y_stride + n, sg.factor, acc[t]);
+          const float factor = sg.alpha * sg.scales[n];  // the reference's fp32 product
+          for (int t = 0; t < tb; ++t) emit<T>(y + (sg.start + t0 + t) * y_stride + n, factor, acc[t]);
         }
       }
     }
@@ -254,7 +256,7 @@ void run_gemm_segment(Isa isa, const Segment& sg, const at::Tensor& xpad, const 
       const float* op = out.data_ptr<float>();
       for (int64_t t = 0; t < sg.length; ++t)
         for (int64_t r = 0; r < rows; ++r)
-          emit<T>(y + (sg.start + t) * y_stride + r0 + r, sg.factor, op[t * row_tile + r]);
+          emit<T>(y + (sg.start + t) * y_stride + r0 + r, sg.alpha * sg.scales[r0 + r], op[t * row_tile + r]);
     }
   });
 }
@@ -286,15 +288,15 @@ void sign_delta_matmul(const at::Tensor& x, at::Tensor& y, const at::Tensor& pac
   TORCH_CHECK(starts.size() == lengths.size() && lengths.size() == slots.size() && slots.size() == alphas.size(),
               "segment arrays must have equal lengths");
 
+  TORCH_CHECK(scales.dim() == 2 && scales.size(0) == packed.size(0) && scales.size(1) == N,
+              "scales must be [S, N]");
   const at::Tensor sc = scales.to(at::kFloat).contiguous();
   std::vector<Segment> gemv, gemm;
   for (size_t g = 0; g < starts.size(); ++g) {
     if (lengths[g] <= 0) continue;
     TORCH_CHECK(starts[g] >= 0 && starts[g] + lengths[g] <= x.size(0), "segment out of range");
     TORCH_CHECK(slots[g] >= 0 && slots[g] < packed.size(0), "slot out of range");
-    // same fp32 product as the reference: alpha * scales[slot]
-    const float factor = static_cast<float>(alphas[g]) * sc.data_ptr<float>()[slots[g]];
-    Segment s{starts[g], lengths[g], slots[g], factor};
+    Segment s{starts[g], lengths[g], slots[g], static_cast<float>(alphas[g]), sc.data_ptr<float>() + slots[g] * N};
     (lengths[g] >= gemm_min_tokens ? gemm : gemv).push_back(s);
   }
   if (gemv.empty() && gemm.empty()) return;

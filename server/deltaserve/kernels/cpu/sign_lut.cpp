@@ -1,7 +1,8 @@
 // Segmented 1-bit delta matmul by table lookup (T-MAC's method), over the "lut" layout.
 //
 // Semantics: those of sign_delta_matmul (kernels/reference.py): for every segment g with tokens
-// [s, s + l), slot t, alpha a:   y[s:s+l] += (a * scales[t]) * x[s:s+l] @ Sign_t.T
+// [s, s + l), slot t, alpha a and output row n:
+//     y[s:s+l, n] += (a * scales[t, n]) * (x[s:s+l] @ Sign_t.T)[:, n]      (scales fp32 [S, N])
 // up to the int8 rounding of the tables stated below.
 //
 // Layout (deltaserve.kernels.lut_layout): lut uint8 [S, NB, G, 32], NB = ceil(N / 64) blocks of
@@ -18,7 +19,7 @@
 // A row's block sum is then 32 lookups per table (vpshufb finds 32 rows' entries in one
 // instruction), summed exactly in int16 (|sum| <= 32 * 255), recombined, and accumulated in
 // fp32 as scale * sum. Error bound per token and row: sum over blocks of 32 * scale / 2 (one
-// half-step per lookup), times |a * scales[t]|: about 1% of the delta's size with 8 bits,
+// half-step per lookup), times |a * scales[t, n]|: about 1% of the delta's size with 8 bits,
 // 256 times less with 16. The bits of a row block (G * 32 bytes) are read from memory once per
 // segment and reused from cache for the segment's other tokens.
 // Prefill segments: tiles of 64 rows are unpacked to +-1 fp32 and multiplied with BLAS (exact
@@ -44,7 +45,8 @@ constexpr int64_t kBlock = 32;   // groups per scale block (128 inputs)
 
 struct Seg {
   int64_t start, length, slot;
-  float factor;
+  float alpha;
+  const float* scales;  // the slot's row of scales [N]: output n gets alpha * scales[n]
 };
 
 // max over groups [b0, b1) of sum_c |x[4j+c]|: the largest |table entry| of a scale block.
@@ -301,7 +303,8 @@ void run_decode(bool avx2, const std::vector<Job>& jobs, const float* xpad, int6
             lut_block_scalar<BITS>(w, hi, lo, sc, G, acc);
           }
           T* yr = y + t * ys + job.col + item.rb * kRows;
-          for (int64_t r = 0; r < rows; ++r) emit<T>(yr + r, sg->factor, acc[r]);
+          const float* sr = sg->scales + item.rb * kRows;
+          for (int64_t r = 0; r < rows; ++r) emit<T>(yr + r, sg->alpha * sr[r], acc[r]);
         }
       }
     }
@@ -325,8 +328,9 @@ void unpack_block(const uint8_t* w, int64_t G, float* out) {
   }
 }
 
-// A prefill segment of one part: its planes' +-1 blocks, each times its factor, summed into one
-// fp32 tile (the delta's rows), then one BLAS product per 64-row block for all planes.
+// A prefill segment of one part: its planes' +-1 blocks, each row times its factor (alpha * the
+// row's scale), summed into one fp32 tile (the delta's rows), then one BLAS product per 64-row
+// block for all planes. A single plane is multiplied unscaled and scaled per row at the emit.
 template <typename T>
 void run_prefill(const std::vector<std::pair<const Job*, const Seg*>>& planes, const at::Tensor& xpad, int64_t G,
                  T* y, int64_t ys) {
@@ -339,23 +343,32 @@ void run_prefill(const std::vector<std::pair<const Job*, const Seg*>>& planes, c
     at::Tensor part = planes.size() > 1 ? at::empty({kRows, Kp}, xpad.options()) : tile;
     at::Tensor out = at::empty({sg.length, kRows}, xpad.options());
     for (int64_t rb = begin; rb < end; ++rb) {
-      float factor = planes[0].second->factor;
-      unpack_block(lead.lut + (planes[0].second->slot * NB + rb) * G * 32, G, tile.data_ptr<float>());
+      const int64_t rows = std::min(kRows, N - rb * kRows);
+      float factor[kRows];  // per row: alpha * scale, or 1 once the planes are summed scaled
+      for (int64_t r = 0; r < rows; ++r) factor[r] = sg.alpha * sg.scales[rb * kRows + r];
+      unpack_block(lead.lut + (sg.slot * NB + rb) * G * 32, G, tile.data_ptr<float>());
       if (planes.size() > 1) {
-        tile.mul_(factor);
-        factor = 1.f;
+        float* tp = tile.data_ptr<float>();
+        const float* pp = part.data_ptr<float>();
+        for (int64_t r = 0; r < rows; ++r) {
+          for (int64_t c = 0; c < Kp; ++c) tp[r * Kp + c] *= factor[r];
+          factor[r] = 1.f;
+        }
         for (size_t p = 1; p < planes.size(); ++p) {
           const Job& job = *planes[p].first;
-          unpack_block(job.lut + (planes[p].second->slot * NB + rb) * G * 32, G, part.data_ptr<float>());
-          tile.add_(part, planes[p].second->factor);
+          const Seg& ps = *planes[p].second;
+          unpack_block(job.lut + (ps.slot * NB + rb) * G * 32, G, part.data_ptr<float>());
+          for (int64_t r = 0; r < rows; ++r) {
+            const float f = ps.alpha * ps.scales[rb * kRows + r];
+            for (int64_t c = 0; c < Kp; ++c) tp[r * Kp + c] += f * pp[r * Kp + c];
+          }
         }
       }
       at::mm_out(out, xs, tile.t());
       const float* op = out.data_ptr<float>();
-      const int64_t rows = std::min(kRows, N - rb * kRows);
       for (int64_t t = 0; t < sg.length; ++t)
         for (int64_t r = 0; r < rows; ++r)
-          emit<T>(y + (sg.start + t) * ys + lead.col + rb * kRows + r, factor, op[t * kRows + r]);
+          emit<T>(y + (sg.start + t) * ys + lead.col + rb * kRows + r, factor[r], op[t * kRows + r]);
     }
   });
 }
@@ -384,7 +397,7 @@ void dispatch(bool avx2, int64_t bits, const std::vector<Job>& jobs, const at::T
 
 // In place: y [T, sum of the parts' N] (fp32/bf16/fp16, unit column stride) += the deltas of
 // every job: job j reads luts[j] (uint8 [S, NB, G, 32], one layer's signs in the LUT layout)
-// with scales[j] [S] and adds into columns [cols[j], cols[j] + N_j) of y for its segments
+// with scales[j] fp32 [S, N_j] (a scale per output row) and adds into columns [cols[j], cols[j] + N_j) of y for its segments
 // starts/lengths/slots/alphas[seg_offsets[j] : seg_offsets[j + 1]]. Consecutive jobs with the
 // same parts[j] are planes of one matrix (same columns; their segments must be a subset of the
 // first such job's). All jobs share x, so each decode token's tables are built once.
@@ -420,6 +433,8 @@ void sign_lut_matmul_jobs(const at::Tensor& x, at::Tensor& y, const std::vector<
                 "a job's N and columns do not match its lut and y");
     TORCH_CHECK(j == 0 || parts[j] != parts[j - 1] || (cols[j] == cols[j - 1] && ns[j] == ns[j - 1]),
                 "planes of one part must share its columns");
+    TORCH_CHECK(scales[j].dim() == 2 && scales[j].size(0) == lut.size(0) && scales[j].size(1) == ns[j],
+                "a job's scales must be [S, N]");
     keep.push_back(scales[j].to(at::kFloat).contiguous());
     const float* sc = keep.back().data_ptr<float>();
     Job job{lut.data_ptr<uint8_t>(), lut.size(1), ns[j], cols[j], parts[j], {}, {}};
@@ -427,8 +442,7 @@ void sign_lut_matmul_jobs(const at::Tensor& x, at::Tensor& y, const std::vector<
       if (lengths[g] <= 0) continue;
       TORCH_CHECK(starts[g] >= 0 && starts[g] + lengths[g] <= x.size(0), "segment out of range");
       TORCH_CHECK(slots[g] >= 0 && slots[g] < lut.size(0), "slot out of range");
-      const float factor = static_cast<float>(alphas[g]) * sc[slots[g]];  // alpha * scales[slot], in fp32
-      Seg s{starts[g], lengths[g], slots[g], factor};
+      Seg s{starts[g], lengths[g], slots[g], static_cast<float>(alphas[g]), sc + slots[g] * ns[j]};
       (lengths[g] >= gemm_min_tokens ? job.pre : job.dec).push_back(s);
     }
     jobs.push_back(std::move(job));
