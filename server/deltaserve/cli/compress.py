@@ -6,12 +6,14 @@ import argparse
 import json
 from pathlib import Path
 
+from deltaserve.cli.compress_plan import add_plan_arguments, plan_config, print_plan, short_params
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--base", required=True, type=Path, help="base model checkpoint directory")
     parser.add_argument("--finetuned", required=True, type=Path, help="fine-tuned checkpoint directory")
     parser.add_argument(
-        "--codec", required=True, help="bitdelta | bitdelta-mb | dare | lowrank | raw"
+        "--codec", required=True, help="bitdelta | bitdelta-mb | bitdelta-auto | dare | lowrank | raw"
     )
     parser.add_argument("--out", required=True, type=Path, help="delta file to write (.delta.safetensors)")
     add_codec_arguments(parser)
@@ -21,6 +23,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="dtype of dense differences (embeddings, lm_head, norms, biases); default float32",
     )
     add_distill_arguments(parser)
+    add_plan_arguments(parser)
     parser.add_argument(
         "--allow-pickle",
         action="store_true",
@@ -99,6 +102,11 @@ def add_codec_arguments(parser: argparse.ArgumentParser) -> None:
         help="bitdelta: one scale per output row (mean |delta| of the row) instead of one per matrix",
     )
     codec.add_argument("--magnitude-bits", type=int, help="bitdelta-mb: b, with 2^b magnitude buckets")
+    codec.add_argument(
+        "--budget-bits-per-weight",
+        type=float,
+        help="bitdelta-auto: B bits per weight over all block linears (2); planned on --calib",
+    )
     codec.add_argument("--drop-rate", type=float, help="dare: drop probability p in [0, 1)")
     codec.add_argument("--dare-k", type=float, help="dare: dropped entries scaled by k (0 = plain DARE)")
     codec.add_argument("--seed", type=int, help="dare: random seed of the drop masks")
@@ -112,6 +120,7 @@ def codec_options(args: argparse.Namespace) -> dict:
     return {
         "row_scales": args.row_scales,
         "magnitude_bits": args.magnitude_bits,
+        "budget_bits_per_weight": args.budget_bits_per_weight,
         "drop_rate": args.drop_rate,
         "k": args.dare_k,
         "seed": args.seed,
@@ -126,16 +135,19 @@ def run(args: argparse.Namespace) -> int:
     from deltaserve.deltas.codecs import make_codec
     from deltaserve.deltas.compress import CompressConfig, compress
 
-    distill = distill_config(args)
+    codec = make_codec(args.codec, codec_options(args))
+    allocate = plan_config(args, codec)
+    distill = distill_config(args) if allocate is None else None
     cfg = CompressConfig(
         base=args.base,
         finetuned=args.finetuned,
         out=args.out,
-        codec=make_codec(args.codec, codec_options(args)),
+        codec=codec,
         dense_dtype=args.dense_dtype,
         distill=distill,
         progress=not args.no_progress,
         allow_pickle=args.allow_pickle,
+        allocate=allocate,
     )
     report = compress(cfg)
     if args.json:
@@ -143,7 +155,8 @@ def run(args: argparse.Namespace) -> int:
         return 0
     fp16_total = report.finetuned_total_params * 2
     print(f"wrote {report.out} ({human_bytes(report.file_bytes)}) in {report.seconds:.1f} s")
-    print(f"  codec {report.codec} {json.dumps(report.codec_params)}; base {report.base_architecture}")
+    params = json.dumps(short_params(report.codec_params))
+    print(f"  codec {report.codec} {params}; base {report.base_architecture}")
     print(f"  base fingerprint {report.base_fingerprint}")
     print(f"  {report.linears} block linears compressed; {len(report.dense)} dense tensors differ")
     print(f"  compression {fp16_total / max(report.file_bytes, 1):.1f}x vs the whole fine-tune in fp16")
@@ -155,4 +168,6 @@ def run(args: argparse.Namespace) -> int:
             f"({d['steps']} of {d['max_steps']} steps{stop}; {d['samples']} + {d['heldout_samples']} "
             f"held-out samples of {d['seq_len']} tokens; {d['seconds']:.0f} s)"
         )
+    if report.plan:
+        print_plan(report.plan)
     return 0

@@ -124,9 +124,11 @@ def _resident(path: Path) -> dict:
 
 
 def _print_human(r: dict) -> None:
+    from deltaserve.cli.compress_plan import short_params
+
     b, f, q = r["bytes"], r["finetuned"], r["ratios"]
     print(f"{r['file']}: {r['format']}, {human_bytes(r['file_bytes'])}")
-    print(f"  codec            {r['codec']} {json.dumps(r['codec_params'])}")
+    print(f"  codec            {r['codec']} {json.dumps(short_params(r['codec_params']))}")
     print(f"  base             {r['base_architecture']}  fingerprint {r['base_fingerprint']}")
     print(f"  created with     {r['created_with']}")
     print(f"  linears          {r['linears']} (sign bits {human_bytes(b['sign_bits'])}, "
@@ -145,6 +147,11 @@ def _print_human(r: dict) -> None:
     distill = r["stats"].get("distill")
     if distill:
         print(f"  distilled        logit MSE {distill['mse_before']:.6g} -> {distill['mse_after']:.6g}")
+    plan = r["stats"].get("allocation_plan")
+    if plan:
+        print(f"  bit allocation   {plan['bits_per_weight']:.4f} bits/weight "
+              f"(budget {plan['budget_bits_per_weight']:g}), predicted dL {plan['predicted_estimate']:+.4g} "
+              f"on {plan['samples']} calibration samples")
     check = r.get("base_check")
     if check is not None:
         verdict = "matches" if check["matches"] else "DOES NOT MATCH"

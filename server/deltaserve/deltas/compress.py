@@ -10,8 +10,9 @@ vocabulary sizes must match, and no weight may be NaN/Inf.
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from tqdm import tqdm
@@ -25,6 +26,9 @@ from deltaserve.deltas.layout import expected_shapes, is_block_linear, module_na
 from deltaserve.deltas.types import DeltaMeta
 from deltaserve.errors import InvalidArgumentError
 from deltaserve.models.checkpoint import CheckpointReader, read_config_dict
+
+if TYPE_CHECKING:
+    from deltaserve.deltas.allocate import AllocateConfig
 
 SHAPE_FIELDS = (
     "hidden_size",
@@ -94,9 +98,12 @@ class CompressConfig:
     distill: DistillConfig | None = None
     progress: bool = True
     allow_pickle: bool = False  # read *.bin / *.pt weights with torch.load(weights_only=True)
+    allocate: AllocateConfig | None = None  # bitdelta-auto: plan the bits per matrix first (deltas.allocate)
 
     def __post_init__(self) -> None:
         store_dtype(self.dense_dtype)
+        if self.allocate is not None and (self.codec.name != "bitdelta-auto" or self.allow_pickle):
+            raise InvalidArgumentError("bit allocation plans are for bitdelta-auto, on safetensors weights")
         if self.distill is not None and self.allow_pickle:
             raise InvalidArgumentError("scale distillation needs safetensors checkpoints, not pickle weights")
         if self.distill is not None and self.codec.name != "bitdelta":
@@ -119,6 +126,7 @@ class CompressReport:
     finetuned_total_params: int
     seconds: float
     distill: dict | None
+    plan: dict | None = None  # bitdelta-auto: the allocation plan (deltas.allocate.AllocationPlan)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -247,7 +255,15 @@ def compress(cfg: CompressConfig) -> CompressReport:
     if cfg.distill is not None and not Path(cfg.distill.calib).is_file():
         raise InvalidArgumentError(f"calibration file {cfg.distill.calib} does not exist")
     fingerprint = base_fingerprint(cfg.base, allow_pickle=cfg.allow_pickle)
+    plan = None
+    if cfg.allocate is not None:
+        from deltaserve.deltas.allocate import plan_allocation
+
+        plan = plan_allocation(cfg.base, cfg.finetuned, cfg.allocate, progress=cfg.progress)
+        cfg = replace(cfg, codec=plan.codec())
     enc = encode_checkpoints(cfg, fingerprint)
+    if plan is not None:
+        enc.stats["allocation_plan"] = plan.summary()
     distill_report = None
     if cfg.distill is not None:
         from deltaserve.deltas.distill import distill_scales
@@ -268,4 +284,5 @@ def compress(cfg: CompressConfig) -> CompressReport:
         finetuned_total_params=enc.stats["finetuned_total_params"],
         seconds=round(time.perf_counter() - start, 3),
         distill=distill_report,
+        plan=None if plan is None else plan.to_dict(),
     )

@@ -143,6 +143,7 @@ def evaluate(cfg: EvalConfig, on_update: Callable[[EvalResult], None] | None = N
     on_update(result) is called after every new row or alpha point (long runs save partial results).
     """
     notify = on_update or (lambda _r: None)
+    from deltaserve.deltas.allocate import planner_for
     from deltaserve.deltas.codecs import make_codec
     from deltaserve.deltas.compress import CompressConfig, DistillConfig, compress
     from deltaserve.deltas.fingerprint import base_fingerprint
@@ -193,14 +194,16 @@ def evaluate(cfg: EvalConfig, on_update: Callable[[EvalResult], None] | None = N
                 if spec.distill
                 else None
             )
+            codec = make_codec(spec.codec, spec.options)
             report = compress(
                 CompressConfig(
                     base=cfg.base,
                     finetuned=tenant.finetuned,
                     out=path,
-                    codec=make_codec(spec.codec, spec.options),
+                    codec=codec,
                     distill=distill,
                     progress=False,
+                    allocate=planner_for(codec, calib),  # bitdelta-auto rows plan on the calibration file
                 )
             )
             delta = load_tenant_delta(path, base_fingerprint=fingerprint, base_config=base_cfg)

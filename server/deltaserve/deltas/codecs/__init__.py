@@ -1,7 +1,8 @@
 """Codec registry: name -> codec class; `make_codec` builds one from options.
 
 Codecs: bitdelta (sign + one scale per matrix or per output row), bitdelta-mb (sign + 2^b magnitude buckets),
-dare (random drop with rescale, DARE-k), lowrank (truncated SVD), raw (dense).
+dare (random drop with rescale, DARE-k), lowrank (truncated SVD), raw (dense),
+bitdelta-auto (bitdelta or bitdelta-mb per matrix, as a loss-guided plan allocates the bits).
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import json
 
 from deltaserve.deltas.codecs.base import Codec
 from deltaserve.deltas.codecs.bitdelta import BitDeltaCodec
+from deltaserve.deltas.codecs.bitdelta_auto import BitDeltaAutoCodec
 from deltaserve.deltas.codecs.bitdelta_mb import MultiBitDeltaCodec
 from deltaserve.deltas.codecs.dare import DareCodec
 from deltaserve.deltas.codecs.lowrank import LowRankCodec
@@ -23,6 +25,7 @@ CODECS: dict[str, type[Codec]] = {
     DareCodec.name: DareCodec,
     LowRankCodec.name: LowRankCodec,
     RawCodec.name: RawCodec,
+    BitDeltaAutoCodec.name: BitDeltaAutoCodec,
 }
 
 
