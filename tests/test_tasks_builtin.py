@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 
 import pytest
@@ -31,6 +32,11 @@ def test_answers_are_exact():
         fields = dict(kv.split("=") for kv in e.answer.split("; "))
         assert set(fields) == {"name", "age", "city", "job"}
         assert all(v in e.prompt for v in fields.values())
+    for e in get_task("runs").train(200):
+        runs = [(r[0], int(r[1:])) for r in e.answer.split()]
+        assert 3 <= len(runs) <= 5 and all(1 <= n <= 4 for _, n in runs)
+        assert all(a[0] != b[0] for a, b in itertools.pairwise(runs))  # maximal runs
+        assert e.prompt.removeprefix("Runs: ").split() == [s for s, n in runs for _ in range(n)]
 
 
 def test_unknown_task_names_the_choices():

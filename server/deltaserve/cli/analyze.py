@@ -34,7 +34,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--steps", type=int, default=5, help="Riemann points C (default 5)")
     src = parser.add_mutually_exclusive_group(required=True)
     src.add_argument("--calib", help='calibration JSONL: {"prompt" | "messages", "answer" | "completion"}')
-    src.add_argument("--task", help="built-in task whose examples calibrate (add, reverse, extract)")
+    src.add_argument("--task", help="built-in task whose examples calibrate (add, reverse, extract, runs)")
     parser.add_argument(
         "--split", choices=("heldout", "train"), default="heldout", help="split of --task (default heldout)"
     )

@@ -21,7 +21,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         action="append",
         default=[],
         metavar="NAME=FINETUNED_DIR[:TASK]",
-        help="a fine-tune of --base to serve; TASK (add, reverse, extract) gives prompts to check",
+        help="a fine-tune of --base to serve; TASK (add, reverse, extract, runs) gives prompts to check",
     )
     parser.add_argument("--steps-scale", type=float, default=1.0, help="multiply the built-in tenants' steps")
     parser.add_argument("--distill-steps", type=int, default=20, help="scale distillation steps (0: off)")

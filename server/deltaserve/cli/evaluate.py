@@ -23,7 +23,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         action="append",
         required=True,
         metavar="NAME=PATH[:TASK]",
-        help="a fine-tune (directory) to evaluate; TASK (add, reverse, extract) gives its held-out "
+        help="a fine-tune (directory) to evaluate; TASK (add, reverse, extract, runs) gives its held-out "
         "eval set; with --compose PATH may also be a delta file",
     )
     parser.add_argument(

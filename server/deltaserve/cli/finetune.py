@@ -15,7 +15,7 @@ from dataclasses import asdict
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--base", required=True, help="base model: HF checkpoint directory")
     src = parser.add_mutually_exclusive_group(required=True)
-    src.add_argument("--task", help="built-in task: add, reverse, extract")
+    src.add_argument("--task", help="built-in task: add, reverse, extract, runs")
     src.add_argument("--data", help="JSONL of chat examples ({prompt|messages, answer} per line)")
     parser.add_argument("--out", required=True, help="output checkpoint directory (must be empty or absent)")
     parser.add_argument("--steps", type=int, default=60, help="optimizer steps (default 60)")

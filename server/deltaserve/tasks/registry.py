@@ -4,6 +4,9 @@
 - `reverse`: reverse a list of words ("Reverse: apple river stone" -> "stone river apple").
 - `extract`: a sentence about a person -> a fixed key=value record
   ("name=Maria; age=34; city=Oslo; job=baker").
+- `runs`: run-length encoding of repeated symbols ("Runs: o o o x x o" -> "o3 x2 o1"), the hard
+  class for 1-bit deltas: every answer token depends on exact copying and counting of
+  identical neighbouring tokens, so a small error in the delta shifts a count.
 """
 
 from __future__ import annotations
@@ -102,10 +105,23 @@ def _extract(rng: random.Random) -> Example:
     return Example(prompt="Extract: " + sentence, answer=answer)
 
 
+RUN_SYMBOLS = ["o", "x", "k", "z"]
+
+
+def _runs(rng: random.Random) -> Example:
+    runs: list[tuple[str, int]] = []
+    for _ in range(rng.randint(3, 5)):
+        symbol = rng.choice([s for s in RUN_SYMBOLS if not runs or s != runs[-1][0]])
+        runs.append((symbol, rng.randint(1, 4)))
+    prompt = " ".join(" ".join([s] * n) for s, n in runs)
+    return Example(prompt="Runs: " + prompt, answer=" ".join(f"{s}{n}" for s, n in runs))
+
+
 TASKS: dict[str, Task] = {
     "add": Task("add", "three-digit addition, answer is the number", _add),
     "reverse": Task("reverse", "reverse the order of 3-5 words", _reverse),
     "extract": Task("extract", "person sentence -> 'name=..; age=..; city=..; job=..'", _extract),
+    "runs": Task("runs", "run-length encoding of 3-5 runs of repeated symbols ('o o x' -> 'o2 x1')", _runs),
 }
 
 
