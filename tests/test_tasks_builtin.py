@@ -34,7 +34,7 @@ def test_answers_are_exact():
         assert all(v in e.prompt for v in fields.values())
     for e in get_task("runs").train(200):
         runs = [(r[0], int(r[1:])) for r in e.answer.split()]
-        assert 3 <= len(runs) <= 5 and all(1 <= n <= 4 for _, n in runs)
+        assert 4 <= len(runs) <= 6 and all(1 <= n <= 8 for _, n in runs)
         assert all(a[0] != b[0] for a, b in itertools.pairwise(runs))  # maximal runs
         assert e.prompt.removeprefix("Runs: ").split() == [s for s, n in runs for _ in range(n)]
 

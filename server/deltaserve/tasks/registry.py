@@ -110,9 +110,9 @@ RUN_SYMBOLS = ["o", "x", "k", "z"]
 
 def _runs(rng: random.Random) -> Example:
     runs: list[tuple[str, int]] = []
-    for _ in range(rng.randint(3, 5)):
+    for _ in range(rng.randint(4, 6)):
         symbol = rng.choice([s for s in RUN_SYMBOLS if not runs or s != runs[-1][0]])
-        runs.append((symbol, rng.randint(1, 4)))
+        runs.append((symbol, rng.randint(1, 8)))
     prompt = " ".join(" ".join([s] * n) for s, n in runs)
     return Example(prompt="Runs: " + prompt, answer=" ".join(f"{s}{n}" for s, n in runs))
 
@@ -121,7 +121,7 @@ TASKS: dict[str, Task] = {
     "add": Task("add", "three-digit addition, answer is the number", _add),
     "reverse": Task("reverse", "reverse the order of 3-5 words", _reverse),
     "extract": Task("extract", "person sentence -> 'name=..; age=..; city=..; job=..'", _extract),
-    "runs": Task("runs", "run-length encoding of 3-5 runs of repeated symbols ('o o x' -> 'o2 x1')", _runs),
+    "runs": Task("runs", "run-length encoding of 4-6 runs of 1-8 symbols ('o o x' -> 'o2 x1')", _runs),
 }
 
 
