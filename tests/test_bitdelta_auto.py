@@ -315,4 +315,6 @@ def test_eval_row_plans_on_the_eval_calibration_file(tiny_dir, tmp_path):
     for enc in written.values():
         assert len(enc.meta.codec_params["allocation"]) == 14
         assert enc.stats["allocation_plan"]["samples"] >= 1
+        # planned on the fine-tune's objective: the answers' tokens, not the prompts' text
+        assert enc.stats["allocation_plan"]["loss"] == "completion tokens"
     assert rows["bitdelta-auto-b1.5"]["delta_bytes"] < rows["bitdelta-auto"]["delta_bytes"]

@@ -137,6 +137,15 @@ def write_calib(tok, examples: list[Example], path: Path) -> Path:
     return path
 
 
+def write_chat_calib(examples: list[Example], path: Path) -> Path:
+    """Bit-allocation calibration file: the same examples as chat lines {"messages", "answer"}, so
+    the planner's loss is the fine-tune's own objective (answer tokens), not the prompts' text."""
+    with path.open("w") as fh:
+        for e in examples:
+            fh.write(json.dumps({"messages": e.messages(), "answer": e.answer}) + "\n")
+    return path
+
+
 def evaluate(cfg: EvalConfig, on_update: Callable[[EvalResult], None] | None = None) -> EvalResult:
     """Run every codec row (and the alpha sweep) for every tenant; see the module doc.
 
@@ -177,7 +186,9 @@ def evaluate(cfg: EvalConfig, on_update: Callable[[EvalResult], None] | None = N
         work.mkdir(parents=True, exist_ok=True)
         # enough training examples to fill distill_samples samples (an example is >= ~21 tokens)
         calib_n = cfg.calib_n if cfg.distill_samples is None else max(cfg.calib_n, 6 * cfg.distill_samples)
-        calib = write_calib(tok, calibration_examples(tenant, examples, calib_n), work / "calib.jsonl")
+        calib_set = calibration_examples(tenant, examples, calib_n)
+        calib = write_calib(tok, calib_set, work / "calib.jsonl")
+        chat_calib = write_chat_calib(calib_set, work / "calib-chat.jsonl")
         reference: list[torch.Tensor] | None = None
         specs = [REFERENCE] + [s for s in cfg.codecs if s.label != REFERENCE.label]
         bar = tqdm(specs, desc=f"eval {tenant.name}", unit="codec", disable=not cfg.progress)
@@ -203,7 +214,8 @@ def evaluate(cfg: EvalConfig, on_update: Callable[[EvalResult], None] | None = N
                     codec=codec,
                     distill=distill,
                     progress=False,
-                    allocate=planner_for(codec, calib),  # bitdelta-auto rows plan on the calibration file
+                    # bitdelta-auto rows plan on the calibration examples, loss over their answers
+                    allocate=planner_for(codec, chat_calib),
                 )
             )
             delta = load_tenant_delta(path, base_fingerprint=fingerprint, base_config=base_cfg)
