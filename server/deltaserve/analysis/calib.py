@@ -8,16 +8,15 @@ A JSONL line is `{"prompt" | "messages", "answer" | "completion"}` (`tasks.jsonl
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from deltaserve.errors import InvalidArgumentError, NotFoundError
+from deltaserve.errors import InvalidArgumentError
 from deltaserve.tasks import get_task
 from deltaserve.tasks.base import Example
-from deltaserve.tasks.jsonl import parse_line
+from deltaserve.tasks.jsonl import read_examples
 from deltaserve.training.data import IGNORE, collate, encode
 
 SPLITS = ("heldout", "train")
@@ -46,25 +45,9 @@ class CalibSource:
 
 
 def read_calib_file(path: Path) -> list[Example]:
-    """Examples of a prompt/completion JSONL; errors name the file and line."""
-    path = Path(path)
-    if not path.is_file():
-        raise NotFoundError(f"calibration file {path} does not exist")
-    out: list[Example] = []
-    with path.open() as fh:
-        for n, line in enumerate(fh, start=1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise InvalidArgumentError(f"{path}:{n}: invalid JSON ({exc.msg})") from exc
-            if isinstance(obj, dict) and "completion" in obj and "answer" not in obj:
-                obj = {**obj, "answer": obj.pop("completion")}
-            out.append(parse_line(obj, f"{path}:{n}"))
-    if not out:
-        raise InvalidArgumentError(f"{path}: no examples (empty file)")
-    return out
+    """Examples of a prompt/completion (or prompt/answer, messages/answer) JSONL; errors name the
+    file and line."""
+    return read_examples(path, kind="calibration file", completion_alias=True)
 
 
 def calib_examples(src: CalibSource) -> list[Example]:

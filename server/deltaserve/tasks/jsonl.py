@@ -47,11 +47,16 @@ def parse_line(obj: object, where: str) -> Example:
     return Example(prompt=turns[-1][1], answer=answer, context=tuple(turns[:-1]))
 
 
-def read_examples(path: Path) -> list[Example]:
-    """All examples of a JSONL file (blank lines skipped); at least one is required."""
+def read_examples(
+    path: Path, *, kind: str = "examples file", completion_alias: bool = False
+) -> list[Example]:
+    """All examples of a JSONL file (blank lines skipped); at least one is required.
+
+    kind names the file in errors; completion_alias accepts "completion" for "answer"
+    (prompt/completion files, as calibration sets often are)."""
     path = Path(path)
     if not path.is_file():
-        raise NotFoundError(f"examples file {path} does not exist")
+        raise NotFoundError(f"{kind} {path} does not exist")
     out = []
     with path.open(encoding="utf-8") as fh:
         for n, line in enumerate(fh, start=1):
@@ -61,6 +66,8 @@ def read_examples(path: Path) -> list[Example]:
                 obj = json.loads(line)
             except json.JSONDecodeError as exc:
                 raise InvalidArgumentError(f"{path}:{n}: invalid JSON ({exc.msg})") from exc
+            if completion_alias and isinstance(obj, dict) and "completion" in obj and "answer" not in obj:
+                obj = {**obj, "answer": obj.pop("completion")}
             out.append(parse_line(obj, f"{path}:{n}"))
     if not out:
         raise InvalidArgumentError(f"{path}: no examples (empty file)")
