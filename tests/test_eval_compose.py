@@ -8,6 +8,7 @@ import math
 import pytest
 import torch
 from deltaserve.cli.main import main
+from deltaserve.deltas.format import read_delta
 from deltaserve.deltas.merge import merge_state_dict
 from deltaserve.errors import InvalidArgumentError
 from deltaserve.evaluation.compose import parse_weights
@@ -126,3 +127,19 @@ def test_compose_errors_are_clear(tiny_dir, tmp_path, capsys):
     three = [*two, "--tenant", f"c={ft}:extract"]
     assert "needs --weights W1:...:W3" in err("--compose", *three)
     assert "is a file; codec rows need the fine-tuned checkpoint" in err(*two)
+
+
+def test_compose_plans_a_bitdelta_auto_tenant_on_its_answers(tiny_dir, tmp_path):
+    base, ft_a = tiny_dir("llama")
+    ft_b = make_finetune(base, tmp_path / "ft-b", seed=7, scale=0.03)
+    file_b = make_delta(base, ft_b, tmp_path / "b.delta.safetensors")
+    evalset = tmp_path / "a.jsonl"
+    evalset.write_text("".join(json.dumps({"prompt": p, "answer": "t4 t5"}) + "\n" for p in _prompts(5)))
+    out = tmp_path / "out"
+    argv = ["eval", "--compose", "--base", str(base), "--tenant", f"a={ft_a}", "--tenant", f"b={file_b}",
+            "--eval-set", f"a={evalset}", "--eval-set", f"b={evalset}", "--weights", "0.5:0.5",
+            "--n", "2", "--logit-n", "1", "--max-new-tokens", "2", "--codecs", "bitdelta-auto-b1.5",
+            "--out", str(out), "--no-progress", "--json"]
+    assert main(argv) == 0
+    plan = read_delta(out / "deltas" / "a" / "bitdelta-auto-b1.5.delta.safetensors").stats["allocation_plan"]
+    assert plan["loss"] == "completion tokens" and plan["bits_per_weight"] <= 1.5

@@ -23,7 +23,7 @@ from deltaserve.engine.types import MAX_ABS_ALPHA, MAX_COMPOSED_DELTAS
 from deltaserve.errors import InvalidArgumentError
 from deltaserve.evaluation.codecs import REFERENCE, CodecSpec
 from deltaserve.evaluation.evalset import TenantSpec, calibration_examples, eval_examples
-from deltaserve.evaluation.run import measure, write_calib
+from deltaserve.evaluation.run import measure, write_calib, write_chat_calib
 
 DEFAULT_WEIGHTS = ((1.0, 0.0), (0.75, 0.25), (0.5, 0.5), (0.25, 0.75), (0.0, 1.0), (1.0, 1.0))
 
@@ -123,24 +123,29 @@ def _delta_file(cfg: ComposeConfig, tenant: TenantSpec, tok, examples) -> tuple[
     """The tenant's delta file and how it was made: a given file, or its fine-tune compressed."""
     if tenant.finetuned.is_file():
         return tenant.finetuned, "file"
+    from deltaserve.deltas.allocate import planner_for
     from deltaserve.deltas.codecs import make_codec
     from deltaserve.deltas.compress import CompressConfig, DistillConfig, compress
 
     work = Path(cfg.work_dir) / tenant.name
     work.mkdir(parents=True, exist_ok=True)
+    calib_set = calibration_examples(tenant, examples, cfg.calib_n)
     distill = None
     if cfg.codec.distill:
-        calib = write_calib(tok, calibration_examples(tenant, examples, cfg.calib_n), work / "calib.jsonl")
+        calib = write_calib(tok, calib_set, work / "calib.jsonl")
         distill = DistillConfig(steps=cfg.distill_steps, calib=calib, lr=cfg.distill_lr, seed=cfg.seed)
+    codec = make_codec(cfg.codec.codec, cfg.codec.options)
+    plan = planner_for(codec, write_chat_calib(calib_set, work / "calib-chat.jsonl"))  # bitdelta-auto only
     path = work / f"{cfg.codec.label}.delta.safetensors"
     compress(
         CompressConfig(
             base=cfg.base,
             finetuned=tenant.finetuned,
             out=path,
-            codec=make_codec(cfg.codec.codec, cfg.codec.options),
+            codec=codec,
             distill=distill,
             progress=False,
+            allocate=plan,
         )
     )
     return path, cfg.codec.label
