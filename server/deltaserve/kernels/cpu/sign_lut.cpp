@@ -162,6 +162,23 @@ void lut_block_scalar(const uint8_t* w, const int8_t* hi, const uint8_t* lo, con
   }
 }
 
+// Widening without shuffles: vpmaddubsw with a constant (1, 0) or (0, 1) byte pair extracts the
+// even or odd bytes of a lookup as int16 on the multiply ports (vpmovsxbw and vextracti128 would
+// take the two shuffle ports, which the lookups themselves need). Accumulators therefore hold,
+// per 32 looked-up rows r0..r0+31, the even rows in one vector and the odd rows in another
+// (each as rows r0 + 2i, i < 8, in lane 0 and r0 + 16 + 2i in lane 1); kSlot maps the 64
+// accumulated values back to rows at the end of a row block.
+struct Perm {
+  int row[64];
+  constexpr Perm() : row() {
+    for (int k = 0; k < 64; ++k) {
+      const int acc = k / 16, half = (k / 8) % 2, i = k % 8;  // acc: even/odd x lookup of low/high nibbles
+      row[k] = 32 * (acc / 2) + 16 * half + 2 * i + (acc % 2);
+    }
+  }
+};
+constexpr Perm kSlot{};
+
 // int16 sums of 16 rows -> fp32, times the block scale, into two accumulators of 8 rows
 __attribute__((target("avx2,fma"))) inline void widen_fma(__m256i a, __m256 s, __m256* lo, __m256* hi) {
   const __m256 f0 = _mm256_cvtepi32_ps(_mm256_cvtepi16_epi32(_mm256_castsi256_si128(a)));
@@ -185,11 +202,13 @@ template <int BITS>
 __attribute__((target("avx2,fma"))) void lut_block_avx2(const uint8_t* w, const int8_t* hi, const uint8_t* lo,
                                                          const float* scales, int64_t G, float* out) {
   const __m256i m4 = _mm256_set1_epi8(0x0F);
+  const __m256i even = _mm256_set1_epi16(0x0001), odd = _mm256_set1_epi16(0x0100);  // byte pairs (1,0), (0,1)
   __m256 f[8];
   for (int i = 0; i < 8; ++i) f[i] = _mm256_setzero_ps();
   for (int64_t b0 = 0; b0 < G; b0 += kBlock) {
     const int64_t b1 = std::min(G, b0 + kBlock);
-    // signed sums (rows 0-15, 16-31, 32-47, 48-63) and, with 16 bits, unsigned low-byte sums
+    // signed sums: even/odd rows of the low-nibble lookup (rows 0-31), then of the high (32-63);
+    // with 16 bits, the same for the unsigned low-byte table
     __m256i a0 = _mm256_setzero_si256(), a1 = a0, a2 = a0, a3 = a0;
     __m256i u0 = a0, u1 = a0, u2 = a0, u3 = a0;
     for (int64_t j = b0; j < b1; ++j) {
@@ -199,18 +218,18 @@ __attribute__((target("avx2,fma"))) void lut_block_avx2(const uint8_t* w, const 
       const __m256i t = _mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(hi + 16 * j)));
       const __m256i rl = _mm256_shuffle_epi8(t, il);
       const __m256i rh = _mm256_shuffle_epi8(t, ih);
-      a0 = _mm256_add_epi16(a0, _mm256_cvtepi8_epi16(_mm256_castsi256_si128(rl)));
-      a1 = _mm256_add_epi16(a1, _mm256_cvtepi8_epi16(_mm256_extracti128_si256(rl, 1)));
-      a2 = _mm256_add_epi16(a2, _mm256_cvtepi8_epi16(_mm256_castsi256_si128(rh)));
-      a3 = _mm256_add_epi16(a3, _mm256_cvtepi8_epi16(_mm256_extracti128_si256(rh, 1)));
+      a0 = _mm256_add_epi16(a0, _mm256_maddubs_epi16(even, rl));  // unsigned 1/0 times signed entries
+      a1 = _mm256_add_epi16(a1, _mm256_maddubs_epi16(odd, rl));
+      a2 = _mm256_add_epi16(a2, _mm256_maddubs_epi16(even, rh));
+      a3 = _mm256_add_epi16(a3, _mm256_maddubs_epi16(odd, rh));
       if (BITS == 16) {
         const __m256i tu = _mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(lo + 16 * j)));
         const __m256i ul = _mm256_shuffle_epi8(tu, il);
         const __m256i uh = _mm256_shuffle_epi8(tu, ih);
-        u0 = _mm256_add_epi16(u0, _mm256_cvtepu8_epi16(_mm256_castsi256_si128(ul)));
-        u1 = _mm256_add_epi16(u1, _mm256_cvtepu8_epi16(_mm256_extracti128_si256(ul, 1)));
-        u2 = _mm256_add_epi16(u2, _mm256_cvtepu8_epi16(_mm256_castsi256_si128(uh)));
-        u3 = _mm256_add_epi16(u3, _mm256_cvtepu8_epi16(_mm256_extracti128_si256(uh, 1)));
+        u0 = _mm256_add_epi16(u0, _mm256_maddubs_epi16(ul, even));  // unsigned entries times signed 1/0
+        u1 = _mm256_add_epi16(u1, _mm256_maddubs_epi16(ul, odd));
+        u2 = _mm256_add_epi16(u2, _mm256_maddubs_epi16(uh, even));
+        u3 = _mm256_add_epi16(u3, _mm256_maddubs_epi16(uh, odd));
       }
     }
     const __m256 s = _mm256_set1_ps(scales[b0 / kBlock]);
@@ -226,7 +245,9 @@ __attribute__((target("avx2,fma"))) void lut_block_avx2(const uint8_t* w, const 
       widen_fma2(a3, u3, s, &f[6], &f[7]);
     }
   }
-  for (int i = 0; i < 8; ++i) _mm256_storeu_ps(out + 8 * i, f[i]);
+  float tmp[kRows];
+  for (int i = 0; i < 8; ++i) _mm256_storeu_ps(tmp + 8 * i, f[i]);
+  for (int k = 0; k < kRows; ++k) out[kSlot.row[k]] = tmp[k];
 }
 
 using deltaserve::emit;
