@@ -10,7 +10,7 @@ from deltaserve.cli.main import main
 
 FIELDS = {
     "phase", "k", "n", "tenants", "tokens_per_tenant", "dtype", "base_ms", "base_plus_delta_ms",
-    "delta_ms", "naive_ms", "delta_over_base", "roofline_fraction",
+    "delta_ms", "naive_ms", "delta_over_base", "roofline_fraction", "read_fraction", "delta_gbps",
 }
 
 
@@ -18,18 +18,19 @@ def test_bench_report_schema():
     config = BenchConfig(repeats=2, warmup=1, shapes=((96, 40),), tenants=(1, 3),
                          phases=(("decode", 1), ("prefill", 5)), copy_mib=8, clock="cpu")
     report = run_benchmark(config, progress=False)
-    assert set(report) == {"device", "bandwidth_gbps", "cases"}
-    assert report["device"].startswith("cpu") and report["bandwidth_gbps"] > 0
+    assert set(report) == {"device", "bandwidth_gbps", "read_gbps", "cases"}
+    assert report["device"].startswith("cpu") and report["bandwidth_gbps"] > 0 and report["read_gbps"] > 0
     assert len(report["cases"]) == 4
     for case in report["cases"]:
         assert set(case) >= FIELDS
         assert case["phase"] in ("decode", "prefill") and case["dtype"] == "bfloat16"
         assert min(case["base_ms"], case["delta_ms"], case["naive_ms"], case["base_plus_delta_ms"]) > 0
         assert case["delta_over_base"] == pytest.approx(case["delta_ms"] / case["base_ms"], rel=0.02)
-        assert case["roofline_fraction"] > 0
+        assert case["roofline_fraction"] > 0 and case["read_fraction"] > 0
+        assert case["delta_gbps"] == pytest.approx(case["delta_bytes"] / case["delta_ms"] / 1e6, rel=0.02, abs=1e-3)
     pairs = {(c["tenants"], c["tokens_per_tenant"]) for c in report["cases"]}
     assert pairs == {(1, 1), (3, 1), (1, 5), (3, 5)}
-    assert "copy bandwidth" in format_table(report)
+    assert "copy bandwidth" in format_table(report) and "read bandwidth" in format_table(report)
 
 
 def test_bench_config_validation():

@@ -9,8 +9,10 @@ For every layer shape K x N and tenant count, with 1 token per tenant (decode) o
 - naive_ms: unpack each tenant's signs to a dense matrix, then matmul (the reference;
   at most 3 repeats, it is slow);
 
-plus delta_over_base = delta_ms / base_ms and roofline_fraction = (packed delta bytes /
-memory bandwidth) / delta_ms, the bandwidth being measured in the same run with a large copy.
+plus delta_over_base = delta_ms / base_ms, delta_gbps = packed delta bytes / delta_ms and
+roofline_fraction = (packed delta bytes / memory bandwidth) / delta_ms, the bandwidth being
+measured in the same run with a large copy (bytes read + written); read_fraction is the same
+against a large read-only pass (a sum), the ceiling of a kernel that only reads its bits.
 """
 
 from __future__ import annotations
@@ -79,6 +81,8 @@ class CaseResult:
     naive_ms: float
     delta_over_base: float
     roofline_fraction: float
+    read_fraction: float
+    delta_gbps: float
     delta_bytes: int
     backend: str
     clock: str
@@ -153,6 +157,14 @@ def measure_bandwidth_gbps(torch_mod, device: str, timer: _Timer, copy_mib: int 
     return 2 * nbytes / (ms * 1e-3) / 1e9
 
 
+def measure_read_gbps(torch_mod, device: str, timer: _Timer, copy_mib: int | None = None) -> float:
+    """Read-only bandwidth (bytes read per second by a sum) over a buffer larger than the caches."""
+    nbytes = (copy_mib << 20) if copy_mib else ((1 << 30) if device == "cuda" else (512 << 20))
+    src = torch_mod.empty(nbytes // 4, dtype=torch_mod.float32, device=device).uniform_()
+    ms = timer(lambda: src.sum())
+    return nbytes / (ms * 1e-3) / 1e9
+
+
 def _cases(config: BenchConfig) -> list[tuple[str, int, int, int, int]]:
     out = []
     for k, n in config.shapes:
@@ -164,7 +176,9 @@ def _cases(config: BenchConfig) -> list[tuple[str, int, int, int, int]]:
     return out
 
 
-def run_case(torch_mod, config: BenchConfig, timer: _Timer, case, bandwidth_gbps: float) -> CaseResult:
+def run_case(
+    torch_mod, config: BenchConfig, timer: _Timer, case, bandwidth_gbps: float, read_gbps: float
+) -> CaseResult:
     from deltaserve.deltas.packing import pack_signs
     from deltaserve.kernels.cpu_ext import CpuKernelConfig
     from deltaserve.kernels.ops import sign_delta_matmul
@@ -212,7 +226,9 @@ def run_case(torch_mod, config: BenchConfig, timer: _Timer, case, bandwidth_gbps
         phase=phase, k=k, n=n, tenants=tenants, tokens_per_tenant=tokens, dtype=config.dtype,
         base_ms=round(base_ms, 6), base_plus_delta_ms=round(both_ms, 6), delta_ms=round(delta_ms, 6),
         naive_ms=round(naive_ms, 6), delta_over_base=round(delta_ms / base_ms, 6),
-        roofline_fraction=round(roofline_ms / delta_ms, 6), delta_bytes=delta_bytes, backend=backend,
+        roofline_fraction=round(roofline_ms / delta_ms, 6),
+        read_fraction=round(delta_bytes / (read_gbps * 1e9) * 1e3 / delta_ms, 6),
+        delta_gbps=round(delta_bytes / (delta_ms * 1e-3) / 1e9, 3), delta_bytes=delta_bytes, backend=backend,
         clock=config.clock,
     )
 
@@ -254,28 +270,31 @@ def run_benchmark(config: BenchConfig, progress: bool = True) -> dict:
         raise FailedPreconditionError("--device cuda requested but no CUDA device is available")
     timer = _Timer(torch, config)
     bandwidth = measure_bandwidth_gbps(torch, config.device, timer, config.copy_mib)
+    read = measure_read_gbps(torch, config.device, timer, config.copy_mib)
     results = []
     with torch.inference_mode():
         for case in tqdm(_cases(config), desc="kernel bench", disable=not progress):
-            results.append(asdict(run_case(torch, config, timer, case, bandwidth)))
+            results.append(asdict(run_case(torch, config, timer, case, bandwidth, read)))
             if config.device == "cuda":
                 torch.cuda.empty_cache()
     name = device_name(torch, config.device)
-    return {"device": name, "bandwidth_gbps": round(bandwidth, 2), "cases": results}
+    return {"device": name, "bandwidth_gbps": round(bandwidth, 2), "read_gbps": round(read, 2), "cases": results}
 
 
 def format_table(report: dict) -> str:
     head = (f"{'phase':8} {'K':>5} {'N':>6} {'ten':>3} {'tok':>3} {'base ms':>9} {'b+d ms':>9} "
-            f"{'delta ms':>9} {'naive ms':>9} {'d/base':>7} {'roofline':>8}")
+            f"{'delta ms':>9} {'naive ms':>9} {'d/base':>7} {'GB/s':>6} {'roofline':>8} {'read':>5}")
     clock = report["cases"][0]["clock"] if report["cases"] else "wall"
     lines = [f"device: {report['device']}   copy bandwidth: {report['bandwidth_gbps']:.1f} GB/s   "
+             f"read bandwidth: {report.get('read_gbps', 0.0):.1f} GB/s   "
              f"clock: {clock}", head]
     for c in report["cases"]:
         lines.append(
             f"{c['phase']:8} {c['k']:>5} {c['n']:>6} {c['tenants']:>3} {c['tokens_per_tenant']:>3} "
             f"{c['base_ms']:>9.3f} {c['base_plus_delta_ms']:>9.3f} {c['delta_ms']:>9.3f} "
             f"{c['naive_ms']:>9.3f} "
-            f"{c['delta_over_base']:>7.3f} {c['roofline_fraction']:>8.3f}"
+            f"{c['delta_over_base']:>7.3f} {c['delta_gbps']:>6.1f} {c['roofline_fraction']:>8.3f} "
+            f"{c['read_fraction']:>5.2f}"
         )
     return "\n".join(lines)
 
