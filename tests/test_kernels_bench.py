@@ -27,7 +27,8 @@ def test_bench_report_schema():
         assert min(case["base_ms"], case["delta_ms"], case["naive_ms"], case["base_plus_delta_ms"]) > 0
         assert case["delta_over_base"] == pytest.approx(case["delta_ms"] / case["base_ms"], rel=0.02)
         assert case["roofline_fraction"] > 0 and case["read_fraction"] > 0
-        assert case["delta_gbps"] == pytest.approx(case["delta_bytes"] / case["delta_ms"] / 1e6, rel=0.02, abs=1e-3)
+        rate = case["delta_bytes"] / case["delta_ms"] / 1e6
+        assert case["delta_gbps"] == pytest.approx(rate, rel=0.02, abs=1e-3)
     pairs = {(c["tenants"], c["tokens_per_tenant"]) for c in report["cases"]}
     assert pairs == {(1, 1), (3, 1), (1, 5), (3, 5)}
     assert "copy bandwidth" in format_table(report) and "read bandwidth" in format_table(report)

@@ -278,7 +278,8 @@ def run_benchmark(config: BenchConfig, progress: bool = True) -> dict:
             if config.device == "cuda":
                 torch.cuda.empty_cache()
     name = device_name(torch, config.device)
-    return {"device": name, "bandwidth_gbps": round(bandwidth, 2), "read_gbps": round(read, 2), "cases": results}
+    return {"device": name, "bandwidth_gbps": round(bandwidth, 2), "read_gbps": round(read, 2),
+            "cases": results}
 
 
 def format_table(report: dict) -> str:

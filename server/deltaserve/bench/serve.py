@@ -68,6 +68,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--cold-tenants", type=int, default=3, help="tenants kept cold for the cold-start probe"
     )
     parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
+    parser.add_argument("--lut-table-bits", type=int, choices=(8, 16),
+                        help="CPU 1-bit delta lookup tables of the served engines (default: by dtype)")
     parser.add_argument("--codec", default="bitdelta", choices=("bitdelta", "bitdelta-mb1", "bitdelta-mb2"),
                         help="how the tenants' deltas are compressed")
 
@@ -169,6 +171,7 @@ def run(args: argparse.Namespace) -> int:
             args.concurrency,
             max_model_len,
             warm_deltas,
+            args.lut_table_bits,
         )
         return ServerProcess(cfg, out / "logs" / f"{mode}.log")
 
@@ -182,6 +185,7 @@ def run(args: argparse.Namespace) -> int:
         "config": {
             "model": model,
             "dtype": args.dtype,
+            "lut_table_bits": args.lut_table_bits,
             "tenants": counts,
             "popularity": pops,
             "concurrency": args.concurrency,

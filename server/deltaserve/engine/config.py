@@ -38,6 +38,10 @@ class EngineConfig:
     dtype: a name of DTYPES, or "auto" (resolved on construction, see resolve_dtype).
     linear_backend: base projections through "torch" (F.linear), "onednn" (prepacked weights,
     CPU) or "auto" (oneDNN where it runs the dtype, see layers.quant.resolve_linear_backend).
+    lut_table_bits: precision of the CPU table-lookup kernel's decode tables for 1-bit deltas:
+    16 (error ~3e-5 of the delta term: greedy outputs equal the merged model's), 8 (~1% of the
+    delta term, the int8 activations of llama.cpp's q8 products; ~1.8x faster lookups), or None
+    = 16 for float32 and 8 for 16-bit dtypes (kernels/cpu/sign_lut.cpp states the bounds).
     threads: torch intra-op threads on the CPU; 0 = chosen online between 1 and torch's default
     by measured step times (engine/threads.py), so a CPU shared with busy processes does not
     stall the engine at every thread barrier.
@@ -61,6 +65,7 @@ class EngineConfig:
     max_waiting: int = 1024
     base_quant: str = "none"
     linear_backend: str = "auto"
+    lut_table_bits: int | None = None
     threads: int = 0
     decode_buckets: bool | None = None
     prefix_caching: bool = True
@@ -78,6 +83,8 @@ class EngineConfig:
             raise InvalidArgumentError(
                 f"linear_backend must be one of {', '.join(LINEAR_BACKENDS)}, got {self.linear_backend!r}"
             )
+        if self.lut_table_bits not in (None, 8, 16):
+            raise InvalidArgumentError(f"lut_table_bits must be 8, 16 or None, got {self.lut_table_bits!r}")
         if self.base_quant not in BASE_QUANTS:
             raise InvalidArgumentError(f"base_quant must be one of {', '.join(BASE_QUANTS)}")
         if self.base_quant != "none" and torch.device(self.device).type != "cpu":

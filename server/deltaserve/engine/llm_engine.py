@@ -83,7 +83,8 @@ class LLMEngine:
         window = sliding_window(self.hf_config, spec)
         state = load_state_dict(config.model)
         self.model = LlamaFamilyModel(
-            self.hf_config, state, config.torch_dtype, self.device, config.base_quant, config.linear_backend
+            self.hf_config, state, config.torch_dtype, self.device, config.base_quant, config.linear_backend,
+            lut_table_bits=config.lut_table_bits,
         )
         del state
         self.tokenizer = AutoTokenizer.from_pretrained(config.model)

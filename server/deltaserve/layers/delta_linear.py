@@ -31,6 +31,7 @@ from deltaserve.deltas.types import (
     SignPlanesDelta,
     SparseDelta,
 )
+from deltaserve.kernels.cpu_ext import CpuKernelConfig
 from deltaserve.kernels.lut_layout import lut_shape, to_lut
 from deltaserve.kernels.ops import cpu_kernel_available, is_lut, sign_delta_matmul, sign_lut_matmul_parts
 from deltaserve.kernels.segments import Segments
@@ -45,8 +46,12 @@ class FusedLinear(nn.Module):
     own column range, so a delta file stays per HF module while the base runs fused.
     """
 
-    def __init__(self, base: nn.Module, parts: list[DeltaLinear]) -> None:
+    def __init__(
+        self, base: nn.Module, parts: list[DeltaLinear], cpu_kernels: CpuKernelConfig | None = None
+    ) -> None:
+        """cpu_kernels: settings of the CPU table-lookup kernel (table precision); default by dtype."""
         super().__init__()
+        self.cpu_kernels = cpu_kernels or CpuKernelConfig()
         self.base = base  # nn.Linear, OneDnnLinear, bnb.nn.Linear8bitLt or bnb.nn.Linear4bit
         self.parts = nn.ModuleList(parts)
         self.splits = [p.out_features for p in parts]
@@ -61,7 +66,8 @@ class FusedLinear(nn.Module):
         sign_passes are the further 1-bit passes of composed requests (ForwardBatch)."""
         y = self.base(x)
         for i, signs in enumerate((sign_segments, *sign_passes)):
-            if self._lut_all(x, signs) and sign_lut_matmul_parts(x, y, self._lut_parts(), signs):
+            lut = self._lut_all(x, signs)
+            if lut and sign_lut_matmul_parts(x, y, self._lut_parts(), signs, self.cpu_kernels):
                 signs = ()  # done for every part
             dense = delta_segments if i == 0 else None  # dense-held deltas: every segment at once
             if len(self.parts) == 1:

@@ -11,6 +11,7 @@ from torch import nn
 
 from deltaserve.errors import InvalidArgumentError
 from deltaserve.kernels import fused
+from deltaserve.kernels.cpu_ext import CpuKernelConfig
 from deltaserve.layers.attention import paged_attention
 from deltaserve.layers.delta_linear import DeltaLinear, FusedLinear
 from deltaserve.layers.embedding import DeltaEmbedding, DeltaLMHead
@@ -26,10 +27,10 @@ class _Weights:
 
     def __init__(
         self, state: dict[str, torch.Tensor], dtype: torch.dtype, device: torch.device, quant: str,
-        backend: str,
+        backend: str, cpu_kernels: CpuKernelConfig,
     ) -> None:
         self.state, self.dtype, self.device = state, dtype, device
-        self.quant, self.backend = quant, backend
+        self.quant, self.backend, self.cpu_kernels = quant, backend, cpu_kernels
 
     def take(self, name: str) -> torch.Tensor:
         if name not in self.state:
@@ -52,7 +53,7 @@ class _Weights:
         weight = ws[0] if len(ws) == 1 else torch.cat(ws)
         base = make_base_linear(weight, bias, self.quant, self.device, self.backend)
         parts = [DeltaLinear(n, w.shape[0], w.shape[1]) for n, w in zip(names, ws, strict=True)]
-        return FusedLinear(base, parts)
+        return FusedLinear(base, parts, self.cpu_kernels)
 
 
 class DecoderLayer(nn.Module):
@@ -108,14 +109,16 @@ class LlamaFamilyModel(nn.Module):
 
     def __init__(
         self, config, state: dict[str, torch.Tensor], dtype: torch.dtype, device: torch.device,
-        base_quant: str = "none", linear_backend: str = "auto",
+        base_quant: str = "none", linear_backend: str = "auto", lut_table_bits: int | None = None,
     ) -> None:
         """linear_backend: "auto", "torch" or "onednn" (see layers.quant.resolve_linear_backend);
-        the lm_head, never quantized, resolves it for the unquantized case."""
+        the lm_head, never quantized, resolves it for the unquantized case. lut_table_bits: the
+        CPU 1-bit kernel's table precision (CpuKernelConfig.table_bits; None = by dtype)."""
         super().__init__()
         self.linear_backend = resolve_linear_backend(linear_backend, device, dtype, base_quant)
         head_backend = resolve_linear_backend(linear_backend, device, dtype, "none")
-        w = _Weights(dict(state), dtype, device, base_quant, self.linear_backend)
+        w = _Weights(dict(state), dtype, device, base_quant, self.linear_backend,
+                     CpuKernelConfig(table_bits=lut_table_bits))
         self.config = config
         self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
         self.num_kv_heads = config.num_key_value_heads

@@ -92,6 +92,7 @@ class ServerConfig:
     device: str = "cpu"
     dtype: str = "auto"
     linear_backend: str = "auto"  # base projections: oneDNN prepacked (CPU) or F.linear
+    lut_table_bits: int | None = None  # CPU 1-bit lookup tables: 16 (exact), 8 (faster); None = by dtype
     threads: int = 0  # CPU intra-op threads; 0 = chosen online by measured step times
     keys: Path | None = None
     # scheduler / engine
@@ -136,6 +137,8 @@ class ServerConfig:
             self.linear_backend in LINEAR_BACKENDS,
             f"linear_backend must be one of {', '.join(LINEAR_BACKENDS)}, got {self.linear_backend!r}",
         )
+        req(self.lut_table_bits in (None, 8, 16),
+            f"lut_table_bits must be 8 or 16, got {self.lut_table_bits!r}")
         req(0 <= self.port <= 65535, f"port must be in [0, 65535], got {self.port}")
         req(
             self.metrics_port is None or 0 <= self.metrics_port <= 65535,

@@ -106,6 +106,7 @@ def make_engine(config: ServerConfig) -> AsyncEngine:
         device=config.device,
         dtype=config.dtype,
         linear_backend=config.linear_backend,
+        lut_table_bits=config.lut_table_bits,
         threads=config.threads,
         max_running=config.max_running,
         tenant_slots=config.tenant_slots or 8,

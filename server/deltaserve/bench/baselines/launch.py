@@ -39,6 +39,7 @@ class LaunchConfig:
     max_running: int = 16
     max_model_len: int = 256
     warm: bool = True
+    lut_table_bits: int | None = None  # CPU 1-bit lookup tables (EngineConfig.lut_table_bits)
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -61,6 +62,7 @@ def engine_config(cfg: LaunchConfig, model: Path, tenant_slots: int):
         max_model_len=cfg.max_model_len,
         tenant_slots=max(1, tenant_slots),
         max_waiting=4096,
+        lut_table_bits=cfg.lut_table_bits,
     )
 
 
@@ -161,6 +163,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-running", type=int, default=16)
     p.add_argument("--max-model-len", type=int, default=256)
     p.add_argument("--no-warm", action="store_true", help="leave deltas on disk until first use")
+    p.add_argument("--lut-table-bits", type=int, choices=(8, 16),
+                   help="CPU 1-bit lookup tables (default by dtype)")
     a = p.parse_args(argv)
     cfg = LaunchConfig(
         a.mode,
@@ -172,6 +176,7 @@ def main(argv: list[str] | None = None) -> int:
         a.max_running,
         a.max_model_len,
         not a.no_warm,
+        a.lut_table_bits,
     )
     with tempfile.TemporaryDirectory(prefix="deltaserve-bench-store-") as store:
         counters = asyncio.run(serve(cfg, Path(store)))

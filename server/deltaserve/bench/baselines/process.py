@@ -65,6 +65,8 @@ class ServerProcess:
         ]
         if not c.warm:
             cmd.append("--no-warm")
+        if c.lut_table_bits is not None:
+            cmd += ["--lut-table-bits", str(c.lut_table_bits)]
         t0 = time.monotonic()
         self.log.parent.mkdir(parents=True, exist_ok=True)
         self._err = open(self.log, "w")
