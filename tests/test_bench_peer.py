@@ -63,3 +63,36 @@ def test_bench_ops_reports_linear_and_attention():
     assert [p["m"] for p in r["model_projections"]] == [1, 4]
     assert [p["context"] for p in r["attention"]] == [16, 40]
     assert all(p["kernel_ms"] > 0 and p["gather_sdpa_ms"] > 0 for p in r["attention"])
+
+
+def test_peer_with_tenants_sends_lora_adapters_and_serves_deltas(tmp_path):
+    # the stand-in driver checks the adapters it is given (PEFT files, rank, one per tenant)
+    fake = tmp_path / "fake-python"
+    fake.write_text(
+        f"#!{sys.executable}\n"
+        "import json, sys, pathlib\n"
+        "from safetensors import safe_open\n"
+        "w = json.load(open(sys.argv[2]))\n"
+        "assert len(w['loras']) == 3 and w['max_lora_rank'] == 4, w\n"
+        "for d in w['loras']:\n"
+        "    cfg = json.loads((pathlib.Path(d) / 'adapter_config.json').read_text())\n"
+        "    assert cfg['r'] == 4 and cfg['peft_type'] == 'LORA'\n"
+        "    with safe_open(str(pathlib.Path(d) / 'adapter_model.safetensors'), 'pt') as f:\n"
+        "        keys = list(f.keys())\n"
+        "        names = {k.split('.')[-3] for k in keys if '.layers.0.' in k}\n"
+        "        assert names == set(cfg['target_modules']) and len(names) == 7, names\n"
+        "        a = [k for k in keys if k.endswith('q_proj.lora_A.weight')][0]\n"
+        "        assert f.get_tensor(a).shape[0] == 4 and f.get_tensor(a).abs().sum() > 0\n"
+        "n = w['max_new_tokens']\n"
+        "outs = [[0] * n for _ in w['prompts']]\n"
+        "rounds = [{'seconds': 1.0, 'tokens': n * len(outs), 'tok_s': n * len(outs)}] * w['rounds']\n"
+        "json.dump({'rounds': rounds, 'outputs': outs, 'env': {}}, open(sys.argv[3], 'w'))\n"
+    )
+    fake.chmod(fake.stat().st_mode | stat.S_IEXEC)
+    r = _run(["bench", "peer", "--model", "tiny", "--workdir", str(tmp_path), "--requests", "6",
+              "--prompt-len", "5", "--max-new-tokens", "3", "--batch", "3", "--rounds", "1",
+              "--tenants", "3", "--lora-rank", "4", "--vllm-python", str(fake), "--json"])
+    assert r["workload"]["tenants"] == 3 and r["workload"]["lora_rank"] == 4
+    assert r["deltaserve"]["rounds"][0]["tokens"] == 18 and r["ratio"] > 0
+    assert r["identical_outputs"] == "n/a"
+    assert len(list((tmp_path / "tiny" / "deltas").glob("*.delta.safetensors"))) == 3

