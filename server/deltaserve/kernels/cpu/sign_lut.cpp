@@ -35,6 +35,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 #include <utility>
 #include <vector>
 
@@ -167,18 +168,8 @@ void lut_block_scalar(const uint8_t* w, const int8_t* hi, const uint8_t* lo, con
 // even or odd bytes of a lookup as int16 on the multiply ports (vpmovsxbw and vextracti128 would
 // take the two shuffle ports, which the lookups themselves need). Accumulators therefore hold,
 // per 32 looked-up rows r0..r0+31, the even rows in one vector and the odd rows in another
-// (each as rows r0 + 2i, i < 8, in lane 0 and r0 + 16 + 2i in lane 1); kSlot maps the 64
-// accumulated values back to rows at the end of a row block.
-struct Perm {
-  int row[64];
-  constexpr Perm() : row() {
-    for (int k = 0; k < 64; ++k) {
-      const int acc = k / 16, half = (k / 8) % 2, i = k % 8;  // acc: even/odd x lookup of low/high nibbles
-      row[k] = 32 * (acc / 2) + 16 * half + 2 * i + (acc % 2);
-    }
-  }
-};
-constexpr Perm kSlot{};
+// (each as rows r0 + 2i, i < 8, in lane 0 and r0 + 16 + 2i in lane 1); the end of a row block
+// interleaves them back into row order.
 
 // int16 sums of 16 rows -> fp32, times the block scale, into two accumulators of 8 rows
 __attribute__((target("avx2,fma"))) inline void widen_fma(__m256i a, __m256 s, __m256* lo, __m256* hi) {
@@ -249,9 +240,27 @@ __attribute__((target("avx2,fma"))) void lut_block_avx2(const uint8_t* w, const 
       widen_fma2(a3, u3, s, &f[6], &f[7]);
     }
   }
-  float tmp[kRows];
-  for (int i = 0; i < 8; ++i) _mm256_storeu_ps(tmp + 8 * i, f[i]);
-  for (int k = 0; k < kRows; ++k) out[kSlot.row[k]] = tmp[k];
+  // rows back in order: f[2h] holds the even rows of 16 (0, 2, .., 14 of rows 16 h .. 16 h + 15 in
+  // two 4-row lanes), f[2h + 2] the odd ones; within each 128-bit lane unpacklo/hi interleave them
+  // into rows (0-3 | 8-11) and (4-7 | 12-15), and the lane permutes make 0-7 and 8-15
+  for (int q = 0; q < 4; ++q) {  // q: rows 16 q .. 16 q + 15, from f[e] (even) and f[e + 2] (odd)
+    const int e = (q / 2) * 4 + (q % 2);
+    const __m256 lo = _mm256_unpacklo_ps(f[e], f[e + 2]), hi = _mm256_unpackhi_ps(f[e], f[e + 2]);
+    _mm256_storeu_ps(out + 16 * q, _mm256_permute2f128_ps(lo, hi, 0x20));
+    _mm256_storeu_ps(out + 16 * q + 8, _mm256_permute2f128_ps(lo, hi, 0x31));
+  }
+}
+
+// y[0..63] += (alpha * scales[r]) * acc[r] for a full 64-row block of fp32 outputs.
+__attribute__((target("avx2,fma"))) inline void emit_rows_avx2(float* y, float alpha, const float* scales,
+                                                               const float* acc) {
+  const __m256 a = _mm256_set1_ps(alpha);
+  for (int r = 0; r < kRows; r += 8) {
+    const __m256 factor = _mm256_mul_ps(a, _mm256_loadu_ps(scales + r));
+    // (alpha * scale) * acc + y: the scalar emit's rounding (one product, then the add), no FMA
+    const __m256 d = _mm256_mul_ps(factor, _mm256_loadu_ps(acc + r));
+    _mm256_storeu_ps(y + r, _mm256_add_ps(_mm256_loadu_ps(y + r), d));
+  }
 }
 
 using deltaserve::emit;
@@ -329,7 +338,11 @@ void run_decode(bool avx2, const std::vector<Job>& jobs, const float* xpad, int6
           }
           T* yr = y + t * ys + job.col + item.rb * kRows;
           const float* sr = sg->scales + item.rb * kRows;
-          for (int64_t r = 0; r < rows; ++r) emit<T>(yr + r, sg->alpha * sr[r], acc[r]);
+          if (std::is_same<T, float>::value && avx2 && rows == kRows) {
+            emit_rows_avx2(reinterpret_cast<float*>(yr), sg->alpha, sr, acc);
+          } else {
+            for (int64_t r = 0; r < rows; ++r) emit<T>(yr + r, sg->alpha * sr[r], acc[r]);
+          }
         }
       }
     }
