@@ -7,6 +7,7 @@ import io
 import json
 import stat
 import sys
+from pathlib import Path
 
 from deltaserve.cli.main import main
 
@@ -16,6 +17,25 @@ def _run(argv):
     with contextlib.redirect_stdout(out):
         assert main(argv) == 0
     return json.loads(out.getvalue())
+
+
+def _fake_driver(tmp_path: Path, outputs: str, checks: str = "") -> Path:
+    """A stand-in for vLLM's interpreter speaking the driver's file protocol: it runs `checks` on
+    the workload `w`, answers `outputs` (an expression of `w` and n = max_new_tokens) and reports
+    every round as 2 seconds."""
+    fake = tmp_path / "fake-python"
+    fake.write_text(
+        f"#!{sys.executable}\n"
+        "import json, sys\n"
+        "w = json.load(open(sys.argv[2]))\n"
+        f"{checks}"
+        "n = w['max_new_tokens']\n"
+        f"outs = {outputs}\n"
+        "rounds = [{'seconds': 2.0, 'tokens': n * len(outs), 'tok_s': n * len(outs) / 2.0}] * w['rounds']\n"
+        "json.dump({'rounds': rounds, 'outputs': outs, 'env': {}}, open(sys.argv[3], 'w'))\n"
+    )
+    fake.chmod(fake.stat().st_mode | stat.S_IEXEC)
+    return fake
 
 
 def test_peer_alone_reports_rounds(tmp_path):
@@ -33,19 +53,8 @@ def test_peer_alone_reports_rounds(tmp_path):
 
 
 def test_peer_against_a_driver(tmp_path):
-    # a stand-in for vLLM's interpreter that speaks the driver's file protocol and echoes
-    # each prompt's first ids as "generated" tokens (so outputs differ from deltaserve's)
-    fake = tmp_path / "fake-python"
-    fake.write_text(
-        f"#!{sys.executable}\n"
-        "import json, sys\n"
-        "w = json.load(open(sys.argv[2]))\n"
-        "n = w['max_new_tokens']\n"
-        "outs = [p[:n] + [0] * (n - len(p[:n])) for p in w['prompts']]\n"
-        "rounds = [{'seconds': 2.0, 'tokens': n * len(outs), 'tok_s': n * len(outs) / 2.0}] * w['rounds']\n"
-        "json.dump({'rounds': rounds, 'outputs': outs, 'env': {}}, open(sys.argv[3], 'w'))\n"
-    )
-    fake.chmod(fake.stat().st_mode | stat.S_IEXEC)
+    # echoes each prompt's first ids as "generated" tokens (so outputs differ from deltaserve's)
+    fake = _fake_driver(tmp_path, outputs="[p[:n] + [0] * (n - len(p[:n])) for p in w['prompts']]")
     r = _run(["bench", "peer", "--model", "tiny", "--workdir", str(tmp_path), "--requests", "4",
               "--prompt-len", "6", "--max-new-tokens", "3", "--batch", "2", "--rounds", "1",
               "--vllm-python", str(fake), "--json"])
@@ -67,12 +76,10 @@ def test_bench_ops_reports_linear_and_attention():
 
 def test_peer_with_tenants_sends_lora_adapters_and_serves_deltas(tmp_path):
     # the stand-in driver checks the adapters it is given (PEFT files, rank, one per tenant)
-    fake = tmp_path / "fake-python"
-    fake.write_text(
-        f"#!{sys.executable}\n"
-        "import json, sys, pathlib\n"
+    fake = _fake_driver(
+        tmp_path,
+        checks="import pathlib\n"
         "from safetensors import safe_open\n"
-        "w = json.load(open(sys.argv[2]))\n"
         "assert len(w['loras']) == 3 and w['max_lora_rank'] == 4, w\n"
         "for d in w['loras']:\n"
         "    cfg = json.loads((pathlib.Path(d) / 'adapter_config.json').read_text())\n"
@@ -82,17 +89,14 @@ def test_peer_with_tenants_sends_lora_adapters_and_serves_deltas(tmp_path):
         "        names = {k.split('.')[-3] for k in keys if '.layers.0.' in k}\n"
         "        assert names == set(cfg['target_modules']) and len(names) == 7, names\n"
         "        a = [k for k in keys if k.endswith('q_proj.lora_A.weight')][0]\n"
-        "        assert f.get_tensor(a).shape[0] == 4 and f.get_tensor(a).abs().sum() > 0\n"
-        "n = w['max_new_tokens']\n"
-        "outs = [[0] * n for _ in w['prompts']]\n"
-        "rounds = [{'seconds': 1.0, 'tokens': n * len(outs), 'tok_s': n * len(outs)}] * w['rounds']\n"
-        "json.dump({'rounds': rounds, 'outputs': outs, 'env': {}}, open(sys.argv[3], 'w'))\n"
+        "        assert f.get_tensor(a).shape[0] == 4 and f.get_tensor(a).abs().sum() > 0\n",
+        outputs="[[0] * n for _ in w['prompts']]",
     )
-    fake.chmod(fake.stat().st_mode | stat.S_IEXEC)
     r = _run(["bench", "peer", "--model", "tiny", "--workdir", str(tmp_path), "--requests", "6",
               "--prompt-len", "5", "--max-new-tokens", "3", "--batch", "3", "--rounds", "1",
               "--tenants", "3", "--lora-rank", "4", "--vllm-python", str(fake), "--json"])
     assert r["workload"]["tenants"] == 3 and r["workload"]["lora_rank"] == 4
+    assert r["vllm"]["median_tok_s"] == 9.0  # 6 requests x 3 tokens in 2 s
     assert r["deltaserve"]["rounds"][0]["tokens"] == 18 and r["ratio"] > 0
     assert r["identical_outputs"] == "n/a"
     assert len(list((tmp_path / "tiny" / "deltas").glob("*.delta.safetensors"))) == 3

@@ -148,10 +148,15 @@ class _Timer:
         return statistics.median(samples)
 
 
+def _large_buffer(torch_mod, device: str, copy_mib: int | None) -> tuple[object, int]:
+    """A random fp32 buffer larger than the caches (copy_mib MiB; default 512 MiB, 1 GiB on CUDA)."""
+    nbytes = (copy_mib << 20) if copy_mib else ((1 << 30) if device == "cuda" else (512 << 20))
+    return torch_mod.empty(nbytes // 4, dtype=torch_mod.float32, device=device).uniform_(), nbytes
+
+
 def measure_bandwidth_gbps(torch_mod, device: str, timer: _Timer, copy_mib: int | None = None) -> float:
     """Copy bandwidth (bytes read + written per second) over buffers larger than the caches."""
-    nbytes = (copy_mib << 20) if copy_mib else ((1 << 30) if device == "cuda" else (512 << 20))
-    src = torch_mod.empty(nbytes // 4, dtype=torch_mod.float32, device=device).uniform_()
+    src, nbytes = _large_buffer(torch_mod, device, copy_mib)
     dst = torch_mod.empty_like(src)
     ms = timer(lambda: dst.copy_(src))
     return 2 * nbytes / (ms * 1e-3) / 1e9
@@ -159,8 +164,7 @@ def measure_bandwidth_gbps(torch_mod, device: str, timer: _Timer, copy_mib: int 
 
 def measure_read_gbps(torch_mod, device: str, timer: _Timer, copy_mib: int | None = None) -> float:
     """Read-only bandwidth (bytes read per second by a sum) over a buffer larger than the caches."""
-    nbytes = (copy_mib << 20) if copy_mib else ((1 << 30) if device == "cuda" else (512 << 20))
-    src = torch_mod.empty(nbytes // 4, dtype=torch_mod.float32, device=device).uniform_()
+    src, nbytes = _large_buffer(torch_mod, device, copy_mib)
     ms = timer(lambda: src.sum())
     return nbytes / (ms * 1e-3) / 1e9
 
