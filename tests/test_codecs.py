@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 from deltaserve.deltas.codecs import CODECS, codec_from_header, make_codec
+from deltaserve.deltas.packing import unpack_bits
 from deltaserve.deltas.types import DenseDelta, LowRankDelta, SignDelta, SignPlanesDelta
 from deltaserve.errors import DeltaFormatError, InvalidArgumentError
 
@@ -80,6 +81,30 @@ def test_bitdelta_mb_splits_ties_like_a_stable_sort(bits):
     codes = codec.bucket_codes(delta.abs().reshape(-1))
     assert torch.equal(torch.bincount(codes, minlength=2**bits), torch.tensor(
         [len(c) for c in np.array_split(np.arange(delta.numel()), 2**bits)]))
+
+
+@pytest.mark.parametrize("bits", [1, 2, 3])
+def test_bitdelta_mb_additive_levels_are_linear_least_squares_and_served_as_1_plus_b_planes(bits):
+    delta = _delta(n=40, k=96, seed=10 + bits, zeros=0.05)
+    additive = make_codec("bitdelta-mb", {"magnitude_bits": bits, "levels": "additive"})
+    parts, lin = _roundtrip(additive, delta)
+    levels = parts["levels"].double()
+    codes = torch.zeros(delta.numel(), dtype=torch.int64)
+    for i in range(bits):
+        codes |= unpack_bits(parts["planes"][i], delta.shape[1]).reshape(-1).long() << i
+    # levels linear in the code bits: exactly the least-squares fit of that form to |delta| given the codes
+    t = torch.stack([((torch.arange(2**bits) >> k) & 1) * 2.0 - 1 for k in range(bits)], 1).double()
+    design = torch.cat([torch.ones(2**bits, 1, dtype=torch.float64), t], 1)
+    coef = np.linalg.lstsq(design[codes].numpy(), delta.abs().reshape(-1).double().numpy(), rcond=None)[0]
+    torch.testing.assert_close(levels, design @ torch.from_numpy(coef), rtol=1e-6, atol=1e-9)
+    signs = torch.where(delta >= 0, 1.0, -1.0)
+    want = signs * levels.float()[codes].view(delta.shape)
+    torch.testing.assert_close(lin.decode(), want, **MB_TOL)
+    assert isinstance(lin, SignPlanesDelta) and lin.num_planes == 1 + bits  # one term per bit, no cross terms
+    assert lin.nbytes() == (1 + bits) * (parts["signs"].numel() * 4 + 4)
+    # the fit starts from the equal-count buckets and never increases the squared error
+    _, mean = _roundtrip(make_codec("bitdelta-mb", {"magnitude_bits": bits}), delta)
+    assert (lin.decode() - delta).norm() < (mean.decode() - delta).norm()
 
 
 def test_bitdelta_mb_with_fewer_weights_than_buckets():
@@ -188,6 +213,7 @@ def test_raw_round_trips_exactly():
         ("bitdelta", {"rank": 3}, "does not take rank"),
         ("bitdelta-mb", {"magnitude_bits": 0}, "magnitude-bits"),
         ("bitdelta-mb", {"magnitude_bits": 9}, "magnitude-bits"),
+        ("bitdelta-mb", {"levels": "median"}, "levels"),
         ("dare", {"drop_rate": 1.0}, "drop-rate"),
         ("dare", {"drop_rate": -0.1}, "drop-rate"),
         ("dare", {"k": float("inf")}, "dare-k"),

@@ -75,19 +75,21 @@ def test_raw_and_lowrank_deltas_equal_their_merges(tiny_dir, tmp_path):
             assert token_ids(outs[f"{tenant}{i}"]) == ref, (tenant, i)
 
 
-@pytest.mark.parametrize("bits", [1, 2])
-def test_multibit_tenants_are_served_packed_and_equal_their_merges(tiny_dir, tmp_path, bits):
+@pytest.mark.parametrize(("bits", "levels"), [(1, "mean"), (2, "mean"), (3, "additive")])
+def test_multibit_tenants_are_served_packed_and_equal_their_merges(tiny_dir, tmp_path, bits, levels):
     from deltaserve.deltas.codecs import make_codec
     from deltaserve.deltas.compress import CompressConfig, compress
     from deltaserve.deltas.types import SignPlanesDelta
 
     base, ft = tiny_dir("llama")
     path = tmp_path / f"mb{bits}.delta"
-    codec = make_codec("bitdelta-mb", {"magnitude_bits": bits})
+    codec = make_codec("bitdelta-mb", {"magnitude_bits": bits, "levels": levels})
     compress(CompressConfig(base=base, finetuned=ft, out=path, codec=codec, progress=False))
     delta = load_delta(base, path)
     planes = {d.num_planes for d in delta.linears.values() if isinstance(d, SignPlanesDelta)}
     assert planes and max(planes) <= 2**bits and (bits > 1 or planes == {2})
+    if levels == "additive":
+        assert planes == {1 + bits}  # levels linear in the code bits: sign + one plane per bit
     one_bit = load_delta(base, make_delta(base, ft, tmp_path / "bd.delta"))
     eng = engine(base, tenant_slots=2)
     eng.load_delta("mb", delta)

@@ -70,7 +70,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
     parser.add_argument("--lut-table-bits", type=int, choices=(8, 16),
                         help="CPU 1-bit delta lookup tables of the served engines (default: by dtype)")
-    parser.add_argument("--codec", default="bitdelta", choices=("bitdelta", "bitdelta-mb1", "bitdelta-mb2"),
+    parser.add_argument("--codec", default="bitdelta",
+                        choices=("bitdelta", "bitdelta-mb1", "bitdelta-mb2", "bitdelta-mb2-additive"),
                         help="how the tenants' deltas are compressed")
 
 

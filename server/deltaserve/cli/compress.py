@@ -103,6 +103,12 @@ def add_codec_arguments(parser: argparse.ArgumentParser) -> None:
     )
     codec.add_argument("--magnitude-bits", type=int, help="bitdelta-mb: b, with 2^b magnitude buckets")
     codec.add_argument(
+        "--levels",
+        choices=("mean", "additive"),
+        help="bitdelta-mb: bucket means (mean, the default) or levels linear in the code bits "
+        "(additive: lower error, served as 1 + b one-bit planes instead of up to 2^b)",
+    )
+    codec.add_argument(
         "--budget-bits-per-weight",
         type=float,
         help="bitdelta-auto: B bits per weight over all block linears (2); planned on --calib",
@@ -120,6 +126,7 @@ def codec_options(args: argparse.Namespace) -> dict:
     return {
         "row_scales": args.row_scales,
         "magnitude_bits": args.magnitude_bits,
+        "levels": args.levels,
         "budget_bits_per_weight": args.budget_bits_per_weight,
         "drop_rate": args.drop_rate,
         "k": args.dare_k,

@@ -38,11 +38,15 @@ CODEC_SPECS: dict[str, CodecSpec] = {
 }
 
 
-# parametrised labels beyond the table: bitdelta-mb<B>, dare-p<P>[-k<K>], lowrank-r<R>,
+# parametrised labels beyond the table: bitdelta-mb<B>[-additive], dare-p<P>[-k<K>], lowrank-r<R>,
 # bitdelta-auto[-b<B>] (B bits per weight, 2 by default, planned on the eval's calibration file)
 _NUM = r"(-?\d+(?:\.\d+)?)"
 _PATTERNS = (
-    (re.compile(r"bitdelta-mb(\d+)"), "bitdelta-mb", lambda m: {"magnitude_bits": int(m[1])}),
+    (
+        re.compile(r"bitdelta-mb(\d+)(-additive)?"),
+        "bitdelta-mb",
+        lambda m: {"magnitude_bits": int(m[1]), **({"levels": "additive"} if m[2] else {})},
+    ),
     (
         re.compile(rf"bitdelta-auto(?:-b{_NUM})?"),
         "bitdelta-auto",
@@ -60,7 +64,8 @@ _BARE = ("bitdelta", "bitdelta-mb", "dare", "lowrank")  # a bare codec name: its
 
 def spec_from_label(label: str) -> CodecSpec:
     """The row of a label: a CODEC_SPECS label, a bare codec name (its default options), or a
-    parametrised label (bitdelta-mb3, dare-p0.5, dare-p0.9-k0.5, lowrank-r64, bitdelta-auto-b1.5).
+    parametrised label (bitdelta-mb3, bitdelta-mb2-additive, dare-p0.5, dare-p0.9-k0.5, lowrank-r64,
+    bitdelta-auto-b1.5).
     InvalidArgumentError for anything else, or for options the codec rejects."""
     if label in CODEC_SPECS:
         return CODEC_SPECS[label]
@@ -75,7 +80,8 @@ def spec_from_label(label: str) -> CodecSpec:
         return CodecSpec(label, label)
     raise InvalidArgumentError(
         f"unknown codec row {label}; choose from {', '.join(CODEC_SPECS)}, a bare codec name "
-        f"({', '.join(_BARE)}) or bitdelta-mb<B>, dare-p<P>[-k<K>], lowrank-r<R>, bitdelta-auto[-b<B>]"
+        f"({', '.join(_BARE)}) or bitdelta-mb<B>[-additive], dare-p<P>[-k<K>], lowrank-r<R>, "
+        "bitdelta-auto[-b<B>]"
     )
 
 

@@ -116,7 +116,8 @@ def _finetune(base: Path, out: Path, seed: int, noise: float) -> None:
 
 
 CODECS = {"bitdelta": ("bitdelta", {}), "bitdelta-mb1": ("bitdelta-mb", {"magnitude_bits": 1}),
-          "bitdelta-mb2": ("bitdelta-mb", {"magnitude_bits": 2})}
+          "bitdelta-mb2": ("bitdelta-mb", {"magnitude_bits": 2}),
+          "bitdelta-mb2-additive": ("bitdelta-mb", {"magnitude_bits": 2, "levels": "additive"})}
 
 
 def prepare(

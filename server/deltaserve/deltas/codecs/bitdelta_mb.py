@@ -4,6 +4,10 @@ Per matrix, |delta| is sorted (stable) and cut into M equal-count buckets: with 
 weights, the first n mod M buckets hold ceil(n/M) weights and the rest floor(n/M),
 smallest magnitudes first (numpy.array_split order). Each bucket is represented by the
 mean |delta| of its members (fp64 accumulation, stored fp32). decode = sign * level[code].
+With levels="additive" the levels are instead constrained to be linear in the code bits and
+fitted with the codes by alternating least squares from those buckets (additive_levels.py):
+b + 1 numbers define the 2^b levels, the squared error is lower than the bucket means' (on
+real fine-tunes ~0.7x for b = 2), and the matrix is served as 1 + b one-bit planes.
 
 Stored parts: `signs` int32 [N, ceil(K/32)] (the bitdelta layout), `levels` fp32 [M],
 `planes` int32 [b, N, ceil(K/32)]: bit plane i of the bucket code, packed like the signs.
@@ -15,7 +19,10 @@ a_S * prod_{k in S} t_k, a_S = mean over codes of level[code] * prod_{k in S} t_
 delta = sum_S a_S * (s * prod_{k in S} t_k), each term a 1-bit sign matrix (the XNOR of the
 sign and the code bits in S): `load` returns those planes (SignPlanesDelta), dropping the
 terms whose coefficient is zero. That is 1 + b planes for b = 1 (and for levels linear in
-the code bits), at most 2^b otherwise; past MAX_PLANES planes the matrix is served dense.
+the code bits, as levels="additive" makes them), at most 2^b otherwise; past MAX_PLANES
+planes the matrix is served dense. A term is dropped when its coefficient is within fp32
+rounding of the levels (|a_S| <= 2^-21 max |level|), so additive levels stored in fp32 keep
+exactly 1 + b planes; each weight then differs from sign * level[code] by at most that much.
 """
 
 from __future__ import annotations
@@ -26,6 +33,7 @@ from typing import ClassVar
 import numpy as np
 import torch
 
+from deltaserve.deltas.codecs.additive_levels import fit_additive_levels
 from deltaserve.deltas.codecs.base import Codec, expect_part
 from deltaserve.deltas.packing import PACK_WIDTH, pack_bits, pack_signs, unpack_bits, unpack_signs
 from deltaserve.deltas.types import DenseDelta, SignPlanesDelta
@@ -35,17 +43,25 @@ MAX_BITS = 8
 # more planes than this (b >= 4 with levels not linear in the code bits: 16 planes, as many
 # bits per weight as a bf16 matrix and 16 kernel passes) are served dense instead
 MAX_PLANES = 8
+LEVEL_FITS = ("mean", "additive")
+# a Walsh term this small against the largest level is fp32 rounding of the levels: dropped
+_DROP = 2.0**-21
 
 
 @dataclass(frozen=True)
 class MultiBitDeltaCodec(Codec):
     name: ClassVar[str] = "bitdelta-mb"
     magnitude_bits: int = 2
+    levels: str = "mean"  # "mean": bucket means (the paper's); "additive": linear in the code bits
 
     def __post_init__(self) -> None:
         if not isinstance(self.magnitude_bits, int) or not 1 <= self.magnitude_bits <= MAX_BITS:
             raise InvalidArgumentError(
                 f"--magnitude-bits must be an integer in [1, {MAX_BITS}], got {self.magnitude_bits!r}"
+            )
+        if self.levels not in LEVEL_FITS:
+            raise InvalidArgumentError(
+                f"--levels must be one of {', '.join(LEVEL_FITS)}, got {self.levels!r}"
             )
 
     def bucket_codes(self, magnitude: torch.Tensor) -> torch.Tensor:
@@ -79,9 +95,12 @@ class MultiBitDeltaCodec(Codec):
         mag = delta.abs().reshape(-1)
         m = 1 << self.magnitude_bits
         codes = self.bucket_codes(mag)
-        sums = torch.bincount(codes, weights=mag.double(), minlength=m)
-        counts = torch.bincount(codes, minlength=m).clamp_min(1)
-        levels = (sums / counts).to(torch.float32)
+        if self.levels == "additive":
+            levels, codes = fit_additive_levels(mag, codes, self.magnitude_bits)
+        else:
+            sums = torch.bincount(codes, weights=mag.double(), minlength=m)
+            counts = torch.bincount(codes, minlength=m).clamp_min(1)
+            levels = (sums / counts).to(torch.float32)
         codes = codes.view(n, k).to(torch.uint8)  # b <= 8
         planes = torch.stack([pack_bits(((codes >> i) & 1).bool()) for i in range(self.magnitude_bits)])
         return {"signs": pack_signs(delta), "levels": levels, "planes": planes}
@@ -125,8 +144,8 @@ def walsh_planes(
             bits = ~(bits ^ planes[k])  # +1 where the sign and the code bit agree (XNOR)
         out_planes.append(bits)
         coefs.append(coef)
-    top = max(abs(c) for c in coefs)
-    keep = [i for i, c in enumerate(coefs) if abs(c) > 1e-7 * top] or [0]
+    top = float(levels.abs().max())
+    keep = [i for i, c in enumerate(coefs) if abs(c) > _DROP * top] or [0]
     return SignPlanesDelta(
         torch.stack([out_planes[i] for i in keep]).contiguous(),
         torch.tensor([coefs[i] for i in keep], dtype=torch.float32),
