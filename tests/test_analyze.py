@@ -239,6 +239,7 @@ def test_edit_and_label_parsing():
     assert spec_from_label("dare-p0.9-k0.5").label == "dare-p0.9-k0.5"
     assert spec_from_label("lowrank-r8").options == {"rank": 8}
     assert spec_from_label("bitdelta-mb3").options == {"magnitude_bits": 3}
+    assert spec_from_label("bitdelta-mb2-additive").options == {"magnitude_bits": 2, "levels": "additive"}
     assert spec_from_label("dare").options == {}
     with pytest.raises(InvalidArgumentError, match="drop-rate"):
         spec_from_label("dare-p1.5")
