@@ -19,6 +19,7 @@ work is O(2^b log n) on prefix sums of the sorted magnitudes; the codes are assi
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 
@@ -38,22 +39,25 @@ def _least_squares(basis: torch.Tensor, counts: torch.Tensor, sums: torch.Tensor
 
 
 def fit_additive_levels(
-    magnitude: torch.Tensor, codes: torch.Tensor, bits: int, *, max_iters: int = 50, tol: float = 1e-5
+    magnitude: torch.Tensor, bits: int, *, max_iters: int = 50, tol: float = 1e-5
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(levels fp32 [2^b], codes int64 [n]) for a 1-D fp32 magnitude vector, starting from `codes`
-    (int64 [n], e.g. the equal-count buckets); the levels are linear in the code bits (module doc)."""
+    """(levels fp32 [2^b], codes int64 [n]) of a 1-D fp32 magnitude vector: levels linear in the
+    code bits, fitted from the equal-count buckets (module doc)."""
     m = 1 << bits
     basis = _basis(bits)
     n = magnitude.numel()
     if n == 0:
-        return torch.zeros(m, dtype=torch.float32), codes
-    srt = torch.sort(magnitude).values
+        return torch.zeros(m, dtype=torch.float32), torch.zeros(0, dtype=torch.int64)
+    srt = torch.from_numpy(np.sort(magnitude.numpy()))  # numpy's SIMD sort: ~10x torch.sort on CPU
     s64 = srt.double()
     zero = torch.zeros(1, dtype=torch.float64)
     prefix = torch.cat([zero, torch.cumsum(s64, 0)])
     prefix_sq = torch.cat([zero, torch.cumsum(s64 * s64, 0)])
-    counts = torch.bincount(codes, minlength=m).double()
-    sums = torch.bincount(codes, weights=magnitude.double(), minlength=m)
+    # the equal-count buckets (bitdelta-mb's, array_split sizes) as runs of the sorted magnitudes
+    sizes = torch.tensor([n // m + (1 if j < n % m else 0) for j in range(m)])
+    ends = torch.cumsum(sizes, 0)
+    counts = sizes.double()
+    sums = prefix[ends] - prefix[ends - sizes]
     a = _least_squares(basis, counts, sums)
     best, assigned = None, None
     for _ in range(max_iters):

@@ -94,10 +94,10 @@ class MultiBitDeltaCodec(Codec):
         n, k = delta.shape
         mag = delta.abs().reshape(-1)
         m = 1 << self.magnitude_bits
-        codes = self.bucket_codes(mag)
         if self.levels == "additive":
-            levels, codes = fit_additive_levels(mag, codes, self.magnitude_bits)
+            levels, codes = fit_additive_levels(mag, self.magnitude_bits)
         else:
+            codes = self.bucket_codes(mag)
             sums = torch.bincount(codes, weights=mag.double(), minlength=m)
             counts = torch.bincount(codes, minlength=m).clamp_min(1)
             levels = (sums / counts).to(torch.float32)
