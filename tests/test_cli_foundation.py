@@ -62,7 +62,7 @@ def test_compress_inspect_merge_done_check(tiny_dir, tmp_path, capsys):
 @pytest.mark.parametrize(
     ("codec", "options", "params"),
     [
-        ("bitdelta-mb", ["--magnitude-bits", "2"], {"magnitude_bits": 2}),
+        ("bitdelta-mb", ["--magnitude-bits", "2"], {"magnitude_bits": 2, "levels": "mean"}),
         (
             "dare",
             ["--drop-rate", "0.8", "--dare-k", "0", "--seed", "4"],
