@@ -201,7 +201,8 @@ def test_a_model_file_is_not_a_delta(tiny_dir):
 def test_layout_reports_sizes_without_reading_tensors(tiny_dir, tmp_path):
     _, _, out = _compress(tiny_dir, tmp_path, codec="bitdelta-mb", magnitude_bits=3)
     layout = read_delta_layout(out)
-    assert layout.meta.codec == "bitdelta-mb" and layout.meta.codec_params == {"magnitude_bits": 3, "levels": "mean"}
+    assert layout.meta.codec == "bitdelta-mb"
+    assert layout.meta.codec_params == {"magnitude_bits": 3, "levels": "mean"}
     assert layout.linears["model.layers.1.mlp.down_proj"] == (64, 96)
     planes = layout.tensors["linear/model.layers.1.mlp.down_proj/planes"]
     assert planes.dtype == "I32" and planes.shape == (3, 64, 3) and planes.nbytes == 3 * 64 * 3 * 4

@@ -61,6 +61,17 @@ _SCRIPT = textwrap.dedent(
         got = fn(case.x, case.y.clone(), case.packed, case.scales, case.segments)
         if not torch.allclose(got, want, rtol=1e-4, atol=1e-4):
             failures.append(f"{fn.__name__} with per-slot scales")
+    # the dispatcher: decode segments beside prefill ones (two launches), and a long segment in the
+    # decode kernel (several token blocks per pass over its bits)
+    from deltaserve.kernels.ops import _triton  # what sign_delta_matmul runs for CUDA tensors
+    case = make_case(130, 40, [1, 19, 0, 3, 8], 3, "distinct", torch.float32, seed=7)
+    want = sign_delta_matmul_ref(case.x, case.y.clone(), case.packed, case.scales, case.segments)
+    got = _triton(case.x, case.y.clone(), case.packed, case.scales, case.segments)
+    if not torch.allclose(got, want, rtol=1e-4, atol=1e-4):
+        failures.append("mixed decode/prefill dispatch")
+    got = triton_sign.sign_delta_decode(case.x, case.y.clone(), case.packed, case.scales, case.segments)
+    if not torch.allclose(got, want, rtol=1e-4, atol=1e-4):
+        failures.append("decode kernel over a 19-token segment")
     print(json.dumps({"failures": failures, "cases": i + 1, "configs": len(pinned)}))
     """
 )

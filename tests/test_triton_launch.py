@@ -20,8 +20,9 @@ CONFIGS = {"decode": triton_sign.DECODE_CONFIGS, "prefill": triton_sign.PREFILL_
 
 
 @pytest.mark.parametrize(("lengths", "want"), [
-    ((), None), ((0, 0), None), ((1,) * 16, "decode"), ((8, 0, 1), "decode"), ((9,), "prefill"),
-    ((1, 0, 20), "prefill"), ((ops.DECODE_MAX_TOKENS,), "decode"), ((ops.DECODE_MAX_TOKENS + 1,), "prefill"),
+    ((), None), ((0, 0), None), ((1,) * 16, "decode"), ((1, 0, 1), "decode"), ((2,), "prefill"),
+    ((8, 0, 1), "prefill"), ((1, 0, 20), "prefill"), ((ops.DECODE_MAX_TOKENS,), "decode"),
+    ((ops.DECODE_MAX_TOKENS + 1,), "prefill"),
 ])
 def test_decode_prefill_switch(lengths, want):
     assert ops.triton_kernel_for(lengths) == want
@@ -143,15 +144,46 @@ def test_no_launch_for_empty_segments(monkeypatch):
     assert _launch(monkeypatch, triton_sign.sign_delta_decode, case, None) == []
 
 
-@pytest.mark.parametrize(("lengths", "want"), [([1] * 16, "decode"), ([1, 0, 3, 2, 8], "decode"),
-                                                ([64, 0, 17, 130, 1], "prefill"), ([0, 0], None)])
-def test_dispatch_picks_the_kernel(monkeypatch, lengths, want):
-    called = []
-    monkeypatch.setattr(triton_sign, "sign_delta_decode", lambda *a: called.append("decode") or a[1])
-    monkeypatch.setattr(triton_sign, "sign_delta_prefill", lambda *a: called.append("prefill") or a[1])
+@pytest.mark.parametrize(("lengths", "want"), [
+    ([1] * 16, {"decode": [1] * 16}),
+    ([1, 0, 1], {"decode": [1, 0, 1]}),
+    ([64, 0, 17, 130, 2], {"prefill": [64, 0, 17, 130, 2]}),
+    ([64, 0, 1, 17, 130, 8, 1], {"decode": [1, 1], "prefill": [64, 17, 130, 8]}),  # decode beside prefill
+    ([0, 0], {}),
+])
+def test_dispatch_sends_each_segment_to_its_kernel(monkeypatch, lengths, want):
+    called = {}
+
+    def record(name):
+        def fn(x, y, packed, scales, segments):
+            assert name not in called
+            called[name] = list(segments.lengths_list)
+            assert segments.lengths.tolist() == called[name]  # device arrays match the host lists
+            return y
+        return fn
+
+    monkeypatch.setattr(triton_sign, "sign_delta_decode", record("decode"))
+    monkeypatch.setattr(triton_sign, "sign_delta_prefill", record("prefill"))
     case = make_case(k=64, n=16, lengths=lengths, slots=3, dtype=torch.bfloat16)
     assert ops._triton(case.x, case.y, case.packed, case.scales, case.segments) is case.y
-    assert called == ([want] if want else [])
+    assert called == want
+
+
+def test_segments_split_keeps_order_and_metadata():
+    from deltaserve.kernels.segments import Segments
+
+    segs = Segments.build([0, 5, 5, 45, 46], [5, 0, 40, 1, 9], [2, 0, 1, 3, 2], [1.0, 0.5, -1.0, 2.0, 0.25])
+    short, long = segs.split(8)
+    assert (short.starts_list, short.lengths_list, short.slots_list, short.alphas_list) == (
+        (0, 45), (5, 1), (2, 3), (1.0, 2.0))
+    assert (long.starts_list, long.lengths_list, long.slots_list, long.alphas_list) == (
+        (5, 46), (40, 9), (1, 2), (-1.0, 0.25))
+    for part in (short, long):
+        for name in ("starts", "lengths", "slots", "alphas"):
+            assert getattr(part, name).tolist() == list(getattr(part, f"{name}_list"))
+        assert part.starts.dtype == torch.int32 and part.alphas.dtype == torch.float32
+    assert segs.split(8) is segs.split(8)  # split once per step, however many layers ask
+
 
 
 def test_mismatched_devices_and_strides_are_refused_before_launch(monkeypatch):

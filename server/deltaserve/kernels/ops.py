@@ -2,8 +2,9 @@
 
 The engine calls only `sign_delta_matmul`; which backend runs is decided here:
 
-- CUDA tensors: the Triton kernels (kernels/triton_sign.py), a GEMV-shaped one
-  when every segment has few tokens (decode) and a tl.dot one otherwise (prefill);
+- CUDA tensors: the Triton kernels (kernels/triton_sign.py), a GEMV-shaped one for the
+  segments of at most DECODE_MAX_TOKENS tokens (decode) and a tl.dot one for the longer ones
+  (prefill), both in the same step when it has both;
 - CPU tensors: the compiled CPU kernels (kernels/cpu_ext.py) when they build: signs in the
   row layout go to sign_gemv.cpp, signs in the LUT layout (kernels/lut_layout.py, what the
   engine keeps on the CPU) to the table-lookup kernel sign_lut.cpp;
@@ -41,8 +42,12 @@ Backend = Literal["auto", "reference", "cpu", "triton"]
 
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
-# segments with at most this many tokens run the GEMV-shaped Triton kernel
-DECODE_MAX_TOKENS = 8
+# segments with at most this many tokens run the GEMV-shaped Triton kernel, which streams the
+# packed words once per token; longer ones run the tl.dot kernel, which reads them once per M
+# tile of 16-128 tokens. So every segment's bits are read once per step (the GEMV-shaped kernel
+# at 2-8 tokens spills registers when it keeps the tokens of a pass together: see
+# docs/BENCHMARKS.md)
+DECODE_MAX_TOKENS = 1
 
 _DEFAULT_CPU_CONFIG = CpuKernelConfig()
 
@@ -143,7 +148,12 @@ def _triton(x, y, packed, scales, segments: Segments) -> torch.Tensor | None:
         return y
     if kernel == "decode":
         return triton_sign.sign_delta_decode(x, y, packed, scales, segments)
-    return triton_sign.sign_delta_prefill(x, y, packed, scales, segments)
+    if not any(0 < n <= DECODE_MAX_TOKENS for n in segments.lengths_list):
+        return triton_sign.sign_delta_prefill(x, y, packed, scales, segments)
+    # long (prefill) segments beside short ones: the short ones still take the GEMV-shaped kernel
+    short, long = segments.split(DECODE_MAX_TOKENS)
+    triton_sign.sign_delta_decode(x, y, packed, scales, short)
+    return triton_sign.sign_delta_prefill(x, y, packed, scales, long)
 
 
 def sign_delta_matmul(

@@ -7,7 +7,7 @@ segment (base-model requests) get no delta.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -27,6 +27,7 @@ class Segments:
     lengths_list: tuple[int, ...]
     slots_list: tuple[int, ...]
     alphas_list: tuple[float, ...]
+    _splits: dict[int, tuple[Segments, Segments]] = field(default_factory=dict, repr=False, compare=False)
 
     @staticmethod
     def build(
@@ -48,3 +49,21 @@ class Segments:
 
     def __len__(self) -> int:
         return len(self.starts_list)
+
+    def split(self, max_tokens: int) -> tuple[Segments, Segments]:
+        """(the segments of 1..max_tokens tokens, the longer ones), each in this order, empty
+        segments dropped. The device arrays are gathered with one uploaded index; the result is
+        kept on this object, so the layers of a step that share it split it once."""
+        if max_tokens not in self._splits:
+            short = [i for i, n in enumerate(self.lengths_list) if 0 < n <= max_tokens]
+            long = [i for i, n in enumerate(self.lengths_list) if n > max_tokens]
+            self._splits[max_tokens] = (self._take(short), self._take(long))
+        return self._splits[max_tokens]
+
+    def _take(self, rows: list[int]) -> Segments:
+        index = torch.tensor(rows, dtype=torch.long).to(self.starts.device, non_blocking=True)
+        return Segments(
+            self.starts[index], self.lengths[index], self.slots[index], self.alphas[index],
+            tuple(self.starts_list[i] for i in rows), tuple(self.lengths_list[i] for i in rows),
+            tuple(self.slots_list[i] for i in rows), tuple(self.alphas_list[i] for i in rows),
+        )
