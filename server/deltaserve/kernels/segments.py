@@ -27,7 +27,9 @@ class Segments:
     lengths_list: tuple[int, ...]
     slots_list: tuple[int, ...]
     alphas_list: tuple[float, ...]
-    _splits: dict[int, tuple[Segments, Segments]] = field(default_factory=dict, repr=False, compare=False)
+    _splits: dict[int, tuple[Segments, Segments]] = field(
+        default_factory=dict, init=False, repr=False, compare=False
+    )
 
     @staticmethod
     def build(
