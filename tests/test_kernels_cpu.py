@@ -146,6 +146,20 @@ def test_fallback_to_reference_when_build_fails(tmp_path):
     assert proc.stderr.count("CPU kernels unavailable") == 1, proc.stderr[-3000:]
 
 
+def test_a_stale_build_lock_does_not_hang_loading(ext):
+    """A build killed mid-way leaves torch's `lock` file behind; the next process must still load
+    the kernels (torch alone would wait for that file forever) and remove it."""
+    from deltaserve.kernels.cpu_ext import _build_key, cache_root
+
+    build_dir = cache_root() / f"cpu_kernels_{_build_key()}"
+    (build_dir / "lock").touch()
+    code = "from deltaserve.kernels.ops import cpu_kernel_available as ok; assert ok(); print('LOADED')"
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0 and "LOADED" in proc.stdout, proc.stderr[-3000:]
+    assert "stale build lock" in proc.stderr
+    assert not (build_dir / "lock").exists()
+
+
 @pytest.mark.parametrize("row_scales", [True, False])
 def test_autograd_callers_get_gradients(ext, row_scales):
     case = make_case(k=64, n=12, lengths=[2, 3], slots=2, popularity="distinct", seed=4,

@@ -15,12 +15,15 @@ plain-torch reference.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import functools
 import hashlib
 import logging
 import os
 import platform
 import sys
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
@@ -85,6 +88,24 @@ def _build_key() -> str:
     return digest.hexdigest()[:16]
 
 
+@contextlib.contextmanager
+def _build_lock(build_dir: Path) -> Iterator[None]:
+    """Hold an advisory lock on build_dir for one build-and-load; the OS releases it when the
+    holder dies. torch's own lock is a file whose existence means "building", which a killed
+    build leaves behind, and every later load would wait for it forever; under this lock any
+    such file is stale (every builder holds this lock), so it is removed first."""
+    with open(build_dir / ".deltaserve-build.lock", "w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            stale = build_dir / "lock"
+            if stale.exists():
+                log.warning("removing a stale build lock left by an interrupted build: %s", stale)
+                stale.unlink(missing_ok=True)
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
 @functools.cache
 def load_cpu_extension() -> ModuleType | None:
     """The compiled module, or None (one warning logged) if it cannot be built or loaded."""
@@ -94,14 +115,15 @@ def load_cpu_extension() -> ModuleType | None:
     build_dir = cache_root() / f"cpu_kernels_{key}"
     try:
         build_dir.mkdir(parents=True, exist_ok=True)
-        return cpp_extension.load(
-            name=f"deltaserve_cpu_kernels_{key}",
-            sources=[str(src) for src in SOURCES],
-            extra_cflags=["-O3", "-fopenmp"],
-            extra_ldflags=["-fopenmp"],
-            build_directory=str(build_dir),
-            verbose=False,
-        )
+        with _build_lock(build_dir):
+            return cpp_extension.load(
+                name=f"deltaserve_cpu_kernels_{key}",
+                sources=[str(src) for src in SOURCES],
+                extra_cflags=["-O3", "-fopenmp"],
+                extra_ldflags=["-fopenmp"],
+                build_directory=str(build_dir),
+                verbose=False,
+            )
     except Exception as exc:  # compiler, ninja or loader missing: any failure means "no fast path"
         log.warning(
             "CPU kernels unavailable (%s: %s); using the slower plain-torch references",
