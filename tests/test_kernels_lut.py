@@ -6,7 +6,7 @@ import pytest
 import torch
 from deltaserve.deltas.packing import pack_signs
 from deltaserve.deltas.types import SignDelta
-from deltaserve.kernels.cpu_ext import ISA_AVX2, ISA_SCALAR, CpuKernelConfig, load_cpu_extension
+from deltaserve.kernels.cpu_ext import ISA_AVX2, ISA_AVX512, ISA_SCALAR, CpuKernelConfig, load_cpu_extension
 from deltaserve.kernels.lut_layout import from_lut, lut_shape, to_lut
 from deltaserve.kernels.ops import is_lut, sign_delta_matmul
 from deltaserve.kernels.reference import sign_delta_matmul_ref
@@ -74,7 +74,26 @@ def _check(case, bits: int, isa: int, gemm_min_tokens: int = 16) -> None:
 
 
 def _isas(ext) -> list[int]:
-    return [ISA_SCALAR] + ([ISA_AVX2] if ext.best_isa() >= ISA_AVX2 else [])
+    return [ISA_SCALAR] + [isa for isa in (ISA_AVX2, ISA_AVX512) if ext.best_isa() >= isa]
+
+
+@pytest.mark.parametrize("bits", [8, 16])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_avx512_lookups_equal_the_avx2_ones_bit_for_bit(ext, bits, dtype):
+    """Two groups per AVX-512 lookup give the AVX2 loop's integer sums: the outputs are identical."""
+    if ext.best_isa() < ISA_AVX512:
+        pytest.skip("this CPU has no AVX-512")
+    # K over several scale blocks and not a multiple of 128 (a short last block), ragged N, a
+    # segment long enough for the prefill path beside decode segments
+    case = make_case(k=1000, n=203, lengths=[1, 3, 0, 2, 17, 1], slots=4, popularity="zipf", dtype=dtype,
+                     seed=bits)
+    outs = []
+    for isa in (ISA_AVX2, ISA_AVX512):
+        config = CpuKernelConfig(isa_cap=isa, table_bits=bits, lut_gemm_min_tokens=16)
+        outs.append(sign_delta_matmul(case.x, case.y.clone(), to_lut(case.packed), case.scales, case.segments,
+                                      backend="cpu", cpu_config=config))
+    assert not torch.equal(outs[0], case.y)  # the deltas were added
+    assert torch.equal(outs[0], outs[1])
 
 
 @pytest.mark.parametrize("bits", [8, 16])

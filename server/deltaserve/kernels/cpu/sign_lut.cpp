@@ -22,6 +22,8 @@
 // half-step per lookup), times |a * scales[t, n]|: about 1% of the delta's size with 8 bits,
 // 256 times less with 16. The bits of a row block (G * 32 bytes) are read from memory once per
 // segment and reused from cache for the segment's other tokens.
+// Lookups run in AVX2, or with AVX-512BW two groups per instruction (same integer sums, so the
+// same outputs bit for bit), or in a portable scalar loop; isa_cap caps the choice.
 // Prefill segments: tiles of 64 rows are unpacked to +-1 fp32 and multiplied with BLAS (exact
 // products, fp32 sums), as sign_gemv.cpp does for the row layout.
 
@@ -190,6 +192,43 @@ __attribute__((target("avx2,fma"))) inline void widen_fma2(__m256i h, __m256i l,
   *hi = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_add_epi32(h1, l1)), s, *hi);
 }
 
+// end of a scale block: its int16 sums (even/odd rows of the low- and high-nibble lookups; with
+// 16 bits also those of the unsigned low-byte table) widened to fp32, times the block's scale
+template <int BITS>
+__attribute__((target("avx2,fma"))) inline void block_end(__m256i a0, __m256i a1, __m256i a2, __m256i a3, __m256i u0,
+                                                         __m256i u1, __m256i u2, __m256i u3, float scale,
+                                                         __m256* f) {
+  const __m256 s = _mm256_set1_ps(scale);
+  if (BITS == 8) {
+    widen_fma(a0, s, &f[0], &f[1]);
+    widen_fma(a1, s, &f[2], &f[3]);
+    widen_fma(a2, s, &f[4], &f[5]);
+    widen_fma(a3, s, &f[6], &f[7]);
+  } else {
+    widen_fma2(a0, u0, s, &f[0], &f[1]);
+    widen_fma2(a1, u1, s, &f[2], &f[3]);
+    widen_fma2(a2, u2, s, &f[4], &f[5]);
+    widen_fma2(a3, u3, s, &f[6], &f[7]);
+  }
+}
+
+// rows back in order: f[2h] holds the even rows of 16 (0, 2, .., 14 of rows 16 h .. 16 h + 15 in
+// two 4-row lanes), f[2h + 2] the odd ones; within each 128-bit lane unpacklo/hi interleave them
+// into rows (0-3 | 8-11) and (4-7 | 12-15), and the lane permutes make 0-7 and 8-15
+__attribute__((target("avx2,fma"))) inline void store_rows(const __m256* f, float* out) {
+  for (int q = 0; q < 4; ++q) {  // q: rows 16 q .. 16 q + 15, from f[e] (even) and f[e + 2] (odd)
+    const int e = (q / 2) * 4 + (q % 2);
+    const __m256 lo = _mm256_unpacklo_ps(f[e], f[e + 2]), hi = _mm256_unpackhi_ps(f[e], f[e + 2]);
+    _mm256_storeu_ps(out + 16 * q, _mm256_permute2f128_ps(lo, hi, 0x20));
+    _mm256_storeu_ps(out + 16 * q + 8, _mm256_permute2f128_ps(lo, hi, 0x31));
+  }
+}
+
+// the int16 sums of the two groups of a 512-bit accumulator (low and high 256 bits) added
+__attribute__((target("avx512f,avx512bw,avx2"))) inline __m256i fold16(__m512i a) {
+  return _mm256_add_epi16(_mm512_castsi512_si256(a), _mm512_extracti64x4_epi64(a, 1));
+}
+
 template <int BITS>
 __attribute__((target("avx2,fma"))) void lut_block_avx2(const uint8_t* w, const int8_t* hi, const uint8_t* lo,
                                                          const float* scales, int64_t G, float* out) {
@@ -227,28 +266,58 @@ __attribute__((target("avx2,fma"))) void lut_block_avx2(const uint8_t* w, const 
         u3 = _mm256_add_epi16(u3, _mm256_maddubs_epi16(uh, odd));
       }
     }
-    const __m256 s = _mm256_set1_ps(scales[b0 / kBlock]);
-    if (BITS == 8) {
-      widen_fma(a0, s, &f[0], &f[1]);
-      widen_fma(a1, s, &f[2], &f[3]);
-      widen_fma(a2, s, &f[4], &f[5]);
-      widen_fma(a3, s, &f[6], &f[7]);
-    } else {
-      widen_fma2(a0, u0, s, &f[0], &f[1]);
-      widen_fma2(a1, u1, s, &f[2], &f[3]);
-      widen_fma2(a2, u2, s, &f[4], &f[5]);
-      widen_fma2(a3, u3, s, &f[6], &f[7]);
+    block_end<BITS>(a0, a1, a2, a3, u0, u1, u2, u3, scales[b0 / kBlock], f);
+  }
+  store_rows(f, out);
+}
+
+// AVX-512BW: the same lookups two groups at a time. One 64-byte load holds the bits of groups j
+// (bytes 0-31) and j + 1 (32-63); their two tables go to 128-bit lanes 0-1 and 2-3, so one
+// vpshufb looks up 32 rows of both groups. The int16 sums of the two halves are added at the
+// end of each scale block, which gives exactly the AVX2 loop's integer sums (the same entries
+// added in another order, exact in int16), so the outputs are bitwise those of lut_block_avx2.
+// G is a multiple of 8, so every scale block has an even number of groups.
+template <int BITS>
+__attribute__((target("avx512f,avx512bw,avx2,fma"))) void lut_block_avx512(const uint8_t* w, const int8_t* hi,
+                                                                          const uint8_t* lo, const float* scales,
+                                                                          int64_t G, float* out) {
+  const __m512i m4 = _mm512_set1_epi8(0x0F);
+  const __m512i even = _mm512_set1_epi16(0x0001), odd = _mm512_set1_epi16(0x0100);
+  __m256 f[8];
+  for (int i = 0; i < 8; ++i) f[i] = _mm256_setzero_ps();
+  for (int64_t b0 = 0; b0 < G; b0 += kBlock) {
+    const int64_t b1 = std::min(G, b0 + kBlock);
+    __m512i a0 = _mm512_setzero_si512(), a1 = a0, a2 = a0, a3 = a0;
+    __m512i u0 = a0, u1 = a0, u2 = a0, u3 = a0;
+    for (int64_t j = b0; j < b1; j += 2) {
+      _mm_prefetch(reinterpret_cast<const char*>(w + 32 * j + kPrefetch), _MM_HINT_T0);
+      const __m512i v = _mm512_loadu_si512(reinterpret_cast<const void*>(w + 32 * j));
+      const __m512i il = _mm512_and_si512(v, m4);
+      const __m512i ih = _mm512_and_si512(_mm512_srli_epi16(v, 4), m4);
+      // tables of groups j and j + 1 (16 bytes each, adjacent) into lanes (j, j, j + 1, j + 1)
+      const __m512i tp = _mm512_castsi256_si512(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(hi + 16 * j)));
+      const __m512i t = _mm512_shuffle_i64x2(tp, tp, 0x50);
+      const __m512i rl = _mm512_shuffle_epi8(t, il);
+      const __m512i rh = _mm512_shuffle_epi8(t, ih);
+      a0 = _mm512_add_epi16(a0, _mm512_maddubs_epi16(even, rl));
+      a1 = _mm512_add_epi16(a1, _mm512_maddubs_epi16(odd, rl));
+      a2 = _mm512_add_epi16(a2, _mm512_maddubs_epi16(even, rh));
+      a3 = _mm512_add_epi16(a3, _mm512_maddubs_epi16(odd, rh));
+      if (BITS == 16) {
+        const __m512i up = _mm512_castsi256_si512(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(lo + 16 * j)));
+        const __m512i tu = _mm512_shuffle_i64x2(up, up, 0x50);
+        const __m512i ul = _mm512_shuffle_epi8(tu, il);
+        const __m512i uh = _mm512_shuffle_epi8(tu, ih);
+        u0 = _mm512_add_epi16(u0, _mm512_maddubs_epi16(ul, even));
+        u1 = _mm512_add_epi16(u1, _mm512_maddubs_epi16(ul, odd));
+        u2 = _mm512_add_epi16(u2, _mm512_maddubs_epi16(uh, even));
+        u3 = _mm512_add_epi16(u3, _mm512_maddubs_epi16(uh, odd));
+      }
     }
+    block_end<BITS>(fold16(a0), fold16(a1), fold16(a2), fold16(a3), fold16(u0), fold16(u1), fold16(u2),
+                    fold16(u3), scales[b0 / kBlock], f);
   }
-  // rows back in order: f[2h] holds the even rows of 16 (0, 2, .., 14 of rows 16 h .. 16 h + 15 in
-  // two 4-row lanes), f[2h + 2] the odd ones; within each 128-bit lane unpacklo/hi interleave them
-  // into rows (0-3 | 8-11) and (4-7 | 12-15), and the lane permutes make 0-7 and 8-15
-  for (int q = 0; q < 4; ++q) {  // q: rows 16 q .. 16 q + 15, from f[e] (even) and f[e + 2] (odd)
-    const int e = (q / 2) * 4 + (q % 2);
-    const __m256 lo = _mm256_unpacklo_ps(f[e], f[e + 2]), hi = _mm256_unpackhi_ps(f[e], f[e + 2]);
-    _mm256_storeu_ps(out + 16 * q, _mm256_permute2f128_ps(lo, hi, 0x20));
-    _mm256_storeu_ps(out + 16 * q + 8, _mm256_permute2f128_ps(lo, hi, 0x31));
-  }
+  store_rows(f, out);
 }
 
 // y[0..63] += (alpha * scales[r]) * acc[r] for a full 64-row block of fp32 outputs.
@@ -274,7 +343,7 @@ struct Job {
 };
 
 template <typename T, int BITS>
-void run_decode(bool avx2, const std::vector<Job>& jobs, const float* xpad, int64_t T_, int64_t Kp, int64_t G,
+void run_decode(int isa, const std::vector<Job>& jobs, const float* xpad, int64_t T_, int64_t Kp, int64_t G,
                 T* y, int64_t ys) {
   // tables of every token of a decode segment, built once for all jobs (in parallel over tokens)
   std::vector<int64_t> row_of(T_, -1), tok;
@@ -294,7 +363,7 @@ void run_decode(bool avx2, const std::vector<Job>& jobs, const float* xpad, int6
     for (int64_t i = b; i < e; ++i) {
       int8_t* hi = his.data() + i * G * 16;
       uint8_t* lo = BITS == 16 ? los.data() + i * G * 16 : nullptr;
-      if (avx2) {
+      if (isa >= 1) {
         build_tables_avx2<BITS>(xpad + tok[i] * Kp, G, hi, lo, scales.data() + i * nblk);
       } else {
         build_tables<BITS>(xpad + tok[i] * Kp, G, hi, lo, scales.data() + i * nblk);
@@ -331,14 +400,16 @@ void run_decode(bool avx2, const std::vector<Job>& jobs, const float* xpad, int6
           const int8_t* hi = his.data() + i * G * 16;
           const uint8_t* lo = BITS == 16 ? los.data() + i * G * 16 : nullptr;
           const float* sc = scales.data() + i * nblk;
-          if (avx2) {
+          if (isa >= 2) {
+            lut_block_avx512<BITS>(w, hi, lo, sc, G, acc);
+          } else if (isa == 1) {
             lut_block_avx2<BITS>(w, hi, lo, sc, G, acc);
           } else {
             lut_block_scalar<BITS>(w, hi, lo, sc, G, acc);
           }
           T* yr = y + t * ys + job.col + item.rb * kRows;
           const float* sr = sg->scales + item.rb * kRows;
-          if (std::is_same<T, float>::value && avx2 && rows == kRows) {
+          if (std::is_same<T, float>::value && isa >= 1 && rows == kRows) {
             emit_rows_avx2(reinterpret_cast<float*>(yr), sg->alpha, sr, acc);
           } else {
             for (int64_t r = 0; r < rows; ++r) emit<T>(yr + r, sg->alpha * sr[r], acc[r]);
@@ -412,13 +483,13 @@ void run_prefill(const std::vector<std::pair<const Job*, const Seg*>>& planes, c
 }
 
 template <typename T>
-void dispatch(bool avx2, int64_t bits, const std::vector<Job>& jobs, const at::Tensor& xpad, int64_t G,
+void dispatch(int isa, int64_t bits, const std::vector<Job>& jobs, const at::Tensor& xpad, int64_t G,
               at::Tensor& y) {
   T* yp = y.data_ptr<T>();
   const int64_t ys = y.stride(0);
   const float* xp = xpad.data_ptr<float>();
-  if (bits == 8) run_decode<T, 8>(avx2, jobs, xp, xpad.size(0), xpad.size(1), G, yp, ys);
-  if (bits == 16) run_decode<T, 16>(avx2, jobs, xp, xpad.size(0), xpad.size(1), G, yp, ys);
+  if (bits == 8) run_decode<T, 8>(isa, jobs, xp, xpad.size(0), xpad.size(1), G, yp, ys);
+  if (bits == 16) run_decode<T, 16>(isa, jobs, xp, xpad.size(0), xpad.size(1), G, yp, ys);
   for (size_t j = 0; j < jobs.size(); ++j) {
     if (j > 0 && jobs[j].part == jobs[j - 1].part) continue;  // planes go with their part's first job
     for (const Seg& s : jobs[j].pre) {
@@ -493,11 +564,13 @@ void sign_lut_matmul_jobs(const at::Tensor& x, at::Tensor& y, const std::vector<
     xpad.narrow(1, 0, K).copy_(x);
   }
   __builtin_cpu_init();
-  const bool avx2 = isa_cap >= 1 && __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  // 0 scalar, 1 AVX2, 2 AVX-512BW lookups (tables and emit stay AVX2), capped by isa_cap
+  int isa = isa_cap >= 1 && __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") ? 1 : 0;
+  if (isa == 1 && isa_cap >= 2 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw")) isa = 2;
   switch (y.scalar_type()) {
-    case at::kFloat: dispatch<float>(avx2, table_bits, jobs, xpad, G, y); break;
-    case at::kBFloat16: dispatch<at::BFloat16>(avx2, table_bits, jobs, xpad, G, y); break;
-    case at::kHalf: dispatch<at::Half>(avx2, table_bits, jobs, xpad, G, y); break;
+    case at::kFloat: dispatch<float>(isa, table_bits, jobs, xpad, G, y); break;
+    case at::kBFloat16: dispatch<at::BFloat16>(isa, table_bits, jobs, xpad, G, y); break;
+    case at::kHalf: dispatch<at::Half>(isa, table_bits, jobs, xpad, G, y); break;
     default: TORCH_CHECK(false, "y must be fp32, bf16 or fp16");
   }
 }
