@@ -102,11 +102,16 @@ def _delta(n: int = 24, k: int = 40, seed: int = 0) -> torch.Tensor:
     return torch.randn(n, k, generator=g) * torch.rand(n, k, generator=g)
 
 
-def test_codec_encodes_each_matrix_with_its_bits_and_loads_packed():
-    codec = make_codec("bitdelta-auto", {"budget_bits_per_weight": 2, "allocation": {"a": 0, "b": 1, "c": 3}})
-    assert codec.params() == {"budget_bits_per_weight": 2.0, "allocation": {"a": 0, "b": 1, "c": 3}}
+@pytest.mark.parametrize("levels", ["mean", "additive"])
+def test_codec_encodes_each_matrix_with_its_bits_and_loads_packed(levels):
+    codec = make_codec("bitdelta-auto", {"budget_bits_per_weight": 2, "allocation": {"a": 0, "b": 1, "c": 3},
+                                         "levels": levels})
+    assert codec.params() == {"budget_bits_per_weight": 2.0, "allocation": {"a": 0, "b": 1, "c": 3},
+                              "levels": levels}
     again = codec_from_header("bitdelta-auto", json.dumps(codec.params()))
     assert again == codec
+    old_header = {"budget_bits_per_weight": 2.0, "allocation": {"a": 0}}  # files written before `levels`
+    assert codec_from_header("bitdelta-auto", json.dumps(old_header)).levels == "mean"
     for key, b in codec.allocation.items():
         delta = _delta(seed=b)
         parts = codec.encode(delta, key=key)
@@ -115,9 +120,12 @@ def test_codec_encodes_each_matrix_with_its_bits_and_loads_packed():
             ref = make_codec("bitdelta")
             assert set(parts) == {"signs", "scale"} and isinstance(lin, SignDelta)
         else:
-            ref = make_codec("bitdelta-mb", {"magnitude_bits": b})
+            ref = make_codec("bitdelta-mb", {"magnitude_bits": b, "levels": levels})
             assert parts["planes"].shape[0] == b and isinstance(lin, SignPlanesDelta)
-            assert 2 <= lin.num_planes <= 2**b
+            if levels == "additive":
+                assert lin.num_planes == 1 + b  # levels linear in the code bits
+            else:
+                assert 2 <= lin.num_planes <= 2**b
         want = ref.load(ref.encode(delta, key=key), 24, 40, key=key, dtype=torch.float32).decode()
         assert torch.equal(lin.decode(), want)
         assert codec.sign_bytes(parts) == parts["signs"].numel() * 4
@@ -129,6 +137,8 @@ def test_codec_encodes_each_matrix_with_its_bits_and_loads_packed():
         make_codec("bitdelta-auto", {"budget_bits_per_weight": 0.5})
     with pytest.raises(InvalidArgumentError, match="outside"):
         BitDeltaAutoCodec(2.0, {"a": 4})
+    with pytest.raises(InvalidArgumentError, match="--levels"):
+        BitDeltaAutoCodec(2.0, {"a": 1}, levels="median")
 
 
 @pytest.fixture(scope="module")
@@ -203,6 +213,10 @@ def test_planner_config_errors(tmp_path):
     assert AllocateConfig(2.0, calib, choices=(2, 0)).choices == (0, 2)
     assert spec_from_label("bitdelta-auto").options == {"budget_bits_per_weight": 2.0}
     assert spec_from_label("bitdelta-auto-b1.5").options == {"budget_bits_per_weight": 1.5}
+    assert spec_from_label("bitdelta-auto-b1.5-additive").options == {"budget_bits_per_weight": 1.5,
+                                                                      "levels": "additive"}
+    with pytest.raises(InvalidArgumentError, match="--levels"):
+        AllocateConfig(2.0, calib, levels="median")
     with pytest.raises(InvalidArgumentError, match=">= 1"):
         spec_from_label("bitdelta-auto-b0.5")
 
@@ -223,7 +237,8 @@ def test_compress_cli_writes_the_plan_and_inspect_reads_it(tiny_dir, tmp_path, c
     assert rc == 0
     report = json.loads(capsys.readouterr().out)
     allocation = report["plan"]["allocation"]
-    assert report["codec_params"] == {"budget_bits_per_weight": 1.5, "allocation": allocation}
+    want_params = {"budget_bits_per_weight": 1.5, "allocation": allocation, "levels": "mean"}
+    assert report["codec_params"] == want_params
     assert report["plan"]["bits_per_weight"] <= 1.5 and report["plan"]["loss"] == "every token"
     assert report["plan"]["samples"] == 6 and report["plan"]["steps"] == 1
     enc = read_delta(out)
@@ -303,13 +318,19 @@ def test_eval_row_plans_on_the_eval_calibration_file(tiny_dir, tmp_path):
     evalset.write_text("".join(json.dumps({"prompt": p, "answer": "t4 t5"}) + "\n" for p in prompts))
     out = tmp_path / "out"
     argv = ["eval", "--base", str(base), "--tenant", f"t={ft}", "--eval-set", f"t={evalset}", "--n", "4",
-            "--logit-n", "2", "--max-new-tokens", "2", "--codecs", "bitdelta-auto-b1.5,bitdelta-auto",
-            "--out", str(out), "--no-progress", "--json"]
+            "--logit-n", "2", "--max-new-tokens", "2", "--codecs",
+            "bitdelta-auto-b1.5,bitdelta-auto,bitdelta-auto-additive", "--out", str(out), "--no-progress",
+            "--json"]
     assert main(argv) == 0
     rows = {r["codec"]: r for r in json.loads((out / "results.json").read_text())["rows"]}
-    assert list(rows) == ["base", "raw", "bitdelta-auto-b1.5", "bitdelta-auto"]
+    assert list(rows) == ["base", "raw", "bitdelta-auto-b1.5", "bitdelta-auto", "bitdelta-auto-additive"]
     written = {label: read_delta(out / "deltas" / "t" / f"{label}.delta.safetensors")
-               for label in ("bitdelta-auto-b1.5", "bitdelta-auto")}
+               for label in ("bitdelta-auto-b1.5", "bitdelta-auto", "bitdelta-auto-additive")}
+    additive = written.pop("bitdelta-auto-additive")
+    # planned on the edits it makes: the uniform edits were encoded with additive levels too
+    assert additive.meta.codec_params["levels"] == "additive"
+    assert additive.stats["allocation_plan"]["levels"] == "additive"
+    assert written["bitdelta-auto"].meta.codec_params["levels"] == "mean"
     assert written["bitdelta-auto-b1.5"].meta.codec_params["budget_bits_per_weight"] == 1.5
     assert written["bitdelta-auto"].meta.codec_params["budget_bits_per_weight"] == 2.0
     for enc in written.values():

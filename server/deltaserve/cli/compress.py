@@ -105,7 +105,7 @@ def add_codec_arguments(parser: argparse.ArgumentParser) -> None:
     codec.add_argument(
         "--levels",
         choices=("mean", "additive"),
-        help="bitdelta-mb: bucket means (mean, the default) or levels linear in the code bits "
+        help="bitdelta-mb, bitdelta-auto: bucket means (mean, the default) or levels linear in the code bits "
         "(additive: lower error, served as 1 + b one-bit planes instead of up to 2^b)",
     )
     codec.add_argument(

@@ -34,6 +34,7 @@ import torch
 from tqdm import tqdm
 
 from deltaserve.deltas.codecs.bitdelta_auto import MAX_AUTO_BITS, BitDeltaAutoCodec
+from deltaserve.deltas.codecs.bitdelta_mb import check_levels
 from deltaserve.errors import InvalidArgumentError
 
 DEFAULT_CHOICES = (0, 1, 2, 3)
@@ -53,6 +54,7 @@ class AllocateConfig:
     samples: int = 32
     seq_len: int = 128
     batch_size: int = 4
+    levels: str = "mean"
 
     def __post_init__(self) -> None:
         b = self.budget_bits_per_weight
@@ -74,6 +76,7 @@ class AllocateConfig:
             raise InvalidArgumentError(
                 "planning needs steps >= 1, samples >= 1, seq_len >= 2 and batch_size >= 1"
             )
+        check_levels(self.levels)
         object.__setattr__(self, "choices", tuple(sorted(choices)))
 
 
@@ -105,13 +108,14 @@ class AllocationPlan:
     target_tokens: int
     steps: int
     seconds: float
+    levels: str = "mean"
 
     def counts(self) -> dict[int, int]:
         """b -> how many matrices got it (every choice listed)."""
         return {b: sum(v == b for v in self.allocation.values()) for b in self.choices}
 
     def codec(self) -> BitDeltaAutoCodec:
-        return BitDeltaAutoCodec(self.budget_bits_per_weight, dict(self.allocation))
+        return BitDeltaAutoCodec(self.budget_bits_per_weight, dict(self.allocation), levels=self.levels)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -181,16 +185,16 @@ def calibration_batches(
     return batches, "every token", int(samples.shape[0])
 
 
-def uniform_directions(base: Path, finetuned: Path, b: int) -> dict[str, torch.Tensor]:
-    """{parameter name: ΔW̃} of every block linear encoded with b bits: decode(encode(delta)) −
-    delta, decoded as the engine loads it (fp32)."""
+def uniform_directions(base: Path, finetuned: Path, b: int, levels: str = "mean") -> dict[str, torch.Tensor]:
+    """{parameter name: ΔW̃} of every block linear encoded with b bits (and `levels`' fit):
+    decode(encode(delta)) − delta, decoded as the engine loads it (fp32)."""
     from deltaserve.deltas.layout import is_block_linear, module_name
     from deltaserve.models.checkpoint import CheckpointReader
 
     out: dict[str, torch.Tensor] = {}
     with CheckpointReader(base) as rb, CheckpointReader(finetuned) as rf:
         names = [n for n in rb.names if is_block_linear(n, 2)]
-        codec = BitDeltaAutoCodec(1 + b, {module_name(n): b for n in names})
+        codec = BitDeltaAutoCodec(1 + b, {module_name(n): b for n in names}, levels=levels)
         for name in names:
             w = rb.get(name)
             if w.dim() != 2:
@@ -234,7 +238,7 @@ def plan_allocation(
     numel: dict[str, int] = {}
     for b in cfg.choices:
         bar.set_postfix(b=b)
-        dirs = uniform_directions(base, finetuned, b)
+        dirs = uniform_directions(base, finetuned, b, cfg.levels)
         numel = {module_name(n): d.numel() for n, d in dirs.items()}
         r = riemann_estimate(model, dirs, batches, cfg.steps, loss_post, on_batch=lambda: bar.update(1))
         del dirs
@@ -262,6 +266,7 @@ def plan_allocation(
         target_tokens=sum(target_tokens(x) for x in batches),
         steps=cfg.steps,
         seconds=round(time.perf_counter() - start, 2),
+        levels=cfg.levels,
     )
 
 
@@ -276,4 +281,4 @@ def planner_for(codec, calib: Path | None, **options) -> AllocateConfig | None:
             "(text, token ids or chat examples)"
         )
     given = {k: v for k, v in options.items() if v is not None}
-    return AllocateConfig(codec.budget_bits_per_weight, Path(calib), **given)
+    return AllocateConfig(codec.budget_bits_per_weight, Path(calib), **given, levels=codec.levels)

@@ -39,7 +39,8 @@ CODEC_SPECS: dict[str, CodecSpec] = {
 
 
 # parametrised labels beyond the table: bitdelta-mb<B>[-additive], dare-p<P>[-k<K>], lowrank-r<R>,
-# bitdelta-auto[-b<B>] (B bits per weight, 2 by default, planned on the eval's calibration file)
+# bitdelta-auto[-b<B>][-additive] (B bits per weight, 2 by default, planned on the eval's
+# calibration file; -additive: additive levels for its multi-bit matrices)
 _NUM = r"(-?\d+(?:\.\d+)?)"
 _PATTERNS = (
     (
@@ -48,9 +49,9 @@ _PATTERNS = (
         lambda m: {"magnitude_bits": int(m[1]), **({"levels": "additive"} if m[2] else {})},
     ),
     (
-        re.compile(rf"bitdelta-auto(?:-b{_NUM})?"),
+        re.compile(rf"bitdelta-auto(?:-b{_NUM})?(-additive)?"),
         "bitdelta-auto",
-        lambda m: {"budget_bits_per_weight": float(m[1] or 2.0)},
+        lambda m: {"budget_bits_per_weight": float(m[1] or 2.0), **({"levels": "additive"} if m[2] else {})},
     ),
     (
         re.compile(rf"dare-p{_NUM}(?:-k{_NUM})?"),
@@ -65,7 +66,7 @@ _BARE = ("bitdelta", "bitdelta-mb", "dare", "lowrank")  # a bare codec name: its
 def spec_from_label(label: str) -> CodecSpec:
     """The row of a label: a CODEC_SPECS label, a bare codec name (its default options), or a
     parametrised label (bitdelta-mb3, bitdelta-mb2-additive, dare-p0.5, dare-p0.9-k0.5, lowrank-r64,
-    bitdelta-auto-b1.5).
+    bitdelta-auto-b1.5, bitdelta-auto-additive).
     InvalidArgumentError for anything else, or for options the codec rejects."""
     if label in CODEC_SPECS:
         return CODEC_SPECS[label]
@@ -81,7 +82,7 @@ def spec_from_label(label: str) -> CodecSpec:
     raise InvalidArgumentError(
         f"unknown codec row {label}; choose from {', '.join(CODEC_SPECS)}, a bare codec name "
         f"({', '.join(_BARE)}) or bitdelta-mb<B>[-additive], dare-p<P>[-k<K>], lowrank-r<R>, "
-        "bitdelta-auto[-b<B>]"
+        "bitdelta-auto[-b<B>][-additive]"
     )
 
 

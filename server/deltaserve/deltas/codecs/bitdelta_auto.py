@@ -7,7 +7,8 @@ MAX_AUTO_BITS, so every matrix is served packed (SignDelta, or SignPlanesDelta w
 2^b <= 8 planes) by the existing 1-bit kernels. The allocation is chosen by the loss-guided
 planner (deltaserve.deltas.allocate, `deltaserve compress --codec bitdelta-auto --calib FILE`)
 and recorded in `codec_params` with the budget it was planned for, so a file loads back
-through the registry alone.
+through the registry alone. `levels` is bitdelta-mb's level fit for the b >= 1 matrices: with
+"additive" each is exactly 1 + b planes (bitdelta_mb), with "mean" up to 2^b.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import torch
 
 from deltaserve.deltas.codecs.base import Codec
 from deltaserve.deltas.codecs.bitdelta import BitDeltaCodec
-from deltaserve.deltas.codecs.bitdelta_mb import MultiBitDeltaCodec
+from deltaserve.deltas.codecs.bitdelta_mb import MultiBitDeltaCodec, check_levels
 from deltaserve.deltas.types import LinearDelta
 from deltaserve.errors import DeltaFormatError, InvalidArgumentError
 
@@ -30,11 +31,13 @@ MAX_AUTO_BITS = 3
 @dataclass(frozen=True)
 class BitDeltaAutoCodec(Codec):
     """budget_bits_per_weight: the budget the allocation was planned under (>= 1; recorded, the
-    planner enforces it); allocation: module name -> magnitude bits b in [0, MAX_AUTO_BITS]."""
+    planner enforces it); allocation: module name -> magnitude bits b in [0, MAX_AUTO_BITS];
+    levels: the level fit of the b >= 1 matrices ("mean" or "additive", as bitdelta-mb's)."""
 
     name: ClassVar[str] = "bitdelta-auto"
     budget_bits_per_weight: float = 2.0
     allocation: dict[str, int] = field(default_factory=dict, hash=False)
+    levels: str = "mean"
 
     def __post_init__(self) -> None:
         budget = self.budget_bits_per_weight
@@ -50,11 +53,16 @@ class BitDeltaAutoCodec(Codec):
                 raise InvalidArgumentError(f"allocation entry {key!r}: {b!r} is not name -> integer bits")
             if not 0 <= b <= MAX_AUTO_BITS:
                 raise InvalidArgumentError(f"allocation of {key}: b = {b} is outside [0, {MAX_AUTO_BITS}]")
+        check_levels(self.levels)
         object.__setattr__(self, "budget_bits_per_weight", float(budget))
         object.__setattr__(self, "allocation", dict(sorted(self.allocation.items())))
 
     def params(self) -> dict:
-        return {"budget_bits_per_weight": self.budget_bits_per_weight, "allocation": dict(self.allocation)}
+        return {
+            "budget_bits_per_weight": self.budget_bits_per_weight,
+            "allocation": dict(self.allocation),
+            "levels": self.levels,
+        }
 
     def bits_of(self, key: str) -> int:
         """b of the matrix `key` (InvalidArgumentError when the allocation has no entry for it)."""
@@ -69,7 +77,7 @@ class BitDeltaAutoCodec(Codec):
         b = self.bits_of(key)
         if b == 0:
             return BitDeltaCodec().encode(delta, key=key)
-        return MultiBitDeltaCodec(b).encode(delta, key=key)
+        return MultiBitDeltaCodec(b, levels=self.levels).encode(delta, key=key)
 
     def load(self, parts, out_features, in_features, *, key, dtype) -> LinearDelta:
         want = self.allocation.get(key)

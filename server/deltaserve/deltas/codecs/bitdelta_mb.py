@@ -48,6 +48,12 @@ LEVEL_FITS = ("mean", "additive")
 _DROP = 2.0**-21
 
 
+def check_levels(levels: str) -> None:
+    """InvalidArgumentError unless `levels` names a level fit (LEVEL_FITS)."""
+    if levels not in LEVEL_FITS:
+        raise InvalidArgumentError(f"--levels must be one of {', '.join(LEVEL_FITS)}, got {levels!r}")
+
+
 @dataclass(frozen=True)
 class MultiBitDeltaCodec(Codec):
     name: ClassVar[str] = "bitdelta-mb"
@@ -59,10 +65,7 @@ class MultiBitDeltaCodec(Codec):
             raise InvalidArgumentError(
                 f"--magnitude-bits must be an integer in [1, {MAX_BITS}], got {self.magnitude_bits!r}"
             )
-        if self.levels not in LEVEL_FITS:
-            raise InvalidArgumentError(
-                f"--levels must be one of {', '.join(LEVEL_FITS)}, got {self.levels!r}"
-            )
+        check_levels(self.levels)
 
     def bucket_codes(self, magnitude: torch.Tensor) -> torch.Tensor:
         """int64 bucket code of every element of a 1-D fp32 magnitude vector (see module doc).
