@@ -29,6 +29,7 @@ elif [[ "$DRY" != 1 ]]; then
     echo "warning: no gpu-wheels/ (run make gpu-wheels where PyPI is reachable); using the image's packages"
 fi
 export PYTHONPATH="$PWD/server:$PWD/client${SITE:+:$SITE}${PYTHONPATH:+:$PYTHONPATH}"
+export PYTHONUNBUFFERED=1
 export TRITON_DEFAULT_FP_FUSION="${TRITON_DEFAULT_FP_FUSION:-1}"
 
 args=(--out "$OUT_DIR")

@@ -199,9 +199,10 @@ class PinnedSwap:
             dst.copy_(src)
 
 
-def run(config: E2EConfig, log=print) -> dict:
+def run(config: E2EConfig, log=print, checkpoint=None) -> dict:
     """Every point of the benchmark (see the module doc); one part's failure is recorded under
-    "errors" and the others still run."""
+    "errors" and the others still run. `checkpoint(result)`, when given, is called after every
+    point with the result so far (so a run cut short by a deadline still leaves its points)."""
     from deltaserve.bench.kernel import BenchConfig, _Timer, measure_bandwidth_gbps
     from deltaserve.engine.config import DTYPES, EngineConfig
     from deltaserve.engine.llm_engine import LLMEngine
@@ -242,6 +243,8 @@ def run(config: E2EConfig, log=print) -> dict:
             log(f"{name} {n}: FAILED {exc}")
             return None
         result["points"].append(p)
+        if checkpoint is not None:
+            checkpoint(result)
         log(f"{name:7s} {n:3d}: {p.get('tok_per_s')} tok/s, decode step {p.get('decode_step_ms')} ms")
         return p
 
@@ -344,8 +347,11 @@ def main(argv: list[str] | None = None) -> int:
                            prompt_len=8, new_tokens=4, copy_mib=8)
     else:
         config = E2EConfig(args.workdir, args.device, args.dtype)
-    result = run(config, log=lambda m: print(m, flush=True))
-    args.out.write_text(json.dumps(result, indent=2))
+    def write(result: dict) -> None:
+        args.out.write_text(json.dumps(result, indent=2))
+
+    result = run(config, log=lambda m: print(m, flush=True), checkpoint=write)
+    write(result)
     return 1 if result["errors"] else 0
 
 

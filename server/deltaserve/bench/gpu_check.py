@@ -48,9 +48,10 @@ def parts(out: Path, workdir: Path, dry: bool) -> list[Part]:
     e2e = [py, "-m", "deltaserve.bench.device_e2e", "--workdir", str(workdir), "--out", str(out / "e2e.json")]
     e2e += ["--tiny", "--device", "cpu", "--dtype", "float32"] if dry else ["--device", "cuda"]
     return [
-        Part("gpu_tests", pytest, 150, "gpu_tests.txt"),
+        Part("gpu_tests", pytest, 170, "gpu_tests.txt"),
         Part("kernel_bf16", [*kernel, "--dtype", "bfloat16"], 70, "kernel_bf16.json"),
-        Part("kernel_fp16", [*kernel, "--dtype", "float16"], 70, "kernel_fp16.json"),
+        Part("kernel_fp16", [*kernel, "--dtype", "float16", *([] if dry else ["--quick"])], 50,
+             "kernel_fp16.json"),
         Part("e2e", e2e, 300),
     ]
 
