@@ -74,6 +74,25 @@ KERNELS: tuple[TritonKernel, ...] = (
         dtype_constexprs=_prefill_constexprs,
         gemv=False,
     ),
+    TritonKernel(
+        name="sign_decode_xor",
+        module="deltaserve.kernels.triton_decode",
+        function="_decode_xor_kernel",
+        configs="XOR_CONFIGS",
+        arg_types=(*_SEGMENT_ARGS, ("N", "i32"), ("K", "i32"), ("KW", "i32"), ("G_BUCKET", "i32"), *_STRIDES),
+        dtype_constexprs=_no_constexprs,
+        gemv=True,
+    ),
+    TritonKernel(
+        name="sign_decode_lut",
+        module="deltaserve.kernels.triton_decode",
+        function="_decode_lut_kernel",
+        configs="LUT_CONFIGS",
+        arg_types=(("tab_ptr", "*fp32"), *_SEGMENT_ARGS[1:], ("N", "i32"), ("KW", "i32"), ("G_BUCKET", "i32"),
+                   ("stride_tt", "i32"), *_STRIDES[1:]),
+        dtype_constexprs=_no_constexprs,
+        gemv=True,
+    ),
 )
 
 
