@@ -204,3 +204,24 @@ def test_model_layer_shapes(ext, k, n):
     # SmolLM2-135M k/v and down projections, a Qwen2-7B k/v projection: decode and prefill segments
     case = make_case(k=k, n=n, lengths=[1, 1, 17], slots=2, dtype=torch.bfloat16, seed=k)
     _check(case, CpuKernelConfig())
+
+
+def test_cpu_kernels_can_be_switched_off(tmp_path):
+    """DELTASERVE_CPU_KERNELS=0: nothing is built, the plain-torch references run (and agree)."""
+    script = (
+        "import torch\n"
+        "from deltaserve.kernels.cpu_ext import load_cpu_extension\n"
+        "from deltaserve.kernels.ops import sign_delta_matmul\n"
+        "from deltaserve.kernels.reference import sign_delta_matmul_ref\n"
+        "from deltaserve.kernels.segments import Segments\n"
+        "assert load_cpu_extension() is None\n"
+        "x = torch.randn(3, 70); packed = torch.randint(-2**31, 2**31 - 1, (2, 9, 3), dtype=torch.int32)\n"
+        "s = torch.rand(2, 9); seg = Segments.build([0, 1], [1, 2], [1, 0], [1.0, -0.5])\n"
+        "got = sign_delta_matmul(x, torch.zeros(3, 9), packed, s, seg)\n"
+        "assert torch.allclose(got, sign_delta_matmul_ref(x, torch.zeros(3, 9), packed, s, seg))\n"
+    )
+    env = dict(os.environ, DELTASERVE_CPU_KERNELS="0", DELTASERVE_CACHE=str(tmp_path))
+    proc = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert list(tmp_path.iterdir()) == []  # no build was even started

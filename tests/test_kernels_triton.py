@@ -130,3 +130,50 @@ def test_cuda_model_layer_shapes(k, n):
         want = sign_delta_matmul_ref(case.x, case.y.clone(), case.packed, case.scales, case.segments)
         got = sign_delta_matmul(case.x, case.y.clone(), case.packed, case.scales, case.segments)
         torch.testing.assert_close(got.float(), want.float(), rtol=1.6e-2, atol=1.6e-2)
+
+
+_VARIANTS_SCRIPT = textwrap.dedent(
+    """
+    import json, sys
+    sys.path.insert(0, sys.argv[1])
+    import torch
+    from test_kernels_cases import make_case, tolerance
+    from deltaserve.kernels import triton_decode as td
+    from deltaserve.kernels.reference import sign_delta_matmul_ref
+    failures = []
+    for i, (k, n, lengths, slots, pop, dt, alphas) in enumerate(json.loads(sys.argv[2])):
+        dtype = getattr(torch, dt)
+        case = make_case(k, n, lengths, slots, pop, dtype, alphas, seed=i)
+        want = sign_delta_matmul_ref(case.x, case.y.clone(), case.packed, case.scales, case.segments)
+        rtol, atol = tolerance(dtype)
+        for v in td.VARIANTS:
+            args = (case.x, case.y.clone(), case.packed, case.scales, case.segments)
+            got = td.sign_delta_decode_variant(*args, v)
+            if got.dtype != dtype or not torch.allclose(got.float(), want.float(), rtol=rtol, atol=atol):
+                failures.append(f"{v} case {i}: max err {(got.float() - want.float()).abs().max().item()}")
+    case = make_case(300, 70, [3, 0, 2], 2, "uniform", torch.float16, seed=99)
+    want = sign_delta_matmul_ref(case.x, case.y.clone(), case.packed, case.scales, case.segments)
+    for v, configs in (("select", td.SELECT_CONFIGS), ("lut", td.LUT_CONFIGS)):
+        for cfg in configs:
+            args = (case.x, case.y.clone(), case.packed, case.scales, case.segments)
+            got = td.sign_delta_decode_variant(*args, v, config=cfg)
+            if not torch.allclose(got.float(), want.float(), rtol=2e-3, atol=2e-3):
+                failures.append(f"{v} config {cfg}")
+    print(json.dumps({"failures": failures, "cases": i + 1}))
+    """
+)
+
+
+def test_alternative_decode_kernels_under_interpreter():
+    """The kernels kept for the side-by-side benchmark (kernels/triton_decode.py) compute the reference."""
+    import json
+
+    cases = [c for c in INTERPRETER_CASES if max(c[2]) <= 5]  # decode-sized segments
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    proc = subprocess.run(
+        [sys.executable, "-c", _VARIANTS_SCRIPT, os.path.dirname(__file__), json.dumps(cases)],
+        env=env, capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert result["cases"] == len(cases) and result["failures"] == []

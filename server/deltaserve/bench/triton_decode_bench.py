@@ -1,6 +1,6 @@
 """The Triton decode kernels side by side on one CUDA device (python -m deltaserve.bench.triton_decode_bench).
 
-For each kernel ("sign": triton_sign's production decode kernel; "xor", "lut": kernels/triton_decode.py),
+For each kernel ("sign": triton_sign's production decode kernel; "select", "lut": kernels/triton_decode.py),
 layer shape and tenant count (one decode token per distinct tenant, bf16): the result checked against
 the plain-torch reference, then the time of one call measured two ways: `call_ms`, ten Python calls
 between CUDA events (what an eager engine pays, launch overhead included), and `graph_ms`, ten calls
@@ -20,7 +20,7 @@ import torch
 
 SHAPES = ((4096, 4096), (4096, 14336), (576, 1536))
 TENANTS = (1, 16)
-KERNELS = ("sign", "xor", "lut")
+KERNELS = ("sign", "select", "lut")
 
 
 def _fn(name: str):
@@ -85,7 +85,7 @@ def _measure(name: str, args: tuple, want: torch.Tensor, base_ms: float, roof_ms
     """One kernel on one case: checked against `want`, timed by calls and by graph replay."""
     fn = _fn(name)
     x, y, packed, scales, seg = args
-    got = fn(x, y.clone(), packed, scales, seg).float()
+    got = fn(x, torch.zeros_like(y), packed, scales, seg).float()  # y itself accumulates below
     call = _events_ms(lambda: fn(*args))
     graph = _graph_ms(lambda: fn(*args))
     delta_bytes = packed.numel() * 4
@@ -113,7 +113,7 @@ def timing(bandwidth_gbps: float) -> list[dict]:
             ones = [1] * tenants
             seg = Segments.build(list(range(tenants)), ones, list(range(tenants)), [1.0] * tenants, "cuda")
             y = torch.zeros(tenants, n, dtype=torch.bfloat16, device="cuda")
-            want = sign_delta_matmul_ref(x, y.clone(), packed, scales, seg).float()
+            want = sign_delta_matmul_ref(x, torch.zeros_like(y), packed, scales, seg).float()
             base_graph = _graph_ms(lambda x=x, w=w: torch.nn.functional.linear(x, w))
             delta_bytes = packed.numel() * 4
             roof_ms = delta_bytes / (bandwidth_gbps * 1e9) * 1e3

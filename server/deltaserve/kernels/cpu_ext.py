@@ -108,8 +108,13 @@ def _build_lock(build_dir: Path) -> Iterator[None]:
 
 @functools.cache
 def load_cpu_extension() -> ModuleType | None:
-    """The compiled module, or None (one warning logged) if it cannot be built or loaded."""
+    """The compiled module, or None (one warning logged) if it cannot be built or loaded, or if
+    DELTASERVE_CPU_KERNELS=0 (then nothing is built: the plain-torch references run)."""
     from torch.utils import cpp_extension
+
+    if os.environ.get("DELTASERVE_CPU_KERNELS", "").strip() == "0":
+        log.info("CPU kernels disabled (DELTASERVE_CPU_KERNELS=0); using the plain-torch references")
+        return None
 
     key = _build_key()
     build_dir = cache_root() / f"cpu_kernels_{key}"

@@ -1,17 +1,17 @@
-"""Alternative Triton decode kernels of the segmented 1-bit delta product, measured against
-`triton_sign._decode_kernel` (same semantics and arguments as `triton_sign.sign_delta_decode`).
+"""Alternative Triton decode kernels of the segmented 1-bit delta product, kept to be measured
+against the production one (`triton_sign._decode_kernel`) by bench/triton_decode_bench.py; same
+semantics and arguments as `triton_sign.sign_delta_decode`.
 
-On a GPU the 1-bit GEMV is bound by the instructions that turn bits into signed terms, not by
-the bytes: 8 weights per byte against about 8 simple instructions per byte that an H200 can
-issue at its memory speed. The variants spend fewer instructions per weight:
-
-- "xor": the sign of x is flipped by an XOR of its fp32 bits with the (inverted) packed bit
-  shifted into the sign position (shift, and, xor, add per weight), and the partial sums stay
-  in a [BLOCK_N, BLOCK_KW, 32] accumulator that is reduced once per token, not in every K step.
+- "select": the previous production kernel. Every weight's term is selected as +x or -x from its
+  unpacked bit (shift, and, compare, select, add) and the [BLOCK_N, BLOCK_KW, 32] terms are
+  reduced across the block in every K step.
 - "lut": T-MAC's table lookup. Per token, the 16 signed sums of every group of 4 inputs are
   computed once (`lut_tables`, a [T, K/4, 16] fp32 matmul); the kernel indexes them with the
   packed nibbles (shift, and, load, add per 4 weights). Tables are fp32, so the result is the
   reference's up to summation order.
+
+On an H200 (docs/BENCHMARKS.md, GPU results) both lose to the production kernel: "select" by
+4x at 16 tenants, "lut" by 1.3x in the kernel and by 3-4x per call (the table launches).
 """
 
 from __future__ import annotations
@@ -24,11 +24,9 @@ import triton.language as tl
 
 from deltaserve.kernels.segments import Segments
 
-SIGN_BIT = tl.constexpr(-2147483648)  # 0x80000000 as an int32
-
 
 @triton.jit
-def _decode_xor_kernel(
+def _decode_select_kernel(
     x_ptr, y_ptr, packed_ptr, scales_ptr,
     starts_ptr, lengths_ptr, slots_ptr, alphas_ptr,
     N, K, KW, G_BUCKET,
@@ -43,26 +41,25 @@ def _decode_xor_kernel(
 
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # [BN]
     n_mask = offs_n < N
-    row_scales = tl.load(scales_ptr + slot * N + offs_n, mask=n_mask, other=0.0)
+    row_scales = tl.load(scales_ptr + slot * N + offs_n, mask=n_mask, other=0.0)  # [BN]
     factor = tl.load(alphas_ptr + g) * row_scales
-    offs_kw = tl.arange(0, BLOCK_KW)
-    offs_j = tl.arange(0, 32)
-    to_sign = 31 - offs_j  # bit j of a word moves to bit 31
+    offs_kw = tl.arange(0, BLOCK_KW)  # [BKW]
+    offs_j = tl.arange(0, 32)  # [32]
     w_rows = packed_ptr + slot * stride_ps + offs_n[:, None].to(tl.int64) * stride_pn  # [BN, 1]
     for t in range(0, length):
         row = start + t
-        acc = tl.zeros([BLOCK_N, BLOCK_KW, 32], dtype=tl.float32)
+        acc = tl.zeros([BLOCK_N], dtype=tl.float32)
         for kw0 in range(0, KW, BLOCK_KW):
             kw = kw0 + offs_kw
             words = tl.load(w_rows + kw[None, :], mask=n_mask[:, None] & (kw[None, :] < KW), other=0)
             k = kw[:, None] * 32 + offs_j[None, :]  # [BKW, 32]
             xv = tl.load(x_ptr + row * stride_xt + k, mask=k < K, other=0.0).to(tl.float32)
-            flip = ((~words)[:, :, None] << to_sign[None, None, :]) & SIGN_BIT  # clear bit: -x
-            acc += (xv.to(tl.int32, bitcast=True)[None, :, :] ^ flip).to(tl.float32, bitcast=True)
-        total = tl.sum(tl.sum(acc, axis=2), axis=1)
+            bits = (words[:, :, None] >> offs_j[None, None, :]) & 1  # [BN, BKW, 32]
+            signed = tl.where(bits != 0, xv[None, :, :], -xv[None, :, :])
+            acc += tl.sum(tl.sum(signed, axis=2), axis=1)
         y_ptrs = y_ptr + row * stride_yt + offs_n
         yv = tl.load(y_ptrs, mask=n_mask, other=0.0)
-        delta = (total * factor).to(y_ptr.dtype.element_ty)
+        delta = (acc * factor).to(y_ptr.dtype.element_ty)
         out = (yv.to(tl.float32) + delta.to(tl.float32)).to(y_ptr.dtype.element_ty)
         tl.store(y_ptrs, out, mask=n_mask)
 
@@ -108,15 +105,17 @@ def _decode_lut_kernel(
         tl.store(y_ptrs, out, mask=n_mask)
 
 
-XOR_CONFIGS = [
+SELECT_CONFIGS = [
     triton.Config({"BLOCK_N": bn, "BLOCK_KW": bkw}, num_warps=w)
-    for bn, bkw, w in ((16, 4, 4), (32, 4, 4), (16, 8, 4), (32, 8, 8), (64, 4, 8), (64, 8, 8), (8, 8, 4))
+    for bn, bkw, w in (
+        (16, 4, 4), (16, 8, 4), (16, 16, 4), (32, 8, 4), (32, 16, 8), (64, 8, 8), (8, 16, 4), (8, 8, 2),
+    )
 ]
 LUT_CONFIGS = [
     triton.Config({"BLOCK_N": bn, "BLOCK_KW": bkw}, num_warps=w)
     for bn, bkw, w in ((32, 4, 4), (64, 4, 4), (128, 4, 4), (64, 8, 4), (128, 8, 8), (256, 4, 8), (32, 8, 2))
 ]
-VARIANTS = ("xor", "lut")
+VARIANTS = ("select", "lut")
 
 
 def lut_tables(x: torch.Tensor, kw: int) -> torch.Tensor:
@@ -136,7 +135,7 @@ def _no_bench(kernel_call, quantiles):  # the interpreter cannot time kernels: k
 @functools.cache
 def _tuned(variant: str):
     interpret = bool(triton.knobs.runtime.interpret)
-    fn, configs = {"xor": (_decode_xor_kernel, XOR_CONFIGS),
+    fn, configs = {"select": (_decode_select_kernel, SELECT_CONFIGS),
                    "lut": (_decode_lut_kernel, LUT_CONFIGS)}[variant]
     key = ["N", "KW", "G_BUCKET"]
     return triton.autotune(configs=configs, key=key, restore_value=["y_ptr"],
@@ -147,7 +146,7 @@ def sign_delta_decode_variant(
     x: torch.Tensor, y: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, segments: Segments,
     variant: str, config: triton.Config | None = None,
 ) -> torch.Tensor:
-    """`triton_sign.sign_delta_decode` computed by kernel `variant` ("xor" or "lut"); updates y in
+    """`triton_sign.sign_delta_decode` computed by kernel `variant` ("select" or "lut"); updates y in
     place and returns it. config pins one of the variant's configs instead of autotuning."""
     from deltaserve.kernels.triton_sign import _common, bucket, decode_grid
 
@@ -159,13 +158,13 @@ def sign_delta_decode_variant(
     if config is None:
         kernel, meta = _tuned(variant), {}
     else:
-        kernel = {"xor": _decode_xor_kernel, "lut": _decode_lut_kernel}[variant]
+        kernel = {"select": _decode_select_kernel, "lut": _decode_lut_kernel}[variant]
         meta = dict(config.all_kwargs())
 
     def grid(m):
         return decode_grid(g, n, {**m, **meta}["BLOCK_N"])
 
-    if variant == "xor":
+    if variant == "select":
         kernel[grid](x, y, packed, scales, segments.starts, segments.lengths, segments.slots,
                      segments.alphas, n, k, kw, bucket(g), x.stride(0), y.stride(0), packed.stride(0),
                      packed.stride(1), **meta)

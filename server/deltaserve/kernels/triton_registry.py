@@ -75,10 +75,10 @@ KERNELS: tuple[TritonKernel, ...] = (
         gemv=False,
     ),
     TritonKernel(
-        name="sign_decode_xor",
+        name="sign_decode_select",
         module="deltaserve.kernels.triton_decode",
-        function="_decode_xor_kernel",
-        configs="XOR_CONFIGS",
+        function="_decode_select_kernel",
+        configs="SELECT_CONFIGS",
         arg_types=(*_SEGMENT_ARGS, ("N", "i32"), ("K", "i32"), ("KW", "i32"), ("G_BUCKET", "i32"), *_STRIDES),
         dtype_constexprs=_no_constexprs,
         gemv=True,

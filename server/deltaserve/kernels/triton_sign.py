@@ -14,8 +14,13 @@ no dense +-1 matrix is written to memory. Segment metadata (starts, lengths,
 slots, alphas) stays on the device, so a launch needs no host sync.
 
 - `sign_delta_decode`: GEMV-shaped (few tokens per segment). Grid (segments,
-  N tiles); each program streams its rows' packed words once per token and
-  reduces +-x in fp32: bandwidth-bound on the 1-bit weights.
+  N tiles); each program streams its rows' packed words once per token. On a GPU
+  this product is bound by the instructions that turn bits into signed terms, not
+  by the bytes (8 weights a byte), so each term is x with its fp32 sign bit
+  flipped by the inverted packed bit shifted into bit 31 (shift, and, xor, add a
+  weight), partial sums stay in a [BLOCK_N, BLOCK_KW, 32] fp32 accumulator and
+  are reduced once per token. (Measured against the alternatives of
+  kernels/triton_decode.py on an H200: docs/BENCHMARKS.md, GPU results.)
 - `sign_delta_prefill`: GEMM-shaped (many tokens per segment). Grid (segments,
   M tiles, N tiles), Punica SGMV style; a tile of signs is expanded to +-1 in
   x's dtype (exact) and multiplied with tl.dot, fp32 accumulation (IEEE for fp32 x).
@@ -35,6 +40,8 @@ import triton.language as tl
 
 from deltaserve.kernels.segments import Segments
 
+SIGN_BIT = tl.constexpr(-2147483648)  # 0x80000000 as an int32
+
 
 @triton.jit
 def _decode_kernel(
@@ -52,25 +59,26 @@ def _decode_kernel(
 
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # [BN]
     n_mask = offs_n < N
-    row_scales = tl.load(scales_ptr + slot * N + offs_n, mask=n_mask, other=0.0)  # [BN]
+    row_scales = tl.load(scales_ptr + slot * N + offs_n, mask=n_mask, other=0.0)
     factor = tl.load(alphas_ptr + g) * row_scales
-    offs_kw = tl.arange(0, BLOCK_KW)  # [BKW]
-    offs_j = tl.arange(0, 32)  # [32]
+    offs_kw = tl.arange(0, BLOCK_KW)
+    offs_j = tl.arange(0, 32)
+    to_sign = 31 - offs_j  # bit j of a word moves to bit 31
     w_rows = packed_ptr + slot * stride_ps + offs_n[:, None].to(tl.int64) * stride_pn  # [BN, 1]
     for t in range(0, length):
         row = start + t
-        acc = tl.zeros([BLOCK_N], dtype=tl.float32)
+        acc = tl.zeros([BLOCK_N, BLOCK_KW, 32], dtype=tl.float32)
         for kw0 in range(0, KW, BLOCK_KW):
             kw = kw0 + offs_kw
             words = tl.load(w_rows + kw[None, :], mask=n_mask[:, None] & (kw[None, :] < KW), other=0)
             k = kw[:, None] * 32 + offs_j[None, :]  # [BKW, 32]
             xv = tl.load(x_ptr + row * stride_xt + k, mask=k < K, other=0.0).to(tl.float32)
-            bits = (words[:, :, None] >> offs_j[None, None, :]) & 1  # [BN, BKW, 32]
-            signed = tl.where(bits != 0, xv[None, :, :], -xv[None, :, :])
-            acc += tl.sum(tl.sum(signed, axis=2), axis=1)
+            flip = ((~words)[:, :, None] << to_sign[None, None, :]) & SIGN_BIT  # clear bit: -x
+            acc += (xv.to(tl.int32, bitcast=True)[None, :, :] ^ flip).to(tl.float32, bitcast=True)
+        total = tl.sum(tl.sum(acc, axis=2), axis=1)
         y_ptrs = y_ptr + row * stride_yt + offs_n
         yv = tl.load(y_ptrs, mask=n_mask, other=0.0)
-        delta = (acc * factor).to(y_ptr.dtype.element_ty)
+        delta = (total * factor).to(y_ptr.dtype.element_ty)
         out = (yv.to(tl.float32) + delta.to(tl.float32)).to(y_ptr.dtype.element_ty)
         tl.store(y_ptrs, out, mask=n_mask)
 
@@ -122,9 +130,7 @@ def _prefill_kernel(
 
 DECODE_CONFIGS = [
     triton.Config({"BLOCK_N": bn, "BLOCK_KW": bkw}, num_warps=w)
-    for bn, bkw, w in (
-        (16, 4, 4), (16, 8, 4), (16, 16, 4), (32, 8, 4), (32, 16, 8), (64, 8, 8), (8, 16, 4), (8, 8, 2),
-    )
+    for bn, bkw, w in ((16, 4, 4), (32, 4, 4), (16, 8, 4), (32, 8, 8), (64, 4, 8), (64, 8, 8), (8, 8, 4))
 ]
 
 PREFILL_CONFIGS = [
