@@ -41,6 +41,8 @@ def test_bench_serve_all_modes_agree_and_report(tmp_path, capsys):
             "6",
             "--cold-tenants",
             "1",
+            "--rounds",
+            "2",
         ]
     )
     result = json.loads(capsys.readouterr().out)
@@ -67,7 +69,31 @@ def test_bench_serve_all_modes_agree_and_report(tmp_path, capsys):
     assert result["modes"]["hf"]["model_loads"] >= 2
     ratios = {r["n_tenants"]: r for r in result["ratios"]}
     assert set(ratios[2]) >= {"deltas_over_base", "deltas_over_swap", "deltas_over_merged", "deltas_over_hf"}
+    il = result["interleaved"]  # base and deltas windows alternated in one server
+    assert il["rounds"] == 2 and len(il["base_tok_per_s"]) == 2 and all(b > 0 for b in il["base_tok_per_s"])
+    (r,) = il["ratios"]
+    assert r["n_tenants"] == 2 and len(r["per_round"]) == 2 and r["median"] > 0
     cs = result["cold_start"]
     assert cs["cold_ttft_p50_ms"] > 0 and cs["warm_ttft_p50_ms"] > 0
     for png in ("throughput.png", "ttft_cdf.png"):
         assert (out / png).stat().st_size > 1000
+
+
+def test_interleave_alternates_base_and_deltas_windows():
+    from deltaserve.bench.baselines.sweep import PointSpec
+    from deltaserve.bench.serve import interleave
+
+    base, x, y = (PointSpec(t, "distinct", 4, 8, 4) for t in (("",), ("a",), ("a", "b")))
+    rates = {base: [100.0, 50.0, 80.0], x: [60.0, 40.0, 40.0], y: [90.0, 10.0, 40.0]}
+    calls = []
+
+    def measure(spec):
+        calls.append(spec)
+        return rates[spec].pop(0)
+
+    got = interleave(measure, base, [x, y], rounds=3)
+    assert calls == [base, x, y] * 3
+    assert got["base_tok_per_s"] == [100.0, 50.0, 80.0]
+    rx, ry = got["ratios"]
+    assert rx["n_tenants"] == 1 and rx["per_round"] == [0.6, 0.8, 0.5] and rx["median"] == 0.6
+    assert ry["n_tenants"] == 2 and ry["per_round"] == [0.9, 0.2, 0.5] and ry["median"] == 0.5

@@ -70,6 +70,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
     parser.add_argument("--lut-table-bits", type=int, choices=(8, 16),
                         help="CPU 1-bit delta lookup tables of the served engines (default: by dtype)")
+    parser.add_argument(
+        "--rounds", type=int, default=0,
+        help="after the sweep, this many interleaved rounds in one deltas server: a base window "
+        "(requests with no tenant), then every deltas point; deltas/base is reported per round "
+        "and as the median (needs modes base and deltas)",
+    )
     parser.add_argument("--codec", default="bitdelta",
                         choices=("bitdelta", "bitdelta-mb1", "bitdelta-mb2", "bitdelta-mb2-additive"),
                         help="how the tenants' deltas are compressed")
@@ -267,6 +273,19 @@ def run(args: argparse.Namespace) -> int:
         entry["peak_rss_bytes"] = srv.peak_rss_bytes
         entry.update(srv.counters)
 
+    if args.rounds > 0 and {"base", "deltas"} <= set(modes):
+        with launch("deltas", sweep) as srv:
+            warm(srv.target, sweep, prompts[1].prompt)
+            specs = [PointSpec(sweep[:n], pop, args.concurrency, requests, mnt)
+                     for n in counts for pop in pops]
+            base_spec = PointSpec(("",), "identical", args.concurrency, requests, mnt)
+            result["interleaved"] = interleave(
+                lambda spec: run_point(srv.target, spec, prompts).tok_per_s, base_spec, specs, args.rounds
+            )
+        for r in result["interleaved"]["ratios"]:
+            _log(f"interleaved: tenants {r['n_tenants']} {r['popularity']}: deltas/base per round "
+                 f"{r['per_round']}, median {r['median']}")
+
     result["ratios"] = _ratios(result)
     ref = outputs.get("deltas") or next(iter(outputs.values()), {})
     mismatches = [
@@ -292,6 +311,27 @@ def run(args: argparse.Namespace) -> int:
         print(render(result))
     failed = sum(p["failed"] for m in result["modes"].values() for p in m["points"])
     return 0 if not mismatches and failed == 0 else 1
+
+
+def interleave(measure, base_spec, specs: list, rounds: int) -> dict:
+    """`rounds` rounds of: the base window, then every deltas point, all `measure(spec)` (tok/s)
+    in one server, so both sides of each ratio see the same process and the same machine load.
+    Per point: every round's deltas/base and their median."""
+    import statistics
+
+    base, points = [], {i: [] for i in range(len(specs))}
+    for _ in range(rounds):
+        base.append(measure(base_spec))
+        for i, spec in enumerate(specs):
+            points[i].append(measure(spec))
+    ratios = []
+    for i, spec in enumerate(specs):
+        per_round = [round(d / b, 3) for d, b in zip(points[i], base, strict=True)]
+        ratios.append({
+            "n_tenants": len(spec.tenants), "popularity": spec.popularity, "deltas_tok_per_s": points[i],
+            "per_round": per_round, "median": round(statistics.median(per_round), 3),
+        })
+    return {"rounds": rounds, "base_tok_per_s": base, "ratios": ratios}
 
 
 def _without_samples(result: dict) -> dict:
@@ -361,6 +401,22 @@ def render(result: dict) -> str:
             + " | ".join(_fmt(r.get(f"deltas_over_{o}"), 2) for o in ("base", "swap", "merged", "hf"))
             + " |"
         )
+    il = result.get("interleaved")
+    if il:
+        lines += [
+            "",
+            f"interleaved in one server, {il['rounds']} rounds (base tok/s per round: "
+            f"{', '.join(f'{b:.1f}' for b in il['base_tok_per_s'])})",
+            "",
+            "| tenants | popularity | deltas tok/s per round | deltas/base per round | median |",
+            "|---|---|---|---|---|",
+        ]
+        for r in il["ratios"]:
+            rates = ", ".join(f"{d:.1f}" for d in r["deltas_tok_per_s"])
+            lines.append(
+                f"| {r['n_tenants']} | {r['popularity']} | {rates} "
+                f"| {', '.join(f'{x:.2f}' for x in r['per_round'])} | **{r['median']:.2f}** |"
+            )
     cs = result.get("cold_start")
     if cs:
         lines += [
