@@ -204,3 +204,43 @@ def test_parts_and_planes_in_one_call_match_the_reference(ext, dtype):
     rtol, atol = tolerance(dtype)
     torch.testing.assert_close(got.float(), want.float(), rtol=rtol, atol=atol + 1e-4)
     assert torch.equal(got[0], y0[0]) and torch.equal(got[3], y0[3])  # rows outside every segment
+
+
+@pytest.mark.parametrize("bits", [8, 16])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("planes", [2, 3, 5])
+def test_planes_looked_up_together_equal_one_pass_a_plane(ext, bits, dtype, planes):
+    """With AVX-512 the planes of a multi-bit matrix share their lookup passes (up to 4 planes with
+    8-bit tables, 2 with 16-bit: 5 planes make uneven chunks); the outputs equal one pass a plane
+    bit for bit. Later planes serve a subset of the segments (1-bit tenants beside multi-bit
+    ones), segments hold 1-3 tokens and one is prefill-sized."""
+    from deltaserve.kernels.ops import sign_lut_matmul_parts
+
+    if ext.best_isa() < ISA_AVX512:
+        pytest.skip("this CPU has no AVX-512")
+    gen = torch.Generator().manual_seed(planes * bits)
+    k, n, t = 1000, 203, 32
+    x = (torch.randn(t, k, generator=gen) + 0.1).to(dtype)
+    y0 = torch.randn(t, n, generator=gen).to(dtype)
+    first = Segments.build([0, 2, 5, 6, 9, 11], [2, 3, 1, 3, 2, 20], [0, 1, 2, 3, 1, 2],
+                           [1.0, -0.5, 2.0, 0.7, 1.0, 1.3])
+    # the multi-bit tenants' segments
+    rest = Segments.build([2, 6, 9, 11], [3, 3, 2, 20], [1, 3, 1, 2], [-0.5, 0.7, 1.0, 1.3])
+    stacks = []
+    for p in range(planes):
+        packed = torch.stack([pack_signs(torch.randn(n, k, generator=gen)) for _ in range(4)])
+        stacks.append((to_lut(packed), torch.rand(4, n, generator=gen) * 0.02 / (p + 1) + 0.001))
+    outs = []
+    for fuse in (False, True):
+        got = y0.clone()
+        config = CpuKernelConfig(table_bits=bits, lut_gemm_min_tokens=16, fuse_planes=fuse)
+        assert sign_lut_matmul_parts(x, got, [(0, n, stacks)], (first, *[rest] * (planes - 1)), config)
+        outs.append(got)
+    assert not torch.equal(outs[0], y0)
+    assert torch.equal(outs[0], outs[1])
+    if bits == 16:  # (the 8-bit tables' bound is checked on one plane above)
+        want = y0.clone()
+        for p, (lut, sc) in enumerate(stacks):
+            sign_delta_matmul_ref(x, want, from_lut(lut, n), sc, first if p == 0 else rest)
+        rtol, atol = tolerance(dtype)
+        torch.testing.assert_close(outs[1].float(), want.float(), rtol=rtol, atol=atol + 1e-3)

@@ -53,7 +53,9 @@ class CpuKernelConfig:
     set to use; table_bits: integer precision of the table-lookup kernel's decode tables (8 or
     16; None = 16 for fp32 outputs, 8 for bf16/fp16); lut_gemm_min_tokens: the table-lookup
     kernel's switch to unpack + BLAS (measured on a 2-core AVX2 host: lookups still win at 256
-    tokens per segment on 4096 x 4096, 84 against 130 ms).
+    tokens per segment on 4096 x 4096, 84 against 130 ms); fuse_planes: with AVX-512, look up
+    the 1-bit planes of a multi-bit matrix together (tables loaded once a group for all of
+    them; the outputs are the same bit for bit).
     """
 
     gemm_min_tokens: int = 16
@@ -61,6 +63,7 @@ class CpuKernelConfig:
     isa_cap: int = ISA_AVX512
     table_bits: int | None = None
     lut_gemm_min_tokens: int = 512
+    fuse_planes: bool = True
 
     def __post_init__(self) -> None:
         if self.gemm_min_tokens < 1:

@@ -246,7 +246,7 @@ def sign_lut_matmul_parts(
         bits = cpu_config.table_bits or (16 if y.dtype == torch.float32 else 8)
         ext.sign_lut_matmul_jobs(
             x, y, luts, scales, cols, ns, ids, offsets, starts, lengths, slots, alphas,
-            cpu_config.lut_gemm_min_tokens, cpu_config.isa_cap, bits,
+            cpu_config.lut_gemm_min_tokens, cpu_config.isa_cap, bits, int(cpu_config.fuse_planes),
         )
     return True
 

@@ -16,7 +16,7 @@ void sign_lut_matmul_jobs(const at::Tensor& x, at::Tensor& y, const std::vector<
                           const std::vector<int64_t>& seg_offsets, const std::vector<int64_t>& starts,
                           const std::vector<int64_t>& lengths, const std::vector<int64_t>& slots,
                           const std::vector<double>& alphas, int64_t gemm_min_tokens, int64_t isa_cap,
-                          int64_t table_bits);
+                          int64_t table_bits, int64_t fuse_planes);
 void sign_lut_matmul(const at::Tensor& x, at::Tensor& y, const at::Tensor& lut, const at::Tensor& scales,
                      const std::vector<int64_t>& starts, const std::vector<int64_t>& lengths,
                      const std::vector<int64_t>& slots, const std::vector<double>& alphas,

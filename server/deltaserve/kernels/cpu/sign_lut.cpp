@@ -320,6 +320,73 @@ __attribute__((target("avx512f,avx512bw,avx2,fma"))) void lut_block_avx512(const
   store_rows(f, out);
 }
 
+// The AVX-512 lookups of NP planes of one matrix for one token in one pass: each group pair's
+// tables are loaded and placed once and indexed with every plane's bits, so the table loads, the
+// lane placement (a shuffle-port instruction, as the lookups are) and the loop are shared.
+// out[64 p + r] is bitwise lut_block_avx512's out[r] for plane p (the same integer sums and the
+// same block-end arithmetic per plane). NP is small (accumulators: 4 or 8 registers a plane).
+template <int BITS, int NP>
+__attribute__((target("avx512f,avx512bw,avx2,fma"))) void lut_planes_avx512(const uint8_t* const* w, const int8_t* hi,
+                                                                           const uint8_t* lo, const float* scales,
+                                                                           int64_t G, float* out) {
+  const __m512i m4 = _mm512_set1_epi8(0x0F);
+  const __m512i even = _mm512_set1_epi16(0x0001), odd = _mm512_set1_epi16(0x0100);
+  __m256 f[NP][8];
+  for (int p = 0; p < NP; ++p)
+    for (int i = 0; i < 8; ++i) f[p][i] = _mm256_setzero_ps();
+  for (int64_t b0 = 0; b0 < G; b0 += kBlock) {
+    const int64_t b1 = std::min(G, b0 + kBlock);
+    __m512i a[NP][4], u[NP][4];
+    for (int p = 0; p < NP; ++p)
+      for (int i = 0; i < 4; ++i) a[p][i] = u[p][i] = _mm512_setzero_si512();
+    for (int64_t j = b0; j < b1; j += 2) {
+      const __m512i tp = _mm512_castsi256_si512(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(hi + 16 * j)));
+      const __m512i t = _mm512_shuffle_i64x2(tp, tp, 0x50);
+      __m512i tu = t;
+      if (BITS == 16) {
+        const __m512i up = _mm512_castsi256_si512(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(lo + 16 * j)));
+        tu = _mm512_shuffle_i64x2(up, up, 0x50);
+      }
+      for (int p = 0; p < NP; ++p) {
+        _mm_prefetch(reinterpret_cast<const char*>(w[p] + 32 * j + kPrefetch), _MM_HINT_T0);
+        const __m512i v = _mm512_loadu_si512(reinterpret_cast<const void*>(w[p] + 32 * j));
+        const __m512i il = _mm512_and_si512(v, m4);
+        const __m512i ih = _mm512_and_si512(_mm512_srli_epi16(v, 4), m4);
+        const __m512i rl = _mm512_shuffle_epi8(t, il);
+        const __m512i rh = _mm512_shuffle_epi8(t, ih);
+        a[p][0] = _mm512_add_epi16(a[p][0], _mm512_maddubs_epi16(even, rl));
+        a[p][1] = _mm512_add_epi16(a[p][1], _mm512_maddubs_epi16(odd, rl));
+        a[p][2] = _mm512_add_epi16(a[p][2], _mm512_maddubs_epi16(even, rh));
+        a[p][3] = _mm512_add_epi16(a[p][3], _mm512_maddubs_epi16(odd, rh));
+        if (BITS == 16) {
+          const __m512i ul = _mm512_shuffle_epi8(tu, il);
+          const __m512i uh = _mm512_shuffle_epi8(tu, ih);
+          u[p][0] = _mm512_add_epi16(u[p][0], _mm512_maddubs_epi16(ul, even));
+          u[p][1] = _mm512_add_epi16(u[p][1], _mm512_maddubs_epi16(ul, odd));
+          u[p][2] = _mm512_add_epi16(u[p][2], _mm512_maddubs_epi16(uh, even));
+          u[p][3] = _mm512_add_epi16(u[p][3], _mm512_maddubs_epi16(uh, odd));
+        }
+      }
+    }
+    for (int p = 0; p < NP; ++p)
+      block_end<BITS>(fold16(a[p][0]), fold16(a[p][1]), fold16(a[p][2]), fold16(a[p][3]), fold16(u[p][0]),
+                      fold16(u[p][1]), fold16(u[p][2]), fold16(u[p][3]), scales[b0 / kBlock], f[p]);
+  }
+  for (int p = 0; p < NP; ++p) store_rows(f[p], out + kRows * p);
+}
+
+// lut_planes_avx512 for np (1..4) planes
+template <int BITS>
+void lut_planes(int np, const uint8_t* const* w, const int8_t* hi, const uint8_t* lo, const float* scales, int64_t G,
+                float* out) {
+  switch (np) {
+    case 1: lut_planes_avx512<BITS, 1>(w, hi, lo, scales, G, out); break;
+    case 2: lut_planes_avx512<BITS, 2>(w, hi, lo, scales, G, out); break;
+    case 3: lut_planes_avx512<BITS, 3>(w, hi, lo, scales, G, out); break;
+    default: lut_planes_avx512<BITS, 4>(w, hi, lo, scales, G, out); break;
+  }
+}
+
 // y[0..63] += (alpha * scales[r]) * acc[r] for a full 64-row block of fp32 outputs.
 __attribute__((target("avx2,fma"))) inline void emit_rows_avx2(float* y, float alpha, const float* scales,
                                                                const float* acc) {
@@ -343,8 +410,8 @@ struct Job {
 };
 
 template <typename T, int BITS>
-void run_decode(int isa, const std::vector<Job>& jobs, const float* xpad, int64_t T_, int64_t Kp, int64_t G,
-                T* y, int64_t ys) {
+void run_decode(int isa, bool fuse_planes, const std::vector<Job>& jobs, const float* xpad, int64_t T_, int64_t Kp,
+                int64_t G, T* y, int64_t ys) {
   // tables of every token of a decode segment, built once for all jobs (in parallel over tokens)
   std::vector<int64_t> row_of(T_, -1), tok;
   for (const Job& j : jobs)
@@ -381,40 +448,64 @@ void run_decode(int isa, const std::vector<Job>& jobs, const float* xpad, int64_
     for (size_t g = 0; g < jobs[j].dec.size(); ++g)
       for (int64_t rb = 0; rb < jobs[j].NB; ++rb) items.push_back({static_cast<int64_t>(j), static_cast<int64_t>(g), rb});
   }
+  // with AVX-512 the planes of a part over the same tokens are looked up together: up to 4 a pass
+  // with 8-bit tables, 2 with 16-bit ones (their accumulators must stay in the 32 registers)
+  const size_t max_fused = isa >= 2 && fuse_planes ? (BITS == 8 ? 4 : 2) : 1;
   at::parallel_for(0, static_cast<int64_t>(items.size()), 1, [&](int64_t begin, int64_t end) {
-    float acc[kRows];
+    float acc[4 * kRows];
+    std::vector<std::pair<const Job*, const Seg*>> planes;
     for (int64_t it = begin; it < end; ++it) {
       const Item& item = items[it];
       const Seg& lead = jobs[item.first_job].dec[item.seg];
+      planes.clear();
       for (size_t j = item.first_job; j < jobs.size() && jobs[j].part == jobs[item.first_job].part; ++j) {
-        const Job& job = jobs[j];
         // this plane's segment over the same tokens (planes list a subset of the first job's segments)
         const Seg* sg = nullptr;
-        for (const Seg& s : job.dec)
+        for (const Seg& s : jobs[j].dec)
           if (s.start == lead.start) sg = &s;
-        if (sg == nullptr) continue;
-        const uint8_t* w = job.lut + (sg->slot * job.NB + item.rb) * G * 32;
-        const int64_t rows = std::min(kRows, job.N - item.rb * kRows);
-        for (int64_t t = sg->start; t < sg->start + sg->length; ++t) {
+        if (sg != nullptr) planes.push_back({&jobs[j], sg});
+      }
+      for (size_t p0 = 0; p0 < planes.size();) {
+        size_t p1 = p0 + 1;  // planes [p0, p1) in one pass: same tokens
+        while (p1 < planes.size() && p1 - p0 < max_fused && planes[p1].second->length == planes[p0].second->length)
+          ++p1;
+        const int np = static_cast<int>(p1 - p0);
+        const uint8_t* ws[4];
+        for (int k = 0; k < np; ++k) {
+          const Job& job = *planes[p0 + k].first;
+          ws[k] = job.lut + (planes[p0 + k].second->slot * job.NB + item.rb) * G * 32;
+        }
+        const Seg& s0 = *planes[p0].second;
+        for (int64_t t = s0.start; t < s0.start + s0.length; ++t) {
           const int64_t i = row_of[t];
           const int8_t* hi = his.data() + i * G * 16;
           const uint8_t* lo = BITS == 16 ? los.data() + i * G * 16 : nullptr;
           const float* sc = scales.data() + i * nblk;
-          if (isa >= 2) {
-            lut_block_avx512<BITS>(w, hi, lo, sc, G, acc);
+          if (np > 1) {
+            lut_planes<BITS>(np, ws, hi, lo, sc, G, acc);
+          } else if (isa >= 2) {
+            lut_block_avx512<BITS>(ws[0], hi, lo, sc, G, acc);
           } else if (isa == 1) {
-            lut_block_avx2<BITS>(w, hi, lo, sc, G, acc);
+            lut_block_avx2<BITS>(ws[0], hi, lo, sc, G, acc);
           } else {
-            lut_block_scalar<BITS>(w, hi, lo, sc, G, acc);
+            lut_block_scalar<BITS>(ws[0], hi, lo, sc, G, acc);
           }
-          T* yr = y + t * ys + job.col + item.rb * kRows;
-          const float* sr = sg->scales + item.rb * kRows;
-          if (std::is_same<T, float>::value && isa >= 1 && rows == kRows) {
-            emit_rows_avx2(reinterpret_cast<float*>(yr), sg->alpha, sr, acc);
-          } else {
-            for (int64_t r = 0; r < rows; ++r) emit<T>(yr + r, sg->alpha * sr[r], acc[r]);
+          // each plane's terms into y in plane order, as a pass per plane would add them
+          for (int k = 0; k < np; ++k) {
+            const Job& job = *planes[p0 + k].first;
+            const Seg& sg = *planes[p0 + k].second;
+            const int64_t rows = std::min(kRows, job.N - item.rb * kRows);
+            T* yr = y + t * ys + job.col + item.rb * kRows;
+            const float* sr = sg.scales + item.rb * kRows;
+            const float* ak = acc + k * kRows;
+            if (std::is_same<T, float>::value && isa >= 1 && rows == kRows) {
+              emit_rows_avx2(reinterpret_cast<float*>(yr), sg.alpha, sr, ak);
+            } else {
+              for (int64_t r = 0; r < rows; ++r) emit<T>(yr + r, sg.alpha * sr[r], ak[r]);
+            }
           }
         }
+        p0 = p1;
       }
     }
   });
@@ -483,13 +574,13 @@ void run_prefill(const std::vector<std::pair<const Job*, const Seg*>>& planes, c
 }
 
 template <typename T>
-void dispatch(int isa, int64_t bits, const std::vector<Job>& jobs, const at::Tensor& xpad, int64_t G,
-              at::Tensor& y) {
+void dispatch(int isa, bool fuse_planes, int64_t bits, const std::vector<Job>& jobs, const at::Tensor& xpad,
+              int64_t G, at::Tensor& y) {
   T* yp = y.data_ptr<T>();
   const int64_t ys = y.stride(0);
   const float* xp = xpad.data_ptr<float>();
-  if (bits == 8) run_decode<T, 8>(isa, jobs, xp, xpad.size(0), xpad.size(1), G, yp, ys);
-  if (bits == 16) run_decode<T, 16>(isa, jobs, xp, xpad.size(0), xpad.size(1), G, yp, ys);
+  if (bits == 8) run_decode<T, 8>(isa, fuse_planes, jobs, xp, xpad.size(0), xpad.size(1), G, yp, ys);
+  if (bits == 16) run_decode<T, 16>(isa, fuse_planes, jobs, xp, xpad.size(0), xpad.size(1), G, yp, ys);
   for (size_t j = 0; j < jobs.size(); ++j) {
     if (j > 0 && jobs[j].part == jobs[j - 1].part) continue;  // planes go with their part's first job
     for (const Seg& s : jobs[j].pre) {
@@ -509,14 +600,16 @@ void dispatch(int isa, int64_t bits, const std::vector<Job>& jobs, const at::Ten
 // with scales[j] fp32 [S, N_j] (a scale per output row) and adds into columns [cols[j], cols[j] + N_j) of y for its segments
 // starts/lengths/slots/alphas[seg_offsets[j] : seg_offsets[j + 1]]. Consecutive jobs with the
 // same parts[j] are planes of one matrix (same columns; their segments must be a subset of the
-// first such job's). All jobs share x, so each decode token's tables are built once.
+// first such job's). All jobs share x, so each decode token's tables are built once. With
+// fuse_planes and AVX-512 the planes of a part are looked up in shared passes (same outputs bit
+// for bit as one pass a plane).
 void sign_lut_matmul_jobs(const at::Tensor& x, at::Tensor& y, const std::vector<at::Tensor>& luts,
                           const std::vector<at::Tensor>& scales, const std::vector<int64_t>& cols,
                           const std::vector<int64_t>& ns, const std::vector<int64_t>& parts,
                           const std::vector<int64_t>& seg_offsets, const std::vector<int64_t>& starts,
                           const std::vector<int64_t>& lengths, const std::vector<int64_t>& slots,
                           const std::vector<double>& alphas, int64_t gemm_min_tokens, int64_t isa_cap,
-                          int64_t table_bits) {
+                          int64_t table_bits, int64_t fuse_planes) {
   TORCH_CHECK(table_bits == 8 || table_bits == 16, "table_bits must be 8 or 16");
   TORCH_CHECK(x.device().is_cpu() && y.device().is_cpu(), "CPU tensors expected");
   TORCH_CHECK(x.dim() == 2 && y.dim() == 2 && y.size(0) == x.size(0) && y.stride(1) == 1,
@@ -568,9 +661,9 @@ void sign_lut_matmul_jobs(const at::Tensor& x, at::Tensor& y, const std::vector<
   int isa = isa_cap >= 1 && __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") ? 1 : 0;
   if (isa == 1 && isa_cap >= 2 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw")) isa = 2;
   switch (y.scalar_type()) {
-    case at::kFloat: dispatch<float>(isa, table_bits, jobs, xpad, G, y); break;
-    case at::kBFloat16: dispatch<at::BFloat16>(isa, table_bits, jobs, xpad, G, y); break;
-    case at::kHalf: dispatch<at::Half>(isa, table_bits, jobs, xpad, G, y); break;
+    case at::kFloat: dispatch<float>(isa, fuse_planes != 0, table_bits, jobs, xpad, G, y); break;
+    case at::kBFloat16: dispatch<at::BFloat16>(isa, fuse_planes != 0, table_bits, jobs, xpad, G, y); break;
+    case at::kHalf: dispatch<at::Half>(isa, fuse_planes != 0, table_bits, jobs, xpad, G, y); break;
     default: TORCH_CHECK(false, "y must be fp32, bf16 or fp16");
   }
 }
@@ -583,5 +676,5 @@ void sign_lut_matmul(const at::Tensor& x, at::Tensor& y, const at::Tensor& lut, 
   TORCH_CHECK(lut.dim() == 4, "lut must be uint8 [S, NB, G, 32]");
   TORCH_CHECK(y.dim() == 2 && lut.size(1) == (y.size(1) + kRows - 1) / kRows, "N does not match the layout's row blocks");
   sign_lut_matmul_jobs(x, y, {lut}, {scales}, {0}, {y.size(1)}, {0}, {0, static_cast<int64_t>(starts.size())}, starts,
-                       lengths, slots, alphas, gemm_min_tokens, isa_cap, table_bits);
+                       lengths, slots, alphas, gemm_min_tokens, isa_cap, table_bits, 1);
 }
