@@ -23,6 +23,7 @@ import triton
 import triton.language as tl
 
 from deltaserve.kernels.segments import Segments
+from deltaserve.kernels.triton_sign import add_scaled_row, segment_columns
 
 
 @triton.jit
@@ -33,16 +34,9 @@ def _decode_select_kernel(
     stride_xt, stride_yt, stride_ps, stride_pn,
     BLOCK_N: tl.constexpr, BLOCK_KW: tl.constexpr,
 ):
-    g = tl.program_id(0)
-    pid_n = tl.program_id(1)
-    start = tl.load(starts_ptr + g).to(tl.int64)
-    length = tl.load(lengths_ptr + g)
-    slot = tl.load(slots_ptr + g).to(tl.int64)
-
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # [BN]
-    n_mask = offs_n < N
-    row_scales = tl.load(scales_ptr + slot * N + offs_n, mask=n_mask, other=0.0)  # [BN]
-    factor = tl.load(alphas_ptr + g) * row_scales
+    start, length, slot, offs_n, n_mask, factor = segment_columns(
+        starts_ptr, lengths_ptr, slots_ptr, alphas_ptr, scales_ptr, N, BLOCK_N
+    )
     offs_kw = tl.arange(0, BLOCK_KW)  # [BKW]
     offs_j = tl.arange(0, 32)  # [32]
     w_rows = packed_ptr + slot * stride_ps + offs_n[:, None].to(tl.int64) * stride_pn  # [BN, 1]
@@ -57,11 +51,7 @@ def _decode_select_kernel(
             bits = (words[:, :, None] >> offs_j[None, None, :]) & 1  # [BN, BKW, 32]
             signed = tl.where(bits != 0, xv[None, :, :], -xv[None, :, :])
             acc += tl.sum(tl.sum(signed, axis=2), axis=1)
-        y_ptrs = y_ptr + row * stride_yt + offs_n
-        yv = tl.load(y_ptrs, mask=n_mask, other=0.0)
-        delta = (acc * factor).to(y_ptr.dtype.element_ty)
-        out = (yv.to(tl.float32) + delta.to(tl.float32)).to(y_ptr.dtype.element_ty)
-        tl.store(y_ptrs, out, mask=n_mask)
+        add_scaled_row(y_ptr, row, stride_yt, offs_n, n_mask, acc, factor)
 
 
 @triton.jit
@@ -72,16 +62,9 @@ def _decode_lut_kernel(
     stride_tt, stride_yt, stride_ps, stride_pn,
     BLOCK_N: tl.constexpr, BLOCK_KW: tl.constexpr,
 ):
-    g = tl.program_id(0)
-    pid_n = tl.program_id(1)
-    start = tl.load(starts_ptr + g).to(tl.int64)
-    length = tl.load(lengths_ptr + g)
-    slot = tl.load(slots_ptr + g).to(tl.int64)
-
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # [BN], last: lanes of a warp share a group
-    n_mask = offs_n < N
-    row_scales = tl.load(scales_ptr + slot * N + offs_n, mask=n_mask, other=0.0)
-    factor = tl.load(alphas_ptr + g) * row_scales
+    start, length, slot, offs_n, n_mask, factor = segment_columns(
+        starts_ptr, lengths_ptr, slots_ptr, alphas_ptr, scales_ptr, N, BLOCK_N
+    )  # offs_n last in the tiles below: lanes of a warp share a group
     offs_kw = tl.arange(0, BLOCK_KW)
     offs_q = tl.arange(0, 8)  # nibble q of a word: columns 32 w + 4 q .. + 3
     w_cols = packed_ptr + slot * stride_ps + offs_n[None, :].to(tl.int64) * stride_pn  # [1, BN]
@@ -98,11 +81,7 @@ def _decode_lut_kernel(
             ptrs = tab_ptr + row * stride_tt + group[:, :, None] * 16 + nib
             acc += tl.load(ptrs, mask=kw_mask[:, None, None], other=0.0)
         total = tl.sum(tl.sum(acc, axis=0), axis=0)
-        y_ptrs = y_ptr + row * stride_yt + offs_n
-        yv = tl.load(y_ptrs, mask=n_mask, other=0.0)
-        delta = (total * factor).to(y_ptr.dtype.element_ty)
-        out = (yv.to(tl.float32) + delta.to(tl.float32)).to(y_ptr.dtype.element_ty)
-        tl.store(y_ptrs, out, mask=n_mask)
+        add_scaled_row(y_ptr, row, stride_yt, offs_n, n_mask, total, factor)
 
 
 SELECT_CONFIGS = [

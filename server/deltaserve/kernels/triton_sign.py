@@ -44,6 +44,32 @@ SIGN_BIT = tl.constexpr(-2147483648)  # 0x80000000 as an int32
 
 
 @triton.jit
+def segment_columns(starts_ptr, lengths_ptr, slots_ptr, alphas_ptr, scales_ptr, N, BLOCK_N: tl.constexpr):
+    """A decode program's work (grid: segment, N tile): the segment's first token, its length and
+    slot, the program's output columns, their mask and factors alpha * scales[slot, n]."""
+    g = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    start = tl.load(starts_ptr + g).to(tl.int64)
+    length = tl.load(lengths_ptr + g)
+    slot = tl.load(slots_ptr + g).to(tl.int64)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # [BN]
+    n_mask = offs_n < N
+    row_scales = tl.load(scales_ptr + slot * N + offs_n, mask=n_mask, other=0.0)
+    factor = tl.load(alphas_ptr + g) * row_scales
+    return start, length, slot, offs_n, n_mask, factor
+
+
+@triton.jit
+def add_scaled_row(y_ptr, row, stride_yt, offs_n, n_mask, total, factor):
+    """y[row, offs_n] += (total * factor) in y's dtype (the delta rounded first, as the reference)."""
+    y_ptrs = y_ptr + row * stride_yt + offs_n
+    yv = tl.load(y_ptrs, mask=n_mask, other=0.0)
+    delta = (total * factor).to(y_ptr.dtype.element_ty)
+    out = (yv.to(tl.float32) + delta.to(tl.float32)).to(y_ptr.dtype.element_ty)
+    tl.store(y_ptrs, out, mask=n_mask)
+
+
+@triton.jit
 def _decode_kernel(
     x_ptr, y_ptr, packed_ptr, scales_ptr,
     starts_ptr, lengths_ptr, slots_ptr, alphas_ptr,
@@ -51,16 +77,9 @@ def _decode_kernel(
     stride_xt, stride_yt, stride_ps, stride_pn,
     BLOCK_N: tl.constexpr, BLOCK_KW: tl.constexpr,
 ):
-    g = tl.program_id(0)
-    pid_n = tl.program_id(1)
-    start = tl.load(starts_ptr + g).to(tl.int64)
-    length = tl.load(lengths_ptr + g)
-    slot = tl.load(slots_ptr + g).to(tl.int64)
-
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # [BN]
-    n_mask = offs_n < N
-    row_scales = tl.load(scales_ptr + slot * N + offs_n, mask=n_mask, other=0.0)
-    factor = tl.load(alphas_ptr + g) * row_scales
+    start, length, slot, offs_n, n_mask, factor = segment_columns(
+        starts_ptr, lengths_ptr, slots_ptr, alphas_ptr, scales_ptr, N, BLOCK_N
+    )
     offs_kw = tl.arange(0, BLOCK_KW)
     offs_j = tl.arange(0, 32)
     to_sign = 31 - offs_j  # bit j of a word moves to bit 31
@@ -76,11 +95,7 @@ def _decode_kernel(
             flip = ((~words)[:, :, None] << to_sign[None, None, :]) & SIGN_BIT  # clear bit: -x
             acc += (xv.to(tl.int32, bitcast=True)[None, :, :] ^ flip).to(tl.float32, bitcast=True)
         total = tl.sum(tl.sum(acc, axis=2), axis=1)
-        y_ptrs = y_ptr + row * stride_yt + offs_n
-        yv = tl.load(y_ptrs, mask=n_mask, other=0.0)
-        delta = (total * factor).to(y_ptr.dtype.element_ty)
-        out = (yv.to(tl.float32) + delta.to(tl.float32)).to(y_ptr.dtype.element_ty)
-        tl.store(y_ptrs, out, mask=n_mask)
+        add_scaled_row(y_ptr, row, stride_yt, offs_n, n_mask, total, factor)
 
 
 @triton.jit
