@@ -73,6 +73,8 @@ def test_bench_serve_all_modes_agree_and_report(tmp_path, capsys):
     assert il["rounds"] == 2 and len(il["base_tok_per_s"]) == 2 and all(b > 0 for b in il["base_tok_per_s"])
     (r,) = il["ratios"]
     assert r["n_tenants"] == 2 and len(r["per_round"]) == 2 and r["median"] > 0
+    # with mode swap, a swap server beside it serves the same points in the same rounds
+    assert len(r["swap_tok_per_s"]) == 2 and len(r["per_round_over_swap"]) == 2 and r["median_over_swap"] > 0
     cs = result["cold_start"]
     assert cs["cold_ttft_p50_ms"] > 0 and cs["warm_ttft_p50_ms"] > 0
     for png in ("throughput.png", "ttft_cdf.png"):
@@ -97,3 +99,27 @@ def test_interleave_alternates_base_and_deltas_windows():
     rx, ry = got["ratios"]
     assert rx["n_tenants"] == 1 and rx["per_round"] == [0.6, 0.8, 0.5] and rx["median"] == 0.6
     assert ry["n_tenants"] == 2 and ry["per_round"] == [0.9, 0.2, 0.5] and ry["median"] == 0.5
+
+
+def test_interleave_with_swap_measures_each_point_on_both_servers():
+    from deltaserve.bench.baselines.sweep import PointSpec
+    from deltaserve.bench.serve import interleave
+
+    base, x = PointSpec(("",), "identical", 4, 8, 4), PointSpec(("a", "b"), "distinct", 4, 8, 4)
+    calls = []
+    deltas = {base: [100.0, 80.0], x: [60.0, 40.0]}
+    swap = [20.0, 5.0]
+
+    def measure(spec):
+        calls.append(("deltas", spec))
+        return deltas[spec].pop(0)
+
+    def measure_swap(spec):
+        calls.append(("swap", spec))
+        return swap.pop(0)
+
+    got = interleave(measure, base, [x], rounds=2, measure_swap=measure_swap)
+    assert calls == [("deltas", base), ("deltas", x), ("swap", x)] * 2
+    (r,) = got["ratios"]
+    assert r["per_round"] == [0.6, 0.5] and r["per_round_over_swap"] == [3.0, 8.0]
+    assert r["median_over_swap"] == 5.5 and r["swap_tok_per_s"] == [20.0, 5.0]

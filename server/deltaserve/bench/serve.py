@@ -21,6 +21,7 @@ tokens for the same requests. Writes serve.json and PNG plots to --out.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -73,8 +74,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--rounds", type=int, default=0,
         help="after the sweep, this many interleaved rounds in one deltas server: a base window "
-        "(requests with no tenant), then every deltas point; deltas/base is reported per round "
-        "and as the median (needs modes base and deltas)",
+        "(requests with no tenant), then every deltas point (with mode swap, each followed by "
+        "the same point on a swap server running beside it); deltas/base (and deltas/swap) per "
+        "round and the median (needs modes base and deltas)",
     )
     parser.add_argument("--codec", default="bitdelta",
                         choices=("bitdelta", "bitdelta-mb1", "bitdelta-mb2", "bitdelta-mb2-additive"),
@@ -274,17 +276,23 @@ def run(args: argparse.Namespace) -> int:
         entry.update(srv.counters)
 
     if args.rounds > 0 and {"base", "deltas"} <= set(modes):
-        with launch("deltas", sweep) as srv:
+        specs = [PointSpec(sweep[:n], pop, args.concurrency, requests, mnt) for n in counts for pop in pops]
+        base_spec = PointSpec(("",), "identical", args.concurrency, requests, mnt)
+        with_swap = "swap" in modes and max(counts) <= args.baseline_max_tenants
+        with contextlib.ExitStack() as stack:
+            srv = stack.enter_context(launch("deltas", sweep))
+            swap_srv = stack.enter_context(launch("swap", sweep)) if with_swap else None
             warm(srv.target, sweep, prompts[1].prompt)
-            specs = [PointSpec(sweep[:n], pop, args.concurrency, requests, mnt)
-                     for n in counts for pop in pops]
-            base_spec = PointSpec(("",), "identical", args.concurrency, requests, mnt)
             result["interleaved"] = interleave(
-                lambda spec: run_point(srv.target, spec, prompts).tok_per_s, base_spec, specs, args.rounds
+                lambda spec: run_point(srv.target, spec, prompts).tok_per_s, base_spec, specs, args.rounds,
+                (lambda spec: run_point(swap_srv.target, spec, prompts).tok_per_s) if swap_srv else None,
             )
         for r in result["interleaved"]["ratios"]:
+            extra = ""
+            if with_swap:
+                extra = f"; deltas/swap {r['per_round_over_swap']}, median {r['median_over_swap']}"
             _log(f"interleaved: tenants {r['n_tenants']} {r['popularity']}: deltas/base per round "
-                 f"{r['per_round']}, median {r['median']}")
+                 f"{r['per_round']}, median {r['median']}{extra}")
 
     result["ratios"] = _ratios(result)
     ref = outputs.get("deltas") or next(iter(outputs.values()), {})
@@ -313,24 +321,32 @@ def run(args: argparse.Namespace) -> int:
     return 0 if not mismatches and failed == 0 else 1
 
 
-def interleave(measure, base_spec, specs: list, rounds: int) -> dict:
-    """`rounds` rounds of: the base window, then every deltas point, all `measure(spec)` (tok/s)
-    in one server, so both sides of each ratio see the same process and the same machine load.
-    Per point: every round's deltas/base and their median."""
+def interleave(measure, base_spec, specs: list, rounds: int, measure_swap=None) -> dict:
+    """`rounds` rounds of: the base window, then every deltas point (and, with `measure_swap`,
+    the same point on the swap server right after it), all tok/s, so both sides of each ratio
+    see the same machine load (base and deltas also the same process). Per point: every
+    round's deltas/base (and deltas/swap) and their median."""
     import statistics
 
-    base, points = [], {i: [] for i in range(len(specs))}
+    base, points, swaps = [], {i: [] for i in range(len(specs))}, {i: [] for i in range(len(specs))}
     for _ in range(rounds):
         base.append(measure(base_spec))
         for i, spec in enumerate(specs):
             points[i].append(measure(spec))
+            if measure_swap is not None:
+                swaps[i].append(measure_swap(spec))
     ratios = []
     for i, spec in enumerate(specs):
         per_round = [round(d / b, 3) for d, b in zip(points[i], base, strict=True)]
-        ratios.append({
+        row = {
             "n_tenants": len(spec.tenants), "popularity": spec.popularity, "deltas_tok_per_s": points[i],
             "per_round": per_round, "median": round(statistics.median(per_round), 3),
-        })
+        }
+        if measure_swap is not None:
+            over_swap = [round(d / w, 3) for d, w in zip(points[i], swaps[i], strict=True)]
+            row.update(swap_tok_per_s=swaps[i], per_round_over_swap=over_swap,
+                       median_over_swap=round(statistics.median(over_swap), 3))
+        ratios.append(row)
     return {"rounds": rounds, "base_tok_per_s": base, "ratios": ratios}
 
 
@@ -417,6 +433,15 @@ def render(result: dict) -> str:
                 f"| {r['n_tenants']} | {r['popularity']} | {rates} "
                 f"| {', '.join(f'{x:.2f}' for x in r['per_round'])} | **{r['median']:.2f}** |"
             )
+        swaps = [r for r in il["ratios"] if "median_over_swap" in r]
+        if swaps:
+            lines += ["", "| tenants | popularity | swap tok/s per round | deltas/swap per round | median |",
+                      "|---|---|---|---|---|"]
+            for r in swaps:
+                rates = ", ".join(f"{w:.1f}" for w in r["swap_tok_per_s"])
+                per = ", ".join(f"{x:.2f}" for x in r["per_round_over_swap"])
+                med = r["median_over_swap"]
+                lines.append(f"| {r['n_tenants']} | {r['popularity']} | {rates} | {per} | **{med:.2f}** |")
     cs = result.get("cold_start")
     if cs:
         lines += [
