@@ -3,7 +3,7 @@
 # transformers, grpcio, safetensors, prometheus-client, peft; no network): installs the wheels of
 # `make gpu-wheels` (gpu-wheels/) offline into a temporary target, then runs
 # deltaserve.bench.gpu_check with PYTHONPATH=server:client, writing at most 7 files to $OUT_DIR
-# (default: $OUT when set, else /tmp/deltaserve-gpu-check). At most 9 minutes.
+# (default: $OUT when set, else /tmp/deltaserve-gpu-check). At most 10 minutes.
 #
 #   bash scripts/gpu_check.sh                     # or: make gpu-check
 #   GPU_CHECK_DRY=1 bash scripts/gpu_check.sh     # the same on the CPU, tiny sizes (part of make test)

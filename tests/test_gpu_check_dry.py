@@ -25,7 +25,7 @@ def test_dry_run_writes_every_file(tmp_path):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     files = sorted(p.name for p in tmp_path.iterdir())
     assert files == sorted(["check.json", "e2e.json", "gpu_tests.txt", "gpu_tests.xml", "kernel_bf16.json",
-                            "kernel_fp16.json", "summary.txt"])
+                            "decode_kernels.json", "summary.txt"])
     assert len(files) <= 8
     check = json.loads((tmp_path / "check.json").read_text())
     assert check["dry"] and [p["status"] for p in check["parts"]] == ["ok"] * 4

@@ -15,6 +15,7 @@ import argparse
 import json
 import statistics
 import sys
+import time
 
 import torch
 
@@ -32,6 +33,10 @@ def _fn(name: str):
 
 
 def _events_ms(fn, repeats: int = 7, inner: int = 10) -> float:
+    if not torch.cuda.is_available():  # the dry run (interpreter): wall time, for the shape of the report
+        t0 = time.perf_counter()
+        fn()
+        return (time.perf_counter() - t0) * 1e3
     samples = []
     for _ in range(repeats):
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -45,6 +50,8 @@ def _events_ms(fn, repeats: int = 7, inner: int = 10) -> float:
 
 
 def _graph_ms(fn, inner: int = 10) -> float:
+    if not torch.cuda.is_available():
+        return _events_ms(fn)
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(stream):
@@ -59,18 +66,19 @@ def _graph_ms(fn, inner: int = 10) -> float:
     return _events_ms(graph.replay, inner=1) / inner
 
 
-def correctness() -> list[str]:
-    """Every kernel against the reference over the popularity shapes, ragged segments, 3 dtypes."""
+def correctness(device: str = "cuda", k: int = 1000, n: int = 515) -> list[str]:
+    """Every kernel against the reference over the popularity shapes and ragged segments, bf16 and
+    fp32 (fp16 and fp32 on the CPU, whose interpreter has no bf16)."""
     sys.path.insert(0, "tests")
     from test_kernels_cases import POPULARITY, make_case, tolerance
 
     from deltaserve.kernels.reference import sign_delta_matmul_ref
 
     failures = []
-    for dtype in (torch.bfloat16, torch.float32):
+    for dtype in (torch.bfloat16 if device == "cuda" else torch.float16, torch.float32):
         for pop in POPULARITY:
             for lengths in ([1] * 16, [1, 0, 3, 2, 8]) if pop == "uniform" else ([1] * 16,):
-                case = make_case(1000, 515, lengths, 6, pop, dtype, seed=len(lengths), device="cuda")
+                case = make_case(k, n, lengths, 6, pop, dtype, seed=len(lengths), device=device)
                 want = sign_delta_matmul_ref(case.x, case.y.clone(), case.packed, case.scales, case.segments)
                 rtol, atol = tolerance(dtype)
                 for name in KERNELS:
@@ -97,22 +105,23 @@ def _measure(name: str, args: tuple, want: torch.Tensor, base_ms: float, roof_ms
     }
 
 
-def timing(bandwidth_gbps: float) -> list[dict]:
+def timing(bandwidth_gbps: float, device: str = "cuda", shapes=SHAPES, tenant_counts=TENANTS) -> list[dict]:
     from deltaserve.kernels.reference import sign_delta_matmul_ref
     from deltaserve.kernels.segments import Segments
 
     rows = []
-    gen = torch.Generator(device="cuda").manual_seed(0)
-    for k, n in SHAPES:
-        w = (torch.randn(n, k, generator=gen, device="cuda") * 0.02).to(torch.bfloat16)
-        for tenants in TENANTS:
-            x = torch.randn(tenants, k, generator=gen, device="cuda").to(torch.bfloat16)
+    dtype = torch.bfloat16 if device == "cuda" else torch.float16
+    gen = torch.Generator(device=device).manual_seed(0)
+    for k, n in shapes:
+        w = (torch.randn(n, k, generator=gen, device=device) * 0.02).to(dtype)
+        for tenants in tenant_counts:
+            x = torch.randn(tenants, k, generator=gen, device=device).to(dtype)
             packed = torch.randint(-(2**31), 2**31 - 1, (tenants, n, (k + 31) // 32), generator=gen,
-                                   device="cuda", dtype=torch.int32)
-            scales = torch.rand(tenants, n, generator=gen, device="cuda") * 1e-3
+                                   device=device, dtype=torch.int32)
+            scales = torch.rand(tenants, n, generator=gen, device=device) * 1e-3
             ones = [1] * tenants
-            seg = Segments.build(list(range(tenants)), ones, list(range(tenants)), [1.0] * tenants, "cuda")
-            y = torch.zeros(tenants, n, dtype=torch.bfloat16, device="cuda")
+            seg = Segments.build(list(range(tenants)), ones, list(range(tenants)), [1.0] * tenants, device)
+            y = torch.zeros(tenants, n, dtype=dtype, device=device)
             want = sign_delta_matmul_ref(x, torch.zeros_like(y), packed, scales, seg).float()
             base_graph = _graph_ms(lambda x=x, w=w: torch.nn.functional.linear(x, w))
             delta_bytes = packed.numel() * 4
@@ -127,15 +136,20 @@ def timing(bandwidth_gbps: float) -> list[dict]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Triton decode kernels side by side (CUDA)")
     parser.add_argument("--skip-correctness", action="store_true")
+    parser.add_argument("--dry", action="store_true",
+                        help="CPU under TRITON_INTERPRET=1, tiny shapes: checks the benchmark itself")
     args = parser.parse_args(argv)
     from deltaserve.bench.kernel import BenchConfig, _Timer, measure_bandwidth_gbps
 
-    timer = _Timer(torch, BenchConfig(device="cuda", repeats=5, warmup=1))
-    bandwidth = measure_bandwidth_gbps(torch, "cuda", timer)
-    failures = [] if args.skip_correctness else correctness()
+    device = "cpu" if args.dry else "cuda"
+    timer = _Timer(torch, BenchConfig(device=device, repeats=5, warmup=1))
+    bandwidth = measure_bandwidth_gbps(torch, device, timer, 8 if args.dry else None)
+    failures = [] if args.skip_correctness else correctness(device, *((100, 51) if args.dry else ()))
     print(json.dumps({"failures": failures}), file=sys.stderr, flush=True)
-    report = {"device": torch.cuda.get_device_name(0), "bandwidth_gbps": round(bandwidth, 1),
-              "failures": failures, "rows": timing(bandwidth)}
+    shapes, tenants = (((64, 96),), (1, 2)) if args.dry else (SHAPES, TENANTS)
+    report = {"device": torch.cuda.get_device_name(0) if device == "cuda" else "cpu (interpreter)",
+              "bandwidth_gbps": round(bandwidth, 1), "failures": failures,
+              "rows": timing(bandwidth, device, shapes, tenants)}
     print(json.dumps(report, indent=1))
     return 1 if failures or not all(r["correct"] for r in report["rows"]) else 0
 
