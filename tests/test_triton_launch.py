@@ -193,3 +193,23 @@ def test_mismatched_devices_and_strides_are_refused_before_launch(monkeypatch):
     strided = type(case)(case.x.t().contiguous().t(), case.y, case.packed, case.scales, case.segments)
     with pytest.raises(ValueError, match="unit column stride"):
         _launch(monkeypatch, triton_sign.sign_delta_decode, strided, None)
+
+
+def test_autotuner_times_configs_with_the_short_benchmark():
+    """Off the interpreter the autotuned kernels time each config with 5 / 20 ms (not Triton's
+    25 / 100 ms), so a step meeting a new shape key stalls less."""
+    import os
+
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        pytest.skip("under the interpreter the autotuner keeps the first config")
+    from deltaserve.kernels import triton_decode
+
+    triton_sign._tuned.cache_clear()
+    triton_decode._tuned.cache_clear()
+    try:
+        kernels = [triton_sign._tuned("decode"), triton_sign._tuned("prefill"), triton_decode._tuned("lut")]
+        for tuned in kernels:
+            assert tuned.do_bench.keywords == {"warmup": 5, "rep": 20}
+    finally:
+        triton_sign._tuned.cache_clear()
+        triton_decode._tuned.cache_clear()

@@ -23,7 +23,7 @@ import triton
 import triton.language as tl
 
 from deltaserve.kernels.segments import Segments
-from deltaserve.kernels.triton_sign import add_scaled_row, segment_columns
+from deltaserve.kernels.triton_sign import add_scaled_row, autotune_bench, segment_columns
 
 
 @triton.jit
@@ -118,7 +118,7 @@ def _tuned(variant: str):
                    "lut": (_decode_lut_kernel, LUT_CONFIGS)}[variant]
     key = ["N", "KW", "G_BUCKET"]
     return triton.autotune(configs=configs, key=key, restore_value=["y_ptr"],
-                           do_bench=_no_bench if interpret else None)(fn)
+                           do_bench=_no_bench if interpret else autotune_bench())(fn)
 
 
 def sign_delta_decode_variant(
