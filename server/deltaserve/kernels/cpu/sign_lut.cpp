@@ -277,54 +277,13 @@ __attribute__((target("avx2,fma"))) void lut_block_avx2(const uint8_t* w, const 
 // end of each scale block, which gives exactly the AVX2 loop's integer sums (the same entries
 // added in another order, exact in int16), so the outputs are bitwise those of lut_block_avx2.
 // G is a multiple of 8, so every scale block has an even number of groups.
-template <int BITS>
-__attribute__((target("avx512f,avx512bw,avx2,fma"))) void lut_block_avx512(const uint8_t* w, const int8_t* hi,
-                                                                          const uint8_t* lo, const float* scales,
-                                                                          int64_t G, float* out) {
-  const __m512i m4 = _mm512_set1_epi8(0x0F);
-  const __m512i even = _mm512_set1_epi16(0x0001), odd = _mm512_set1_epi16(0x0100);
-  __m256 f[8];
-  for (int i = 0; i < 8; ++i) f[i] = _mm256_setzero_ps();
-  for (int64_t b0 = 0; b0 < G; b0 += kBlock) {
-    const int64_t b1 = std::min(G, b0 + kBlock);
-    __m512i a0 = _mm512_setzero_si512(), a1 = a0, a2 = a0, a3 = a0;
-    __m512i u0 = a0, u1 = a0, u2 = a0, u3 = a0;
-    for (int64_t j = b0; j < b1; j += 2) {
-      _mm_prefetch(reinterpret_cast<const char*>(w + 32 * j + kPrefetch), _MM_HINT_T0);
-      const __m512i v = _mm512_loadu_si512(reinterpret_cast<const void*>(w + 32 * j));
-      const __m512i il = _mm512_and_si512(v, m4);
-      const __m512i ih = _mm512_and_si512(_mm512_srli_epi16(v, 4), m4);
-      // tables of groups j and j + 1 (16 bytes each, adjacent) into lanes (j, j, j + 1, j + 1)
-      const __m512i tp = _mm512_castsi256_si512(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(hi + 16 * j)));
-      const __m512i t = _mm512_shuffle_i64x2(tp, tp, 0x50);
-      const __m512i rl = _mm512_shuffle_epi8(t, il);
-      const __m512i rh = _mm512_shuffle_epi8(t, ih);
-      a0 = _mm512_add_epi16(a0, _mm512_maddubs_epi16(even, rl));
-      a1 = _mm512_add_epi16(a1, _mm512_maddubs_epi16(odd, rl));
-      a2 = _mm512_add_epi16(a2, _mm512_maddubs_epi16(even, rh));
-      a3 = _mm512_add_epi16(a3, _mm512_maddubs_epi16(odd, rh));
-      if (BITS == 16) {
-        const __m512i up = _mm512_castsi256_si512(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(lo + 16 * j)));
-        const __m512i tu = _mm512_shuffle_i64x2(up, up, 0x50);
-        const __m512i ul = _mm512_shuffle_epi8(tu, il);
-        const __m512i uh = _mm512_shuffle_epi8(tu, ih);
-        u0 = _mm512_add_epi16(u0, _mm512_maddubs_epi16(ul, even));
-        u1 = _mm512_add_epi16(u1, _mm512_maddubs_epi16(ul, odd));
-        u2 = _mm512_add_epi16(u2, _mm512_maddubs_epi16(uh, even));
-        u3 = _mm512_add_epi16(u3, _mm512_maddubs_epi16(uh, odd));
-      }
-    }
-    block_end<BITS>(fold16(a0), fold16(a1), fold16(a2), fold16(a3), fold16(u0), fold16(u1), fold16(u2),
-                    fold16(u3), scales[b0 / kBlock], f);
-  }
-  store_rows(f, out);
-}
-
-// The AVX-512 lookups of NP planes of one matrix for one token in one pass: each group pair's
+//
+// NP planes of one matrix (1 for a 1-bit matrix) for one token in one pass: each group pair's
 // tables are loaded and placed once and indexed with every plane's bits, so the table loads, the
 // lane placement (a shuffle-port instruction, as the lookups are) and the loop are shared.
-// out[64 p + r] is bitwise lut_block_avx512's out[r] for plane p (the same integer sums and the
-// same block-end arithmetic per plane). NP is small (accumulators: 4 or 8 registers a plane).
+// out[64 p + r] is plane p's row r, bitwise what a pass of that plane alone gives (the same
+// integer sums and block-end arithmetic per plane). NP is small (accumulators: 4 or 8 registers
+// a plane).
 template <int BITS, int NP>
 __attribute__((target("avx512f,avx512bw,avx2,fma"))) void lut_planes_avx512(const uint8_t* const* w, const int8_t* hi,
                                                                            const uint8_t* lo, const float* scales,
@@ -481,10 +440,8 @@ void run_decode(int isa, bool fuse_planes, const std::vector<Job>& jobs, const f
           const int8_t* hi = his.data() + i * G * 16;
           const uint8_t* lo = BITS == 16 ? los.data() + i * G * 16 : nullptr;
           const float* sc = scales.data() + i * nblk;
-          if (np > 1) {
+          if (isa >= 2) {
             lut_planes<BITS>(np, ws, hi, lo, sc, G, acc);
-          } else if (isa >= 2) {
-            lut_block_avx512<BITS>(ws[0], hi, lo, sc, G, acc);
           } else if (isa == 1) {
             lut_block_avx2<BITS>(ws[0], hi, lo, sc, G, acc);
           } else {
