@@ -32,28 +32,34 @@ _SCRIPT = textwrap.dedent(
     sys.path.insert(0, sys.argv[1])
     import torch
     from test_kernels_cases import make_case, tolerance
-    from deltaserve.kernels import triton_sign
+    from deltaserve.kernels import triton_decode, triton_sign
     from deltaserve.kernels.reference import sign_delta_matmul_ref
+    # the alternatives kept for the side-by-side benchmark (kernels/triton_decode.py) as well
+    variants = {v: lambda *a, v=v, **kw: triton_decode.sign_delta_decode_variant(*a, v, **kw)
+                for v in triton_decode.VARIANTS}
+    kernels = [triton_sign.sign_delta_decode, triton_sign.sign_delta_prefill, *variants.values()]
     failures = []
     for i, (k, n, lengths, slots, pop, dt, alphas) in enumerate(json.loads(sys.argv[2])):
         dtype = getattr(torch, dt)
         case = make_case(k, n, lengths, slots, pop, dtype, alphas, seed=i)
         want = sign_delta_matmul_ref(case.x, case.y.clone(), case.packed, case.scales, case.segments)
         rtol, atol = tolerance(dtype)
-        for fn in (triton_sign.sign_delta_decode, triton_sign.sign_delta_prefill):
+        for j, fn in enumerate(kernels):
             got = fn(case.x, case.y.clone(), case.packed, case.scales, case.segments)
             if got.dtype != dtype or not torch.allclose(got.float(), want.float(), rtol=rtol, atol=atol):
                 err = (got.float() - want.float()).abs().max().item()
-                failures.append(f"{fn.__name__} case {i}: max err {err}")
+                failures.append(f"kernel {j} case {i}: max err {err}")
     # every autotune config once, pinned, on a case larger than the small blocks and ragged for the big
     case = make_case(300, 70, [3, 0, 20], 2, "uniform", torch.float16, seed=99)
     want = sign_delta_matmul_ref(case.x, case.y.clone(), case.packed, case.scales, case.segments)
     pinned = [(triton_sign.sign_delta_decode, c) for c in triton_sign.DECODE_CONFIGS]
     pinned += [(triton_sign.sign_delta_prefill, c) for c in triton_sign.PREFILL_CONFIGS]
+    pinned += [(variants["select"], c) for c in triton_decode.SELECT_CONFIGS]
+    pinned += [(variants["lut"], c) for c in triton_decode.LUT_CONFIGS]
     for fn, cfg in pinned:
         got = fn(case.x, case.y.clone(), case.packed, case.scales, case.segments, config=cfg)
         if not torch.allclose(got.float(), want.float(), rtol=2e-3, atol=2e-3):
-            failures.append(f"{fn.__name__} config {cfg}")
+            failures.append(f"{getattr(fn, '__name__', 'variant')} config {cfg}")
     # one scale per slot [S] is a constant row of [S, N]
     case = make_case(70, 33, [2, 17], 2, "distinct", torch.float32, seed=5, row_scales=False)
     want = sign_delta_matmul_ref(case.x, case.y.clone(), case.packed, case.scales, case.segments)
@@ -131,49 +137,3 @@ def test_cuda_model_layer_shapes(k, n):
         got = sign_delta_matmul(case.x, case.y.clone(), case.packed, case.scales, case.segments)
         torch.testing.assert_close(got.float(), want.float(), rtol=1.6e-2, atol=1.6e-2)
 
-
-_VARIANTS_SCRIPT = textwrap.dedent(
-    """
-    import json, sys
-    sys.path.insert(0, sys.argv[1])
-    import torch
-    from test_kernels_cases import make_case, tolerance
-    from deltaserve.kernels import triton_decode as td
-    from deltaserve.kernels.reference import sign_delta_matmul_ref
-    failures = []
-    for i, (k, n, lengths, slots, pop, dt, alphas) in enumerate(json.loads(sys.argv[2])):
-        dtype = getattr(torch, dt)
-        case = make_case(k, n, lengths, slots, pop, dtype, alphas, seed=i)
-        want = sign_delta_matmul_ref(case.x, case.y.clone(), case.packed, case.scales, case.segments)
-        rtol, atol = tolerance(dtype)
-        for v in td.VARIANTS:
-            args = (case.x, case.y.clone(), case.packed, case.scales, case.segments)
-            got = td.sign_delta_decode_variant(*args, v)
-            if got.dtype != dtype or not torch.allclose(got.float(), want.float(), rtol=rtol, atol=atol):
-                failures.append(f"{v} case {i}: max err {(got.float() - want.float()).abs().max().item()}")
-    case = make_case(300, 70, [3, 0, 2], 2, "uniform", torch.float16, seed=99)
-    want = sign_delta_matmul_ref(case.x, case.y.clone(), case.packed, case.scales, case.segments)
-    for v, configs in (("select", td.SELECT_CONFIGS), ("lut", td.LUT_CONFIGS)):
-        for cfg in configs:
-            args = (case.x, case.y.clone(), case.packed, case.scales, case.segments)
-            got = td.sign_delta_decode_variant(*args, v, config=cfg)
-            if not torch.allclose(got.float(), want.float(), rtol=2e-3, atol=2e-3):
-                failures.append(f"{v} config {cfg}")
-    print(json.dumps({"failures": failures, "cases": i + 1}))
-    """
-)
-
-
-def test_alternative_decode_kernels_under_interpreter():
-    """The kernels kept for the side-by-side benchmark (kernels/triton_decode.py) compute the reference."""
-    import json
-
-    cases = [c for c in INTERPRETER_CASES if max(c[2]) <= 5]  # decode-sized segments
-    env = dict(os.environ, TRITON_INTERPRET="1")
-    proc = subprocess.run(
-        [sys.executable, "-c", _VARIANTS_SCRIPT, os.path.dirname(__file__), json.dumps(cases)],
-        env=env, capture_output=True, text=True, timeout=300,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    result = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert result["cases"] == len(cases) and result["failures"] == []

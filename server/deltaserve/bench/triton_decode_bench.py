@@ -13,9 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
-import time
 
 import torch
 
@@ -32,26 +30,20 @@ def _fn(name: str):
     return lambda x, y, p, s, seg: triton_decode.sign_delta_decode_variant(x, y, p, s, seg, name)
 
 
-def _events_ms(fn, repeats: int = 7, inner: int = 10) -> float:
-    if not torch.cuda.is_available():  # the dry run (interpreter): wall time, for the shape of the report
-        t0 = time.perf_counter()
-        fn()
-        return (time.perf_counter() - t0) * 1e3
-    samples = []
-    for _ in range(repeats):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        for _ in range(inner):
-            fn()
-        end.record()
-        end.synchronize()
-        samples.append(start.elapsed_time(end) / inner)
-    return statistics.median(samples)
+def _timer():
+    """bench.kernel's timer: on CUDA the median of 7 samples of 10 calls between CUDA events; on
+    the CPU (the dry run) wall time of single calls."""
+    from deltaserve.bench.kernel import BenchConfig, _Timer
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    return _Timer(torch, BenchConfig(device=device, repeats=7 if device == "cuda" else 1, warmup=1))
 
 
 def _graph_ms(fn, inner: int = 10) -> float:
+    """One call of `fn` on its own: `inner` calls captured in a CUDA graph, replayed and timed,
+    so no launch overhead is counted (on the CPU: the timer's wall time of one call)."""
     if not torch.cuda.is_available():
-        return _events_ms(fn)
+        return _timer()(fn)
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(stream):
@@ -63,7 +55,7 @@ def _graph_ms(fn, inner: int = 10) -> float:
             fn()
     graph.replay()
     torch.cuda.synchronize()
-    return _events_ms(graph.replay, inner=1) / inner
+    return _timer()(graph.replay) / inner
 
 
 def correctness(device: str = "cuda", k: int = 1000, n: int = 515) -> list[str]:
@@ -94,7 +86,7 @@ def _measure(name: str, args: tuple, want: torch.Tensor, base_ms: float, roof_ms
     fn = _fn(name)
     x, y, packed, scales, seg = args
     got = fn(x, torch.zeros_like(y), packed, scales, seg).float()  # y itself accumulates below
-    call = _events_ms(lambda: fn(*args))
+    call = _timer()(lambda: fn(*args))
     graph = _graph_ms(lambda: fn(*args))
     delta_bytes = packed.numel() * 4
     return {

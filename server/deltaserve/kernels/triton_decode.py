@@ -23,7 +23,7 @@ import triton
 import triton.language as tl
 
 from deltaserve.kernels.segments import Segments
-from deltaserve.kernels.triton_sign import add_scaled_row, autotune_bench, segment_columns
+from deltaserve.kernels.triton_sign import add_scaled_row, autotuned, segment_columns
 
 
 @triton.jit
@@ -107,18 +107,12 @@ def lut_tables(x: torch.Tensor, kw: int) -> torch.Tensor:
     return (xf.view(t, 8 * kw, 4) @ signs).contiguous()
 
 
-def _no_bench(kernel_call, quantiles):  # the interpreter cannot time kernels: keep the first config
-    return [0.0, 0.0, 0.0]
-
-
 @functools.cache
 def _tuned(variant: str):
-    interpret = bool(triton.knobs.runtime.interpret)
+    """The variant's autotuned kernel, built at first use (as triton_sign's)."""
     fn, configs = {"select": (_decode_select_kernel, SELECT_CONFIGS),
                    "lut": (_decode_lut_kernel, LUT_CONFIGS)}[variant]
-    key = ["N", "KW", "G_BUCKET"]
-    return triton.autotune(configs=configs, key=key, restore_value=["y_ptr"],
-                           do_bench=_no_bench if interpret else autotune_bench())(fn)
+    return autotuned(fn, configs, ["N", "KW", "G_BUCKET"])
 
 
 def sign_delta_decode_variant(

@@ -192,29 +192,28 @@ def _no_bench(kernel_call, quantiles):  # the interpreter cannot time kernels: k
     return [0.0, 0.0, 0.0]
 
 
-def autotune_bench():
-    """How the autotuner times each config: Triton's do_bench with 5 ms of warm-up and 20 ms of
-    repeats instead of its 25 / 100 ms defaults. The kernels run for microseconds, so 20 ms is
-    still hundreds of runs a config, and the first step that meets a new shape key stalls ~5x
-    less (15 configs a key across the two kernels: ~2 s with the defaults)."""
+def autotuned(fn, configs: list, key: list[str]):
+    """`fn` autotuned over `configs` per `key`. Configs are timed with Triton's do_bench at 5 ms of
+    warm-up and 20 ms of repeats instead of its 25 / 100 ms defaults: the kernels run for
+    microseconds, so that is still hundreds of runs a config, and a step that meets a new shape
+    key stalls ~5x less (~2 s for 15 configs with the defaults). Under TRITON_INTERPRET=1 nothing
+    can be timed and the first config runs. restore_value: timing runs the kernel several times
+    and y is updated in place."""
     import triton.testing
 
-    return functools.partial(triton.testing.do_bench, warmup=5, rep=20)
+    bench = _no_bench if triton.knobs.runtime.interpret else functools.partial(
+        triton.testing.do_bench, warmup=5, rep=20
+    )
+    return triton.autotune(configs=configs, key=key, restore_value=["y_ptr"], do_bench=bench)(fn)
 
 
 @functools.cache
 def _tuned(kernel_name: str):
     """The autotuned kernel, built at first use (reads triton's interpreter switch then, not at import)."""
-    interpret = bool(triton.knobs.runtime.interpret)
     fn, configs = {"decode": (_decode_kernel, DECODE_CONFIGS), "prefill": (_prefill_kernel, PREFILL_CONFIGS)}[
         kernel_name
     ]
-    key = list(AUTOTUNE_KEYS[kernel_name])
-    # restore_value: benchmarking runs the kernel several times; y is updated in place
-    return triton.autotune(
-        configs=configs, key=key, restore_value=["y_ptr"],
-        do_bench=_no_bench if interpret else autotune_bench(),
-    )(fn)
+    return autotuned(fn, configs, list(AUTOTUNE_KEYS[kernel_name]))
 
 
 def _common(x, y, packed, scales, segments: Segments):
