@@ -40,7 +40,8 @@ class Part:
 def parts(out: Path, workdir: Path, dry: bool) -> list[Part]:
     """The parts in the order they run; commands use this interpreter."""
     py = sys.executable
-    tests = ["tests/test_engine_gpu.py", "tests/test_kernels_triton.py"]  # engine first: never reached before
+    # the engine tests first: the kernel tests may run out of the part's time
+    tests = ["tests/test_engine_gpu.py", "tests/test_kernels_triton.py"]
     pytest = [py, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-m", "gpu", *tests,
               f"--junitxml={out / 'gpu_tests.xml'}"]
     kernel = [py, "-m", "deltaserve.cli.main", "bench", "kernel", "--json"]
