@@ -208,7 +208,7 @@ def sign_delta_matmul(
 def sign_lut_matmul_parts(
     x: torch.Tensor,
     y: torch.Tensor,
-    parts: list[tuple[int, int, list[tuple[torch.Tensor, torch.Tensor]]]],
+    parts: Sequence[tuple[int, int, Sequence[tuple[torch.Tensor, torch.Tensor]]]],
     sign_segments: tuple[Segments, ...],
     cpu_config: CpuKernelConfig = _DEFAULT_CPU_CONFIG,
 ) -> bool:
@@ -218,37 +218,54 @@ def sign_lut_matmul_parts(
     parts: (first column, N, [(lut, scales) of plane 0, 1, ...]) per matrix, scales fp32 [S, N]
     (or [S], see `row_scales`); plane p serves the segments sign_segments[p]. Returns False
     (nothing done) when the compiled kernel is not available or y lacks a unit column stride;
-    the caller then goes part by part.
+    the caller then goes part by part. Runs once per fused projection and layer, so its host
+    work is kept to one pass over the parts' planes: the segments go to the kernel once per
+    plane, and every part's jobs point at them.
     """
     ext = load_cpu_extension()
     if ext is None or y.stride(1) != 1 or x.device.type != "cpu":
         return False
-    luts, scales, cols, ns, ids, offsets = [], [], [], [], [], [0]
-    starts: list[int] = []
-    lengths: list[int] = []
-    slots: list[int] = []
-    alphas: list[float] = []
+    starts, lengths, slots, alphas, bounds = _flat_segments(sign_segments)
+    luts, scales, cols, ns, ids, begins, ends = [], [], [], [], [], [], []
     for pid, (col, n, stacks) in enumerate(parts):
-        for (lut, sc), segs in zip(stacks, sign_segments, strict=False):
-            if not len(segs):
+        for (lut, sc), (begin, end) in zip(stacks, bounds, strict=False):
+            if begin == end:
                 continue
             luts.append(lut)
-            scales.append(row_scales(sc, n))
+            scales.append(sc if sc.dim() == 2 else row_scales(sc, n))  # the kernel casts [S, N]
             cols.append(col)
             ns.append(n)
             ids.append(pid)
-            starts += segs.starts_list
-            lengths += segs.lengths_list
-            slots += segs.slots_list
-            alphas += segs.alphas_list
-            offsets.append(len(starts))
+            begins.append(begin)
+            ends.append(end)
     if luts:
         bits = cpu_config.table_bits or (16 if y.dtype == torch.float32 else 8)
         ext.sign_lut_matmul_jobs(
-            x, y, luts, scales, cols, ns, ids, offsets, starts, lengths, slots, alphas,
+            x, y, luts, scales, cols, ns, ids, begins, ends, starts, lengths, slots, alphas,
             cpu_config.lut_gemm_min_tokens, cpu_config.isa_cap, bits, int(cpu_config.fuse_planes),
         )
     return True
+
+
+def _flat_segments(
+    sign_segments: tuple[Segments, ...],
+) -> tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...], tuple[float, ...], list[tuple[int, int]]]:
+    """The planes' segments end to end (starts, lengths, slots, alphas) and each plane's range."""
+    if len(sign_segments) == 1:
+        s = sign_segments[0]
+        return s.starts_list, s.lengths_list, s.slots_list, s.alphas_list, [(0, len(s))]
+    starts: tuple[int, ...] = ()
+    lengths: tuple[int, ...] = ()
+    slots: tuple[int, ...] = ()
+    alphas: tuple[float, ...] = ()
+    bounds = []
+    for s in sign_segments:
+        bounds.append((len(starts), len(starts) + len(s)))
+        starts += s.starts_list
+        lengths += s.lengths_list
+        slots += s.slots_list
+        alphas += s.alphas_list
+    return starts, lengths, slots, alphas, bounds
 
 
 def cpu_kernel_available() -> bool:

@@ -63,13 +63,16 @@ class FusedLinear(nn.Module):
     ) -> torch.Tensor:
         """x: [T, K] -> y: [T, sum of the parts' N]. On the CPU, the 1-bit planes of all parts
         go to the table-lookup kernel in one call per pass (each token's tables built once);
-        sign_passes are the further 1-bit passes of composed requests (ForwardBatch)."""
+        sign_passes are the further 1-bit passes of composed requests (ForwardBatch). Runs 4
+        times a layer and step: the host work around the kernels is kept to a few checks."""
         y = self.base(x)
         for i, signs in enumerate((sign_segments, *sign_passes)):
             lut = self._lut_all(x, signs)
             if lut and sign_lut_matmul_parts(x, y, self._lut_parts(), signs, self.cpu_kernels):
                 signs = ()  # done for every part
-            dense = delta_segments if i == 0 else None  # dense-held deltas: every segment at once
+            dense = delta_segments if i == 0 and self._holds_others() else None  # every segment at once
+            if dense is None and not any(len(s) for s in signs):
+                continue
             if len(self.parts) == 1:
                 self.parts[0].add_deltas(x, y, signs, dense)
                 continue
@@ -79,9 +82,13 @@ class FusedLinear(nn.Module):
                 start += n
         return y
 
+    def _holds_others(self) -> bool:
+        """Whether a part holds a delta that is not 1-bit (dense, low-rank, sparse, bias)."""
+        return any(p.others or p.bias.deltas for p in self.parts)
+
     def _lut_all(self, x: torch.Tensor, sign_segments: tuple[Segments, ...]) -> bool:
         """Whether this call's 1-bit work can go to the table-lookup kernel in one call."""
-        if not any(len(s) for s in sign_segments) or (torch.is_grad_enabled() and x.requires_grad):
+        if not any(len(s) for s in sign_segments) or (x.requires_grad and torch.is_grad_enabled()):
             return False
         stacks = [p.packed for p in self.parts if p.packed is not None]
         return bool(stacks) and all(is_lut(s) for s in stacks)

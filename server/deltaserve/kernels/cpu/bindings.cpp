@@ -13,10 +13,10 @@ int64_t best_isa();
 void sign_lut_matmul_jobs(const at::Tensor& x, at::Tensor& y, const std::vector<at::Tensor>& luts,
                           const std::vector<at::Tensor>& scales, const std::vector<int64_t>& cols,
                           const std::vector<int64_t>& ns, const std::vector<int64_t>& parts,
-                          const std::vector<int64_t>& seg_offsets, const std::vector<int64_t>& starts,
-                          const std::vector<int64_t>& lengths, const std::vector<int64_t>& slots,
-                          const std::vector<double>& alphas, int64_t gemm_min_tokens, int64_t isa_cap,
-                          int64_t table_bits, int64_t fuse_planes);
+                          const std::vector<int64_t>& seg_begin, const std::vector<int64_t>& seg_end,
+                          const std::vector<int64_t>& starts, const std::vector<int64_t>& lengths,
+                          const std::vector<int64_t>& slots, const std::vector<double>& alphas,
+                          int64_t gemm_min_tokens, int64_t isa_cap, int64_t table_bits, int64_t fuse_planes);
 void sign_lut_matmul(const at::Tensor& x, at::Tensor& y, const at::Tensor& lut, const at::Tensor& scales,
                      const std::vector<int64_t>& starts, const std::vector<int64_t>& lengths,
                      const std::vector<int64_t>& slots, const std::vector<double>& alphas,

@@ -34,9 +34,11 @@
 #include "emit.h"
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <memory>
 #include <type_traits>
 #include <utility>
 #include <vector>
@@ -46,6 +48,9 @@ namespace {
 constexpr int64_t kRows = 64;    // rows per block of the layout
 constexpr int64_t kBlock = 32;   // groups per scale block (128 inputs)
 constexpr int64_t kPrefetch = 2048;  // bytes of bits fetched ahead of the lookups
+// a call's lookups go to a second thread only with at least this many bytes of bits a thread:
+// a parallel region costs ~5 us on a 2-vCPU VM, the lookups of 256 KiB ~10 us
+constexpr int64_t kMinParallelBytes = 256 * 1024;
 
 struct Seg {
   int64_t start, length, slot;
@@ -272,24 +277,56 @@ __attribute__((target("avx2,fma"))) void lut_block_avx2(const uint8_t* w, const 
 }
 
 // AVX-512BW: the same lookups two groups at a time. One 64-byte load holds the bits of groups j
-// (bytes 0-31) and j + 1 (32-63); their two tables go to 128-bit lanes 0-1 and 2-3, so one
-// vpshufb looks up 32 rows of both groups. The int16 sums of the two halves are added at the
-// end of each scale block, which gives exactly the AVX2 loop's integer sums (the same entries
-// added in another order, exact in int16), so the outputs are bitwise those of lut_block_avx2.
-// G is a multiple of 8, so every scale block has an even number of groups.
+// (bytes 0-31) and j + 1 (32-63); their two tables sit in 128-bit lanes 0-1 and 2-3 of one
+// 64-byte "placed" table (place_tables_avx512: placed once per token, not per lookup), so one
+// vpshufb looks up 32 rows of both groups.
+//
+// Sums with half the widening: a lookup's 64 bytes are added as 32 int16 words (vpaddw, any
+// vector port) into W, and only the odd bytes are widened (vpmaddubsw with (0, 1), a multiply
+// port) into O. Per word, W = sum(even) + 256 * sum(odd) mod 2^16, so at the end of a scale block
+// sum(even) = W - 256 * O mod 2^16, exact while sum(even) < 2^16: the entries are unsigned,
+// which the placed signed tables become by a bias of +128 (x ^ 0x80), at most 32 * 255 a block.
+// The bias (128 per group) comes off both sums. The fixed-up even/odd sums are exactly the AVX2
+// loop's integer sums (the same entries added in another order, exact in int16), so the outputs
+// are bitwise those of lut_block_avx2. G is a multiple of 8, so every scale block has an even
+// number of groups.
 //
 // NP planes of one matrix (1 for a 1-bit matrix) for one token in one pass: each group pair's
-// tables are loaded and placed once and indexed with every plane's bits, so the table loads, the
-// lane placement (a shuffle-port instruction, as the lookups are) and the loop are shared.
-// out[64 p + r] is plane p's row r, bitwise what a pass of that plane alone gives (the same
-// integer sums and block-end arithmetic per plane). NP is small (accumulators: 4 or 8 registers
-// a plane).
+// tables are loaded once and indexed with every plane's bits, so the table loads and the loop
+// are shared. out[64 p + r] is plane p's row r, bitwise what a pass of that plane alone gives
+// (the same integer sums and block-end arithmetic per plane). NP is small (accumulators: 4 or 8
+// registers a plane).
+
+// The placed tables of one token: for each group pair (j, j + 1), 64 bytes [t_j, t_j, t_j+1,
+// t_j+1]; hi entries biased to unsigned (^ 0x80), lo entries (16-bit tables) as they are.
+template <int BITS>
+__attribute__((target("avx2"))) void place_tables_avx512(const int8_t* hi, const uint8_t* lo, int64_t G, uint8_t* hi2,
+                                                        uint8_t* lo2) {
+  const __m256i flip = _mm256_set1_epi8(static_cast<char>(0x80));
+  for (int64_t j = 0; j < G; ++j) {  // group j: its 16 entries twice, at byte 32 j
+    const __m256i t = _mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(hi + 16 * j)));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(hi2 + 32 * j), _mm256_xor_si256(t, flip));
+    if (BITS == 16) {
+      const __m256i u = _mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(lo + 16 * j)));
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(lo2 + 32 * j), u);
+    }
+  }
+}
+
+// a scale block's int16 sums of one lookup's rows from its W and O sums (both folded to 256
+// bits): the even rows (W - 256 O) and odd rows (O), each less the bias of its n groups
+__attribute__((target("avx2"))) inline void unbias(__m256i w, __m256i o, __m256i bias, __m256i* even,
+                                                  __m256i* odd) {
+  *even = _mm256_sub_epi16(_mm256_sub_epi16(w, _mm256_slli_epi16(o, 8)), bias);
+  *odd = _mm256_sub_epi16(o, bias);
+}
+
 template <int BITS, int NP>
-__attribute__((target("avx512f,avx512bw,avx2,fma"))) void lut_planes_avx512(const uint8_t* const* w, const int8_t* hi,
-                                                                           const uint8_t* lo, const float* scales,
+__attribute__((target("avx512f,avx512bw,avx2,fma"))) void lut_planes_avx512(const uint8_t* const* w, const uint8_t* hi2,
+                                                                           const uint8_t* lo2, const float* scales,
                                                                            int64_t G, float* out) {
   const __m512i m4 = _mm512_set1_epi8(0x0F);
-  const __m512i even = _mm512_set1_epi16(0x0001), odd = _mm512_set1_epi16(0x0100);
+  const __m512i odd = _mm512_set1_epi16(0x0100);  // byte pairs (0, 1): the odd byte, widened
   __m256 f[NP][8];
   for (int p = 0; p < NP; ++p)
     for (int i = 0; i < 8; ++i) f[p][i] = _mm256_setzero_ps();
@@ -299,13 +336,9 @@ __attribute__((target("avx512f,avx512bw,avx2,fma"))) void lut_planes_avx512(cons
     for (int p = 0; p < NP; ++p)
       for (int i = 0; i < 4; ++i) a[p][i] = u[p][i] = _mm512_setzero_si512();
     for (int64_t j = b0; j < b1; j += 2) {
-      const __m512i tp = _mm512_castsi256_si512(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(hi + 16 * j)));
-      const __m512i t = _mm512_shuffle_i64x2(tp, tp, 0x50);
+      const __m512i t = _mm512_loadu_si512(reinterpret_cast<const void*>(hi2 + 32 * j));
       __m512i tu = t;
-      if (BITS == 16) {
-        const __m512i up = _mm512_castsi256_si512(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(lo + 16 * j)));
-        tu = _mm512_shuffle_i64x2(up, up, 0x50);
-      }
+      if (BITS == 16) tu = _mm512_loadu_si512(reinterpret_cast<const void*>(lo2 + 32 * j));
       for (int p = 0; p < NP; ++p) {
         _mm_prefetch(reinterpret_cast<const char*>(w[p] + 32 * j + kPrefetch), _MM_HINT_T0);
         const __m512i v = _mm512_loadu_si512(reinterpret_cast<const void*>(w[p] + 32 * j));
@@ -313,30 +346,38 @@ __attribute__((target("avx512f,avx512bw,avx2,fma"))) void lut_planes_avx512(cons
         const __m512i ih = _mm512_and_si512(_mm512_srli_epi16(v, 4), m4);
         const __m512i rl = _mm512_shuffle_epi8(t, il);
         const __m512i rh = _mm512_shuffle_epi8(t, ih);
-        a[p][0] = _mm512_add_epi16(a[p][0], _mm512_maddubs_epi16(even, rl));
-        a[p][1] = _mm512_add_epi16(a[p][1], _mm512_maddubs_epi16(odd, rl));
-        a[p][2] = _mm512_add_epi16(a[p][2], _mm512_maddubs_epi16(even, rh));
-        a[p][3] = _mm512_add_epi16(a[p][3], _mm512_maddubs_epi16(odd, rh));
+        a[p][0] = _mm512_add_epi16(a[p][0], rl);
+        a[p][1] = _mm512_add_epi16(a[p][1], _mm512_maddubs_epi16(rl, odd));
+        a[p][2] = _mm512_add_epi16(a[p][2], rh);
+        a[p][3] = _mm512_add_epi16(a[p][3], _mm512_maddubs_epi16(rh, odd));
         if (BITS == 16) {
           const __m512i ul = _mm512_shuffle_epi8(tu, il);
           const __m512i uh = _mm512_shuffle_epi8(tu, ih);
-          u[p][0] = _mm512_add_epi16(u[p][0], _mm512_maddubs_epi16(ul, even));
+          u[p][0] = _mm512_add_epi16(u[p][0], ul);
           u[p][1] = _mm512_add_epi16(u[p][1], _mm512_maddubs_epi16(ul, odd));
-          u[p][2] = _mm512_add_epi16(u[p][2], _mm512_maddubs_epi16(uh, even));
+          u[p][2] = _mm512_add_epi16(u[p][2], uh);
           u[p][3] = _mm512_add_epi16(u[p][3], _mm512_maddubs_epi16(uh, odd));
         }
       }
     }
-    for (int p = 0; p < NP; ++p)
-      block_end<BITS>(fold16(a[p][0]), fold16(a[p][1]), fold16(a[p][2]), fold16(a[p][3]), fold16(u[p][0]),
-                      fold16(u[p][1]), fold16(u[p][2]), fold16(u[p][3]), scales[b0 / kBlock], f[p]);
+    const __m256i bias = _mm256_set1_epi16(static_cast<int16_t>(128 * (b1 - b0))), none = _mm256_setzero_si256();
+    for (int p = 0; p < NP; ++p) {
+      __m256i e[4], d[4] = {none, none, none, none};
+      unbias(fold16(a[p][0]), fold16(a[p][1]), bias, &e[0], &e[1]);
+      unbias(fold16(a[p][2]), fold16(a[p][3]), bias, &e[2], &e[3]);
+      if (BITS == 16) {
+        unbias(fold16(u[p][0]), fold16(u[p][1]), none, &d[0], &d[1]);
+        unbias(fold16(u[p][2]), fold16(u[p][3]), none, &d[2], &d[3]);
+      }
+      block_end<BITS>(e[0], e[1], e[2], e[3], d[0], d[1], d[2], d[3], scales[b0 / kBlock], f[p]);
+    }
   }
   for (int p = 0; p < NP; ++p) store_rows(f[p], out + kRows * p);
 }
 
 // lut_planes_avx512 for np (1..4) planes
 template <int BITS>
-void lut_planes(int np, const uint8_t* const* w, const int8_t* hi, const uint8_t* lo, const float* scales, int64_t G,
+void lut_planes(int np, const uint8_t* const* w, const uint8_t* hi, const uint8_t* lo, const float* scales, int64_t G,
                 float* out) {
   switch (np) {
     case 1: lut_planes_avx512<BITS, 1>(w, hi, lo, scales, G, out); break;
@@ -371,7 +412,9 @@ struct Job {
 template <typename T, int BITS>
 void run_decode(int isa, bool fuse_planes, const std::vector<Job>& jobs, const float* xpad, int64_t T_, int64_t Kp,
                 int64_t G, T* y, int64_t ys) {
-  // tables of every token of a decode segment, built once for all jobs (in parallel over tokens)
+  // tables of every token of a decode segment, built once for all jobs, by the thread that
+  // first needs them (one parallel region a call: on a 2-vCPU VM each region costs ~5 us, as
+  // much as a K = 576 row block's lookups for 10 tokens)
   std::vector<int64_t> row_of(T_, -1), tok;
   for (const Job& j : jobs)
     for (const Seg& s : j.dec)
@@ -381,36 +424,58 @@ void run_decode(int isa, bool fuse_planes, const std::vector<Job>& jobs, const f
           tok.push_back(t);
         }
   if (tok.empty()) return;
+  const int64_t ntok = static_cast<int64_t>(tok.size());
   const int64_t nblk = (G + kBlock - 1) / kBlock;
-  std::vector<int8_t> his(tok.size() * G * 16);
-  std::vector<uint8_t> los(BITS == 16 ? tok.size() * G * 16 : 0);
-  std::vector<float> scales(tok.size() * nblk);
-  at::parallel_for(0, static_cast<int64_t>(tok.size()), 1, [&](int64_t b, int64_t e) {
-    for (int64_t i = b; i < e; ++i) {
-      int8_t* hi = his.data() + i * G * 16;
-      uint8_t* lo = BITS == 16 ? los.data() + i * G * 16 : nullptr;
+  // with AVX-512 the lookups read the placed tables (twice the bytes, see place_tables_avx512);
+  // the others read hi/lo as built. Uninitialised: every token's are written before they are read.
+  const int64_t placed = isa >= 2 ? G * 32 : 0;
+  std::unique_ptr<int8_t[]> his(new int8_t[ntok * G * 16]);
+  std::unique_ptr<uint8_t[]> los(new uint8_t[BITS == 16 ? ntok * G * 16 : 1]);
+  std::unique_ptr<uint8_t[]> his2(new uint8_t[placed ? ntok * placed : 1]);
+  std::unique_ptr<uint8_t[]> los2(new uint8_t[placed && BITS == 16 ? ntok * placed : 1]);
+  std::unique_ptr<float[]> scales(new float[ntok * nblk]);
+  std::unique_ptr<std::atomic<int>[]> state(new std::atomic<int>[ntok]);  // 0 none, 1 building, 2 built
+  for (int64_t i = 0; i < ntok; ++i) state[i].store(0, std::memory_order_relaxed);
+  const auto tables = [&](int64_t i) {  // token i's tables, built now if no thread has yet
+    int none = 0;
+    if (state[i].compare_exchange_strong(none, 1, std::memory_order_acq_rel)) {
+      int8_t* hi = his.get() + i * G * 16;
+      uint8_t* lo = BITS == 16 ? los.get() + i * G * 16 : nullptr;
       if (isa >= 1) {
-        build_tables_avx2<BITS>(xpad + tok[i] * Kp, G, hi, lo, scales.data() + i * nblk);
+        build_tables_avx2<BITS>(xpad + tok[i] * Kp, G, hi, lo, scales.get() + i * nblk);
       } else {
-        build_tables<BITS>(xpad + tok[i] * Kp, G, hi, lo, scales.data() + i * nblk);
+        build_tables<BITS>(xpad + tok[i] * Kp, G, hi, lo, scales.get() + i * nblk);
       }
+      if (placed) place_tables_avx512<BITS>(hi, lo, G, his2.get() + i * placed, los2.get() + i * placed);
+      state[i].store(2, std::memory_order_release);
+    } else {
+      while (state[i].load(std::memory_order_acquire) != 2) _mm_pause();  // another thread builds them
     }
-  });
+  };
   // work items (job, segment, row block); the jobs of one part that cover the same tokens (its
-  // planes) go into one item, run one after the other, so no two threads add into the same y
+  // planes) go into one item, run one after the other, so no two threads add into the same y.
+  // Ordered by token, so a thread's share of the items needs the tables of its share of tokens.
   struct Item {
-    int64_t first_job, seg, rb;
+    int64_t first_job, seg, rb, start;
   };
   std::vector<Item> items;
+  int64_t item_bytes = 0;  // bits read by all items
   for (size_t j = 0; j < jobs.size(); ++j) {
     if (j > 0 && jobs[j].part == jobs[j - 1].part) continue;  // planes after the part's first job
     for (size_t g = 0; g < jobs[j].dec.size(); ++g)
-      for (int64_t rb = 0; rb < jobs[j].NB; ++rb) items.push_back({static_cast<int64_t>(j), static_cast<int64_t>(g), rb});
+      for (int64_t rb = 0; rb < jobs[j].NB; ++rb) {
+        items.push_back({static_cast<int64_t>(j), static_cast<int64_t>(g), rb, jobs[j].dec[g].start});
+        item_bytes += G * 32 * jobs[j].dec[g].length;
+      }
   }
+  std::stable_sort(items.begin(), items.end(), [](const Item& a, const Item& b) { return a.start < b.start; });
+  // a second thread only for calls with at least kMinParallelBytes a thread
+  const int64_t grain = std::max<int64_t>(
+      1, static_cast<int64_t>(items.size()) * kMinParallelBytes / std::max<int64_t>(1, item_bytes));
   // with AVX-512 the planes of a part over the same tokens are looked up together: up to 4 a pass
   // with 8-bit tables, 2 with 16-bit ones (their accumulators must stay in the 32 registers)
   const size_t max_fused = isa >= 2 && fuse_planes ? (BITS == 8 ? 4 : 2) : 1;
-  at::parallel_for(0, static_cast<int64_t>(items.size()), 1, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, static_cast<int64_t>(items.size()), grain, [&](int64_t begin, int64_t end) {
     float acc[4 * kRows];
     std::vector<std::pair<const Job*, const Seg*>> planes;
     for (int64_t it = begin; it < end; ++it) {
@@ -437,11 +502,12 @@ void run_decode(int isa, bool fuse_planes, const std::vector<Job>& jobs, const f
         const Seg& s0 = *planes[p0].second;
         for (int64_t t = s0.start; t < s0.start + s0.length; ++t) {
           const int64_t i = row_of[t];
-          const int8_t* hi = his.data() + i * G * 16;
-          const uint8_t* lo = BITS == 16 ? los.data() + i * G * 16 : nullptr;
-          const float* sc = scales.data() + i * nblk;
+          tables(i);
+          const int8_t* hi = his.get() + i * G * 16;
+          const uint8_t* lo = BITS == 16 ? los.get() + i * G * 16 : nullptr;
+          const float* sc = scales.get() + i * nblk;
           if (isa >= 2) {
-            lut_planes<BITS>(np, ws, hi, lo, sc, G, acc);
+            lut_planes<BITS>(np, ws, his2.get() + i * placed, los2.get() + i * placed, sc, G, acc);
           } else if (isa == 1) {
             lut_block_avx2<BITS>(ws[0], hi, lo, sc, G, acc);
           } else {
@@ -555,7 +621,8 @@ void dispatch(int isa, bool fuse_planes, int64_t bits, const std::vector<Job>& j
 // In place: y [T, sum of the parts' N] (fp32/bf16/fp16, unit column stride) += the deltas of
 // every job: job j reads luts[j] (uint8 [S, NB, G, 32], one layer's signs in the LUT layout)
 // with scales[j] fp32 [S, N_j] (a scale per output row) and adds into columns [cols[j], cols[j] + N_j) of y for its segments
-// starts/lengths/slots/alphas[seg_offsets[j] : seg_offsets[j + 1]]. Consecutive jobs with the
+// starts/lengths/slots/alphas[seg_begin[j] : seg_end[j]] (jobs may share a range: the parts of
+// a fused projection read the same segments). Consecutive jobs with the
 // same parts[j] are planes of one matrix (same columns; their segments must be a subset of the
 // first such job's). All jobs share x, so each decode token's tables are built once. With
 // fuse_planes and AVX-512 the planes of a part are looked up in shared passes (same outputs bit
@@ -563,20 +630,19 @@ void dispatch(int isa, bool fuse_planes, int64_t bits, const std::vector<Job>& j
 void sign_lut_matmul_jobs(const at::Tensor& x, at::Tensor& y, const std::vector<at::Tensor>& luts,
                           const std::vector<at::Tensor>& scales, const std::vector<int64_t>& cols,
                           const std::vector<int64_t>& ns, const std::vector<int64_t>& parts,
-                          const std::vector<int64_t>& seg_offsets, const std::vector<int64_t>& starts,
-                          const std::vector<int64_t>& lengths, const std::vector<int64_t>& slots,
-                          const std::vector<double>& alphas, int64_t gemm_min_tokens, int64_t isa_cap,
-                          int64_t table_bits, int64_t fuse_planes) {
+                          const std::vector<int64_t>& seg_begin, const std::vector<int64_t>& seg_end,
+                          const std::vector<int64_t>& starts, const std::vector<int64_t>& lengths,
+                          const std::vector<int64_t>& slots, const std::vector<double>& alphas,
+                          int64_t gemm_min_tokens, int64_t isa_cap, int64_t table_bits, int64_t fuse_planes) {
   TORCH_CHECK(table_bits == 8 || table_bits == 16, "table_bits must be 8 or 16");
   TORCH_CHECK(x.device().is_cpu() && y.device().is_cpu(), "CPU tensors expected");
   TORCH_CHECK(x.dim() == 2 && y.dim() == 2 && y.size(0) == x.size(0) && y.stride(1) == 1,
               "x [T,K] and y [T,N] with unit column stride expected");
   const size_t J = luts.size();
-  TORCH_CHECK(scales.size() == J && cols.size() == J && ns.size() == J && parts.size() == J &&
-                  seg_offsets.size() == J + 1,
-              "one lut, scales, column, N and part per job, and J + 1 segment offsets");
-  TORCH_CHECK(starts.size() == lengths.size() && lengths.size() == slots.size() && slots.size() == alphas.size() &&
-                  static_cast<int64_t>(starts.size()) == seg_offsets[J],
+  TORCH_CHECK(scales.size() == J && cols.size() == J && ns.size() == J && parts.size() == J && seg_begin.size() == J &&
+                  seg_end.size() == J,
+              "one lut, scales, column, N, part and segment range per job");
+  TORCH_CHECK(starts.size() == lengths.size() && lengths.size() == slots.size() && slots.size() == alphas.size(),
               "segment arrays must have equal lengths");
   if (J == 0) return;
   const int64_t K = x.size(1), G = luts[0].size(2), Kp = 4 * G;
@@ -597,7 +663,9 @@ void sign_lut_matmul_jobs(const at::Tensor& x, at::Tensor& y, const std::vector<
     keep.push_back(scales[j].to(at::kFloat).contiguous());
     const float* sc = keep.back().data_ptr<float>();
     Job job{lut.data_ptr<uint8_t>(), lut.size(1), ns[j], cols[j], parts[j], {}, {}};
-    for (int64_t g = seg_offsets[j]; g < seg_offsets[j + 1]; ++g) {
+    TORCH_CHECK(seg_begin[j] >= 0 && seg_begin[j] <= seg_end[j] && seg_end[j] <= static_cast<int64_t>(starts.size()),
+                "a job's segment range is out of bounds");
+    for (int64_t g = seg_begin[j]; g < seg_end[j]; ++g) {
       if (lengths[g] <= 0) continue;
       TORCH_CHECK(starts[g] >= 0 && starts[g] + lengths[g] <= x.size(0), "segment out of range");
       TORCH_CHECK(slots[g] >= 0 && slots[g] < lut.size(0), "slot out of range");
@@ -632,6 +700,6 @@ void sign_lut_matmul(const at::Tensor& x, at::Tensor& y, const at::Tensor& lut, 
                      int64_t gemm_min_tokens, int64_t isa_cap, int64_t table_bits) {
   TORCH_CHECK(lut.dim() == 4, "lut must be uint8 [S, NB, G, 32]");
   TORCH_CHECK(y.dim() == 2 && lut.size(1) == (y.size(1) + kRows - 1) / kRows, "N does not match the layout's row blocks");
-  sign_lut_matmul_jobs(x, y, {lut}, {scales}, {0}, {y.size(1)}, {0}, {0, static_cast<int64_t>(starts.size())}, starts,
+  sign_lut_matmul_jobs(x, y, {lut}, {scales}, {0}, {y.size(1)}, {0}, {0}, {static_cast<int64_t>(starts.size())}, starts,
                        lengths, slots, alphas, gemm_min_tokens, isa_cap, table_bits, 1);
 }
