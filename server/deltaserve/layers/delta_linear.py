@@ -56,6 +56,9 @@ class FusedLinear(nn.Module):
         self.parts = nn.ModuleList(parts)
         self.splits = [p.out_features for p in parts]
         self.in_features = parts[0].in_features
+        # (part, first column) as a plain tuple: read 4 times a layer and step, without the
+        # nn.Module attribute lookups of self.parts
+        self._columns = tuple(zip(parts, [sum(self.splits[:i]) for i in range(len(parts))], strict=True))
 
     def forward(
         self, x: torch.Tensor, sign_segments: tuple[Segments, ...], delta_segments: Segments,
@@ -67,8 +70,8 @@ class FusedLinear(nn.Module):
         times a layer and step: the host work around the kernels is kept to a few checks."""
         y = self.base(x)
         for i, signs in enumerate((sign_segments, *sign_passes)):
-            lut = self._lut_all(x, signs)
-            if lut and sign_lut_matmul_parts(x, y, self._lut_parts(), signs, self.cpu_kernels):
+            lut_parts = self._lut_parts(x, signs)
+            if lut_parts and sign_lut_matmul_parts(x, y, lut_parts, signs, self.cpu_kernels):
                 signs = ()  # done for every part
             dense = delta_segments if i == 0 and self._holds_others() else None  # every segment at once
             if dense is None and not any(len(s) for s in signs):
@@ -84,22 +87,23 @@ class FusedLinear(nn.Module):
 
     def _holds_others(self) -> bool:
         """Whether a part holds a delta that is not 1-bit (dense, low-rank, sparse, bias)."""
-        return any(p.others or p.bias.deltas for p in self.parts)
+        return any(p.others or p.bias.deltas for p, _ in self._columns)
 
-    def _lut_all(self, x: torch.Tensor, sign_segments: tuple[Segments, ...]) -> bool:
-        """Whether this call's 1-bit work can go to the table-lookup kernel in one call."""
+    def _lut_parts(
+        self, x: torch.Tensor, sign_segments: tuple[Segments, ...]
+    ) -> list[tuple[int, int, list[tuple[torch.Tensor, torch.Tensor]]]] | None:
+        """The parts' 1-bit stacks as `sign_lut_matmul_parts` takes them, or None when this call's
+        1-bit work cannot go to the table-lookup kernel in one call (no segments, autograd, or
+        a stack in the row layout)."""
         if not any(len(s) for s in sign_segments) or (x.requires_grad and torch.is_grad_enabled()):
-            return False
-        stacks = [p.packed for p in self.parts if p.packed is not None]
-        return bool(stacks) and all(is_lut(s) for s in stacks)
-
-    def _lut_parts(self) -> list[tuple[int, int, list[tuple[torch.Tensor, torch.Tensor]]]]:
-        out, start = [], 0
-        for part, n in zip(self.parts, self.splits, strict=True):
+            return None
+        out = []
+        for part, start in self._columns:
             if part.packed is not None:
-                out.append((start, n, [(part.packed, part.scales), *part.plane_stacks]))
-            start += n
-        return out
+                if not is_lut(part.packed):
+                    return None
+                out.append((start, part.out_features, [(part.packed, part.scales), *part.plane_stacks]))
+        return out or None
 
     def set_base_weight(self, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
         """Replace the fused base weight [sum N, K] (and bias) in place; same shapes only."""
