@@ -244,3 +244,48 @@ def test_planes_looked_up_together_equal_one_pass_a_plane(ext, bits, dtype, plan
             sign_delta_matmul_ref(x, want, from_lut(lut, n), sc, first if p == 0 else rest)
         rtol, atol = tolerance(dtype)
         torch.testing.assert_close(outs[1].float(), want.float(), rtol=rtol, atol=atol + 1e-3)
+
+
+@pytest.mark.parametrize("bits", [8, 16])
+def test_two_threads_share_tables_and_equal_one_thread(ext, bits):
+    """Calls with enough bits (>= 256 KiB a thread) split their work items over two threads, which
+    build each token's tables once between them: segments of 1-3 tokens, a part with two planes
+    and one with one, so the threads meet on shared tokens and fused passes. Same sums, so the
+    output equals the one-thread run bit for bit, and both stay within the tables' error bound."""
+    from deltaserve.kernels.ops import sign_lut_matmul_parts
+
+    gen = torch.Generator().manual_seed(bits)
+    k, sizes, slots = 2048, (640, 384), 6  # ~1.3 MiB of bits a plane
+    x = torch.randn(12, k, generator=gen) + 0.1
+    y0 = torch.randn(12, sum(sizes), generator=gen)
+    first = Segments.build([0, 1, 3, 6, 8, 9], [1, 2, 3, 2, 1, 2], [0, 1, 2, 3, 4, 5],
+                           [1.0, -0.5, 2.0, 0.7, 1.0, 1.3])
+    rest = Segments.build([1, 6, 9], [2, 2, 2], [1, 3, 5], [-0.5, 0.7, 1.3])
+
+    def stack(n):
+        packed = torch.stack([pack_signs(torch.randn(n, k, generator=gen)) for _ in range(slots)])
+        return packed, torch.rand(slots, n, generator=gen) * 0.02 + 0.001
+
+    (p00, s00), (p01, s01), (p10, s10) = stack(sizes[0]), stack(sizes[0]), stack(sizes[1])
+    parts = [(0, sizes[0], [(to_lut(p00), s00), (to_lut(p01), s01)]),
+             (sizes[0], sizes[1], [(to_lut(p10), s10)])]
+    config = CpuKernelConfig(table_bits=bits)
+    threads = torch.get_num_threads()
+    outs = []
+    try:
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            got = y0.clone()
+            assert sign_lut_matmul_parts(x, got, parts, (first, rest), config)
+            outs.append(got)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(outs[0], outs[1])
+    want = y0.clone()
+    sign_delta_matmul_ref(x, want[:, : sizes[0]], p00, s00, first)
+    sign_delta_matmul_ref(x, want[:, : sizes[0]], p01, s01, rest)
+    sign_delta_matmul_ref(x, want[:, sizes[0] :], p10, s10, first)
+    # each plane's term within the bound, scaled by the largest |alpha * scale| it meets (3 terms)
+    bound = table_error_bound(x, bits)[:, None] * 2.0 * 0.021 * 3 + 1e-4
+    assert ((outs[1] - want).abs() <= bound).all()
+    assert torch.equal(outs[1][11], y0[11])  # a row outside every segment
