@@ -19,6 +19,8 @@ scale 0.
 
 from __future__ import annotations
 
+from itertools import accumulate
+
 import torch
 from torch import nn
 from torch.nn import functional as F
@@ -54,11 +56,11 @@ class FusedLinear(nn.Module):
         self.cpu_kernels = cpu_kernels or CpuKernelConfig()
         self.base = base  # nn.Linear, OneDnnLinear, bnb.nn.Linear8bitLt or bnb.nn.Linear4bit
         self.parts = nn.ModuleList(parts)
-        self.splits = [p.out_features for p in parts]
         self.in_features = parts[0].in_features
-        # (part, first column) as a plain tuple: read 4 times a layer and step, without the
-        # nn.Module attribute lookups of self.parts
-        self._columns = tuple(zip(parts, [sum(self.splits[:i]) for i in range(len(parts))], strict=True))
+        # (part, first column of its outputs) as a plain tuple: read 4 times a layer and step,
+        # without the nn.Module attribute lookups of self.parts
+        starts = [0, *accumulate(p.out_features for p in parts)][:-1]
+        self._columns = tuple(zip(parts, starts, strict=True))
 
     def forward(
         self, x: torch.Tensor, sign_segments: tuple[Segments, ...], delta_segments: Segments,
@@ -76,13 +78,11 @@ class FusedLinear(nn.Module):
             dense = delta_segments if i == 0 and self._holds_others() else None  # every segment at once
             if dense is None and not any(len(s) for s in signs):
                 continue
-            if len(self.parts) == 1:
-                self.parts[0].add_deltas(x, y, signs, dense)
+            if len(self._columns) == 1:
+                self._columns[0][0].add_deltas(x, y, signs, dense)
                 continue
-            start = 0
-            for part, n in zip(self.parts, self.splits, strict=True):
-                part.add_deltas(x, y[:, start : start + n], signs, dense)
-                start += n
+            for part, start in self._columns:
+                part.add_deltas(x, y[:, start : start + part.out_features], signs, dense)
         return y
 
     def _holds_others(self) -> bool:
