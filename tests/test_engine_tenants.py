@@ -109,26 +109,35 @@ def test_multibit_tenants_are_served_packed_and_equal_their_merges(tiny_dir, tmp
     assert all(not lin.plane_stacks for lin in eng.model.delta_linears().values())
 
 
-def test_dare_tenants_are_served_sparse_and_equal_their_merges(tiny_dir, tmp_path):
+def test_dare_tenants_are_served_as_stored_and_equal_their_merges(tiny_dir, tmp_path):
     from deltaserve.deltas.codecs import make_codec
     from deltaserve.deltas.compress import CompressConfig, compress
-    from deltaserve.deltas.types import SparseDelta
+    from deltaserve.deltas.types import MaskedDelta
 
     base, ft = tiny_dir("llama")
-    path = tmp_path / "dare.delta"
-    codec = make_codec("dare", {"drop_rate": 0.9, "dtype": "float32"})
-    compress(CompressConfig(base=base, finetuned=ft, out=path, codec=codec, progress=False))
-    delta = load_delta(base, path)
-    assert all(isinstance(d, SparseDelta) for d in delta.linears.values())
-    dense_bytes = sum(d.out_features * d.in_features * 4 for d in delta.linears.values())
-    assert sum(d.nbytes() for d in delta.linears.values()) < 0.3 * dense_bytes  # ~10% kept, 8 B each
     eng = engine(base)
-    eng.load_delta("dare", delta)
+    paths = {}
+    for name, dtype, seed in (("d32", "float32", 0), ("d16", "float16", 1)):
+        paths[name] = tmp_path / f"{name}.delta"
+        codec = make_codec("dare", {"drop_rate": 0.9, "dtype": dtype, "seed": seed})
+        compress(CompressConfig(base=base, finetuned=ft, out=paths[name], codec=codec, progress=False))
+        delta = load_delta(base, paths[name])
+        assert all(isinstance(d, MaskedDelta) for d in delta.linears.values())  # bitmask + values, as stored
+        dense_bytes = sum(d.out_features * d.in_features * 4 for d in delta.linears.values())
+        # a mask bit and ~10% of the values a weight (+ row offsets): 0.13 (fp32) or 0.08 (fp16) of dense
+        bound = 0.2 if dtype == "float32" else 0.15
+        assert sum(d.nbytes() for d in delta.linears.values()) < bound * dense_bytes
+        eng.load_delta(name, delta)
     prompts = random_prompts([6, 9], seed=17)
-    outs = run(eng, [GenerationRequest(f"d{i}", tuple(p), greedy(NEW), delta_key="dare")
-                     for i, p in enumerate(prompts)])
-    for i, want in enumerate(hf_greedy(merged_dir(base, path, tmp_path / "m-dare"), prompts, NEW)):
-        assert token_ids(outs[f"d{i}"]) == want, i
+    # both tenants and a base request in every step: one segment each
+    reqs = [GenerationRequest(f"{t}-{i}", tuple(p), greedy(NEW), delta_key=t or None)
+            for t in ("d32", "d16", "") for i, p in enumerate(prompts)]
+    outs = run(eng, reqs)
+    for t in ("d32", "d16"):
+        for i, want in enumerate(hf_greedy(merged_dir(base, paths[t], tmp_path / f"m-{t}"), prompts, NEW)):
+            assert token_ids(outs[f"{t}-{i}"]) == want, (t, i)
+    for i, want in enumerate(hf_greedy(base, prompts, NEW)):
+        assert token_ids(outs[f"-{i}"]) == want, i
 
 
 def test_sign_stacks_grow_and_shrink_in_chunks(tiny_dir, tmp_path):

@@ -79,7 +79,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "round and the median (needs modes base and deltas)",
     )
     parser.add_argument("--codec", default="bitdelta",
-                        choices=("bitdelta", "bitdelta-mb1", "bitdelta-mb2", "bitdelta-mb2-additive"),
+                        choices=("bitdelta", "bitdelta-mb1", "bitdelta-mb2", "bitdelta-mb2-additive",
+                                 "dare-p0.9"),
                         help="how the tenants' deltas are compressed")
 
 

@@ -1,4 +1,4 @@
-"""`deltaserve bench kernel|serve|step|peer|ops|fairness`: benchmarks that print human tables or JSON."""
+"""`deltaserve bench kernel|serve|step|peer|ops|fairness|prefix|dare`: benchmarks printing tables or JSON."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ SUITES = {
     "ops": "deltaserve.bench.ops",
     "fairness": "deltaserve.bench.fairness",
     "prefix": "deltaserve.bench.prefix",
+    "dare": "deltaserve.bench.dare",
 }
 
 

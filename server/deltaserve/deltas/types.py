@@ -26,6 +26,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from deltaserve.deltas.packing import unpack_bits
+
 
 @dataclass(frozen=True)
 class DeltaMeta:
@@ -114,23 +116,40 @@ class SignPlanesDelta(LinearDelta):
 
 
 @dataclass(frozen=True)
-class SparseDelta(LinearDelta):
-    """A sparse delta: torch sparse CSR [N, K] with int32 indices and fp32 values (DARE with
-    k = 0 keeps 1 - p of the weights; the rest are exactly zero). Applied as csr @ x.T."""
+class MaskedDelta(LinearDelta):
+    """A sparse delta held as stored (DARE with k = 0 keeps 1 - p of the weights; the rest are
+    exactly zero): `mask` int32 [N, ceil(K/32)] in the sign packing layout (set bit = kept, bits
+    past K zero), `values` the kept weights in row-major order (1-D, fp32 / fp16 / bf16 as the
+    file stores them) and `offsets` int64 [N + 1], the index in `values` of each row's first kept
+    weight (offsets[N] = number of values). Applied by kernels/masked_ops.py without densifying:
+    1/8 + (1 - p) * 2 bytes a weight with fp16 values."""
 
-    csr: torch.Tensor
+    mask: torch.Tensor
+    values: torch.Tensor
+    offsets: torch.Tensor
     out_features: int
     in_features: int
 
+    @staticmethod
+    def build(mask: torch.Tensor, values: torch.Tensor, out_features: int, in_features: int) -> MaskedDelta:
+        """From the stored mask and values: counts the kept weights of each row for `offsets`."""
+        per_row = unpack_bits(mask, in_features).sum(dim=1)
+        offsets = torch.zeros(out_features + 1, dtype=torch.int64, device=mask.device)
+        offsets[1:] = torch.cumsum(per_row, 0)
+        return MaskedDelta(mask.contiguous(), values.contiguous(), offsets, out_features, in_features)
+
     def decode(self) -> torch.Tensor:
-        return self.csr.to_dense().to(torch.float32)
+        keep = unpack_bits(self.mask, self.in_features)
+        out = torch.zeros(self.out_features, self.in_features, dtype=torch.float32, device=self.mask.device)
+        out[keep] = self.values.to(torch.float32)
+        return out
 
     def nbytes(self) -> int:
-        c = self.csr
-        return sum(t.numel() * t.element_size() for t in (c.values(), c.col_indices(), c.crow_indices()))
+        return sum(t.numel() * t.element_size() for t in (self.mask, self.values, self.offsets))
 
-    def to(self, device: torch.device | str) -> SparseDelta:
-        return SparseDelta(self.csr.to(device), self.out_features, self.in_features)
+    def to(self, device: torch.device | str) -> MaskedDelta:
+        m, v, o = (t.to(device) for t in (self.mask, self.values, self.offsets))
+        return MaskedDelta(m, v, o, self.out_features, self.in_features)
 
 
 @dataclass(frozen=True)

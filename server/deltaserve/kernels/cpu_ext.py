@@ -1,7 +1,8 @@
 """Build and load the CPU kernels extension (kernels/cpu/*.cpp) at first use.
 
 One module holds the segmented 1-bit delta matmul (sign_gemv.cpp over the row layout,
-sign_lut.cpp by table lookup over the lut layout), the paged decode attention
+sign_lut.cpp by table lookup over the lut layout), DARE's bitmask + values product
+(masked_delta.cpp), the paged decode attention
 (paged_attention.cpp) and the fused elementwise ops (fused_ops.cpp); bindings.cpp declares
 them to Python.
 
@@ -35,7 +36,8 @@ log = logging.getLogger(__name__)
 _CPU_DIR = Path(__file__).parent / "cpu"
 SOURCES = tuple(
     _CPU_DIR / f
-    for f in ("bindings.cpp", "sign_gemv.cpp", "sign_lut.cpp", "paged_attention.cpp", "fused_ops.cpp")
+    for f in ("bindings.cpp", "sign_gemv.cpp", "sign_lut.cpp", "masked_delta.cpp", "paged_attention.cpp",
+              "fused_ops.cpp")
 )
 
 HEADERS = (_CPU_DIR / "emit.h",)  # included by the sources: part of the build key

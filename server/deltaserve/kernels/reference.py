@@ -15,6 +15,7 @@ from __future__ import annotations
 import torch
 
 from deltaserve.deltas.packing import unpack_signs
+from deltaserve.deltas.types import MaskedDelta
 from deltaserve.kernels.segments import Segments
 
 
@@ -36,4 +37,20 @@ def sign_delta_matmul_ref(
         xs = x[start : start + length].to(torch.float32)
         factor = alpha * scales[slot].to(torch.float32)  # [N] (or a scalar), times each output column
         y[start : start + length] += (factor * (xs @ signs.T)).to(y.dtype)
+    return y
+
+
+def masked_delta_matmul_ref(
+    x: torch.Tensor,  # [T, K]
+    y: torch.Tensor,  # [T, N], updated in place
+    delta: MaskedDelta,
+    start: int,
+    length: int,
+    alpha: float,
+) -> torch.Tensor:
+    """y[start:start+length] += alpha * x[start:start+length] @ D.T for a bitmask + values delta D
+    (DARE, kernels/masked_ops.py); fp32 accumulation, y keeps its dtype. Returns y."""
+    if length:
+        rows = slice(start, start + length)
+        y[rows] += (alpha * (x[rows].to(torch.float32) @ delta.decode().T)).to(y.dtype)
     return y

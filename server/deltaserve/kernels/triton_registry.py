@@ -93,6 +93,17 @@ KERNELS: tuple[TritonKernel, ...] = (
         dtype_constexprs=_no_constexprs,
         gemv=True,
     ),
+    TritonKernel(
+        name="masked_decode",
+        module="deltaserve.kernels.triton_masked",
+        function="_masked_kernel",
+        configs="CONFIGS",
+        arg_types=(("x_ptr", ACT), ("y_ptr", ACT), ("mask_ptr", "*i32"), ("values_ptr", "*fp16"),
+                   ("offsets_ptr", "*i64"), ("start", "i32"), ("alpha", "fp32"), ("N", "i32"), ("K", "i32"),
+                   ("W", "i32"), ("stride_xt", "i32"), ("stride_yt", "i32")),
+        dtype_constexprs=_no_constexprs,
+        gemv=True,
+    ),
 )
 
 

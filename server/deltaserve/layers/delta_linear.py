@@ -29,12 +29,13 @@ from deltaserve.deltas.types import (
     DenseDelta,
     LinearDelta,
     LowRankDelta,
+    MaskedDelta,
     SignDelta,
     SignPlanesDelta,
-    SparseDelta,
 )
 from deltaserve.kernels.cpu_ext import CpuKernelConfig
 from deltaserve.kernels.lut_layout import lut_shape, to_lut
+from deltaserve.kernels.masked_ops import masked_delta_matmul_segments
 from deltaserve.kernels.ops import cpu_kernel_available, is_lut, sign_delta_matmul, sign_lut_matmul_parts
 from deltaserve.kernels.segments import Segments
 from deltaserve.layers.quant import set_base_weight
@@ -144,6 +145,7 @@ class DeltaLinear(nn.Module):
             if len(segments):
                 sign_delta_matmul(x, y, packed, scales, segments)
         if delta_segments is not None and (self.others or self.bias.deltas):
+            masked = []  # the DARE tenants' segments: one kernel call for all of them
             for start, length, slot, alpha in zip(
                 delta_segments.starts_list, delta_segments.lengths_list, delta_segments.slots_list,
                 delta_segments.alphas_list, strict=True,
@@ -156,11 +158,13 @@ class DeltaLinear(nn.Module):
                     y[rows] += alpha * F.linear(x[rows], d.delta)
                 elif isinstance(d, LowRankDelta):
                     y[rows] += alpha * F.linear(F.linear(x[rows], d.a), d.b)
-                elif isinstance(d, SparseDelta):
-                    y[rows] += (alpha * (d.csr @ x[rows].float().T).T).to(y.dtype)
+                elif isinstance(d, MaskedDelta):
+                    masked.append((d, start, length, alpha))
                 db = self.bias.deltas.get(slot)
                 if db is not None:
                     y[rows] += alpha * db
+            if masked:
+                masked_delta_matmul_segments(x, y, masked)
 
     # ---- slot management (called by the engine between steps) ----
 
@@ -197,7 +201,7 @@ class DeltaLinear(nn.Module):
         """None when `delta` (the linear delta `name`, or its bias delta "<name>.bias") fits."""
         if name != self.name:
             return self.bias.check(name, delta)
-        if not isinstance(delta, SignDelta | SignPlanesDelta | DenseDelta | LowRankDelta | SparseDelta):
+        if not isinstance(delta, SignDelta | SignPlanesDelta | DenseDelta | LowRankDelta | MaskedDelta):
             return f"{self.name}: unsupported delta type {type(delta).__name__}"
         if (delta.out_features, delta.in_features) != (self.out_features, self.in_features):
             return (
@@ -227,8 +231,8 @@ class DeltaLinear(nn.Module):
         elif isinstance(delta, DenseDelta):
             d = delta.delta.to(device=device, dtype=dtype)
             self.others[slot] = DenseDelta(d, delta.out_features, delta.in_features)
-        elif isinstance(delta, SparseDelta):
-            self.others[slot] = delta.to(device)  # fp32 values whatever the compute dtype
+        elif isinstance(delta, MaskedDelta):
+            self.others[slot] = delta.to(device)  # mask and values as stored, whatever the compute dtype
         else:
             a, b = delta.a.to(device=device, dtype=dtype), delta.b.to(device=device, dtype=dtype)
             self.others[slot] = LowRankDelta(a, b, delta.out_features, delta.in_features)

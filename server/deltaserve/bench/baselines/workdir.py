@@ -117,7 +117,8 @@ def _finetune(base: Path, out: Path, seed: int, noise: float) -> None:
 
 CODECS = {"bitdelta": ("bitdelta", {}), "bitdelta-mb1": ("bitdelta-mb", {"magnitude_bits": 1}),
           "bitdelta-mb2": ("bitdelta-mb", {"magnitude_bits": 2}),
-          "bitdelta-mb2-additive": ("bitdelta-mb", {"magnitude_bits": 2, "levels": "additive"})}
+          "bitdelta-mb2-additive": ("bitdelta-mb", {"magnitude_bits": 2, "levels": "additive"}),
+          "dare-p0.9": ("dare", {"drop_rate": 0.9})}
 
 
 def prepare(

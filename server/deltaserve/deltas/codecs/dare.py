@@ -6,10 +6,10 @@ kept weights are delta * (1 - k·p) / (1 - p), dropped ones delta * k. Then
 E[decoded] = (1 - p)·delta·(1 - k·p)/(1 - p) + p·k·delta = delta for every k; k = 0 is
 plain DARE.
 
-Served (k = 0) as a sparse CSR matrix (int32 indices, fp32 values: 8 bytes per kept weight,
-0.8 bytes per weight at p = 0.9 against 4 for a dense fp32 delta); at p = 0.9 a CSR product
-is 2.7-4x faster than the dense one on a 2-core CPU (4096 x 4096, 1-16 tokens), at p = 0.5
-it is not faster (docs/BENCHMARKS.md). k != 0 is dense (below).
+Served (k = 0) as stored: the bitmask and the kept values stay resident as the file holds them
+(types.MaskedDelta, 0.325 bytes per weight at p = 0.9 with fp16 values against 4 for a dense
+fp32 delta) and kernels/masked_ops.py applies them per segment without densifying (speed
+against the dense product and a CSR one: docs/BENCHMARKS.md). k != 0 is dense (below).
 
 Storage (the honest trade-off):
 - k = 0: dropped weights are exactly zero, so the file holds `mask` (int32
@@ -24,7 +24,6 @@ Storage (the honest trade-off):
 from __future__ import annotations
 
 import math
-import warnings
 import zlib
 from dataclasses import dataclass
 from typing import ClassVar
@@ -33,7 +32,7 @@ import torch
 
 from deltaserve.deltas.codecs.base import Codec, expect_part, store_dtype
 from deltaserve.deltas.packing import PACK_WIDTH, pack_bits, unpack_bits
-from deltaserve.deltas.types import DenseDelta, SparseDelta
+from deltaserve.deltas.types import DenseDelta, MaskedDelta
 from deltaserve.errors import InvalidArgumentError
 
 
@@ -83,14 +82,6 @@ class DareCodec(Codec):
             return DenseDelta(d.to(dtype), out_features, in_features)
         words = (in_features + PACK_WIDTH - 1) // PACK_WIDTH
         packed = expect_part(parts, "mask", torch.int32, (out_features, words), key)
-        keep = unpack_bits(packed, in_features)
-        values = expect_part(parts, "values", sdtype, (int(keep.sum()),), key)
-        # served sparse: CSR with int32 indices, fp32 values (values are in row-major order)
-        rows, cols = keep.nonzero(as_tuple=True)
-        crow = torch.zeros(out_features + 1, dtype=torch.int64)
-        crow[1:] = torch.cumsum(torch.bincount(rows, minlength=out_features), 0)
-        with warnings.catch_warnings():  # torch labels sparse CSR "beta" on first use
-            warnings.simplefilter("ignore", UserWarning)
-            shape = (out_features, in_features)
-            csr = torch.sparse_csr_tensor(crow.int(), cols.int(), values.to(torch.float32), shape)
-        return SparseDelta(csr, out_features, in_features)
+        kept = int(unpack_bits(packed, in_features).sum())
+        values = expect_part(parts, "values", sdtype, (kept,), key)
+        return MaskedDelta.build(packed, values, out_features, in_features)  # served as stored
