@@ -175,3 +175,21 @@ def test_triton_kernel_matches_reference_in_the_interpreter():
     proc = subprocess.run([sys.executable, "-c", _TRITON, str(Path(__file__).parent)], env=env,
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+
+
+def test_bench_dare_quick_reports_every_form(capsys):
+    """`deltaserve bench dare --quick --json`: each case checked against the dense product, then
+    timed in its three forms, with their resident sizes."""
+    import argparse
+    import json
+
+    from deltaserve.bench import dare
+
+    parser = argparse.ArgumentParser()
+    dare.add_arguments(parser)
+    assert dare.run(parser.parse_args(["--quick", "--json"])) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert len(report["rows"]) == 6
+    for row in report["rows"]:
+        assert row["dense_ms"] > 0 and row["csr_ms"] > 0 and row["masked_ms"] > 0
+        assert row["masked_mib"] < row["dense_mib"]

@@ -42,7 +42,9 @@ def _forms(k: int, n: int, p: float, seed: int):
     dense = masked.decode()
     with warnings.catch_warnings():  # torch labels sparse CSR "beta"
         warnings.simplefilter("ignore", UserWarning)
-        csr = dense.to_sparse_csr()
+        full = dense.to_sparse_csr()  # int64 indices; the engine's CSR form had int32 ones
+        index = (full.crow_indices().int(), full.col_indices().int())
+        csr = torch.sparse_csr_tensor(*index, full.values(), (n, k))
     return dense, csr, masked
 
 
