@@ -128,6 +128,23 @@ def test_bad_shapes_raise():
         masked_delta_matmul(torch.randn(2, 41), torch.zeros(2, 8), delta, 0, 2, 1.0)
 
 
+def test_a_mask_with_bits_past_k_is_a_format_error():
+    """Set padding bits would make the kernels count values the offsets do not: the file is refused."""
+    from deltaserve.deltas.codecs import make_codec
+    from deltaserve.errors import DeltaFormatError
+
+    codec = make_codec("dare", {"drop_rate": 0.5})
+    parts = codec.encode(torch.randn(6, 40), key="m")
+    assert codec.load(parts, 6, 40, key="m", dtype=torch.float32).nbytes() > 0
+    word = int(parts["mask"][2, 1])
+    parts["mask"][2, 1] = word | 1 << 9  # column 41 of row 2
+    with pytest.raises(DeltaFormatError, match="past column 40"):
+        codec.load(parts, 6, 40, key="m", dtype=torch.float32)
+    parts["mask"][2, 1] = word | -(2**31)  # bit 31 alone: the sign bit
+    with pytest.raises(DeltaFormatError, match="past column 40"):
+        codec.load(parts, 6, 40, key="m", dtype=torch.float32)
+
+
 def test_resident_bytes_are_the_stored_form():
     delta = make_masked(256, 1024, 0.9, torch.float16, seed=10)
     dense = 256 * 1024 * 4

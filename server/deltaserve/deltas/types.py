@@ -132,10 +132,17 @@ class MaskedDelta(LinearDelta):
 
     @staticmethod
     def build(mask: torch.Tensor, values: torch.Tensor, out_features: int, in_features: int) -> MaskedDelta:
-        """From the stored mask and values: counts the kept weights of each row for `offsets`."""
+        """From the stored mask and values: counts the kept weights of each row for `offsets`.
+        ValueError when bits past column in_features are set or the values are not one per
+        kept weight (the kernels count set bits word by word)."""
+        rest = in_features % 32
+        if rest and bool((mask[:, -1] >> rest).ne(0).any()):  # arithmetic shift: bit 31 counts too
+            raise ValueError(f"mask has bits set past column {in_features}")
         per_row = unpack_bits(mask, in_features).sum(dim=1)
         offsets = torch.zeros(out_features + 1, dtype=torch.int64, device=mask.device)
         offsets[1:] = torch.cumsum(per_row, 0)
+        if values.dim() != 1 or values.shape[0] != int(offsets[-1]):
+            raise ValueError(f"{tuple(values.shape)} values for {int(offsets[-1])} kept weights")
         return MaskedDelta(mask.contiguous(), values.contiguous(), offsets, out_features, in_features)
 
     def decode(self) -> torch.Tensor:

@@ -33,7 +33,7 @@ import torch
 from deltaserve.deltas.codecs.base import Codec, expect_part, store_dtype
 from deltaserve.deltas.packing import PACK_WIDTH, pack_bits, unpack_bits
 from deltaserve.deltas.types import DenseDelta, MaskedDelta
-from deltaserve.errors import InvalidArgumentError
+from deltaserve.errors import DeltaFormatError, InvalidArgumentError
 
 
 @dataclass(frozen=True)
@@ -84,4 +84,7 @@ class DareCodec(Codec):
         packed = expect_part(parts, "mask", torch.int32, (out_features, words), key)
         kept = int(unpack_bits(packed, in_features).sum())
         values = expect_part(parts, "values", sdtype, (kept,), key)
-        return MaskedDelta.build(packed, values, out_features, in_features)  # served as stored
+        try:
+            return MaskedDelta.build(packed, values, out_features, in_features)  # served as stored
+        except ValueError as exc:
+            raise DeltaFormatError(f"{key}: {exc}") from None
