@@ -63,8 +63,9 @@ def masked_delta_matmul_segments(
 ) -> torch.Tensor:
     """masked_delta_matmul for several non-overlapping segments, each with its own delta (the
     tenants of one layer in a step): on the CPU one kernel call for all of them."""
+    (t, k), n = x.shape, y.shape[1]  # read once: this runs for every DARE layer of a step
     for delta, _, _, _ in pieces:
-        if x.shape[1] != delta.in_features or y.shape[1] != delta.out_features or x.shape[0] != y.shape[0]:
+        if delta.in_features != k or delta.out_features != n or t != y.shape[0]:
             raise ValueError(f"x {tuple(x.shape)} / y {tuple(y.shape)} do not match the delta "
                              f"[{delta.out_features}, {delta.in_features}]")
     pieces = [p for p in pieces if p[2] and p[3]]
