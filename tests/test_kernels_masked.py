@@ -19,7 +19,11 @@ from deltaserve.kernels.masked_ops import masked_delta_matmul
 from deltaserve.kernels.ops import cpu_kernel_available
 from deltaserve.kernels.reference import masked_delta_matmul_ref
 
-needs_cpu_kernel = pytest.mark.skipif(not cpu_kernel_available(), reason="CPU extension did not build")
+
+@pytest.fixture(scope="module")
+def ext():
+    """The compiled kernels: they must build on the test machine (a failed build fails, not skips)."""
+    assert cpu_kernel_available(), "the CPU kernels must build on the test machine"
 
 
 def make_masked(n: int, k: int, p: float, dtype: torch.dtype, seed: int) -> MaskedDelta:
@@ -48,7 +52,7 @@ def check(delta: MaskedDelta, t: int, start: int, length: int, alpha: float, y_d
     torch.testing.assert_close(got.float(), want.float(), rtol=tol, atol=tol)
 
 
-@needs_cpu_kernel
+@pytest.mark.usefixtures("ext")
 @pytest.mark.parametrize("isa_cap", [2, 0], ids=["avx512", "scalar"])
 @pytest.mark.parametrize("values", [torch.float16, torch.bfloat16, torch.float32], ids=str)
 @pytest.mark.parametrize(("n", "k", "p"), [(65, 100, 0.9), (130, 576, 0.5), (40, 37, 0.99), (9, 1, 0.3)])
@@ -60,7 +64,7 @@ def test_cpu_decode_matches_reference(isa_cap, values, n, k, p):
               seed=i)
 
 
-@needs_cpu_kernel
+@pytest.mark.usefixtures("ext")
 @pytest.mark.parametrize("values", [torch.float16, torch.bfloat16, torch.float32], ids=str)
 @pytest.mark.parametrize(("p", "length"), [(0.9, 3), (0.99, 2), (0.9, 70), (0.5, 100), (0.3, 3)])
 def test_cpu_several_tokens_walk_the_kept_weights_or_expand_words(values, p, length):
@@ -71,14 +75,14 @@ def test_cpu_several_tokens_walk_the_kept_weights_or_expand_words(values, p, len
     check(delta, length + 3, 2, length, alpha=1.7, y_dtype=torch.float32, config=CpuKernelConfig(), seed=11)
 
 
-@needs_cpu_kernel
+@pytest.mark.usefixtures("ext")
 @pytest.mark.parametrize("y_dtype", [torch.bfloat16, torch.float16], ids=str)
 def test_cpu_low_precision_activations(y_dtype):
     delta = make_masked(70, 200, 0.9, torch.float16, seed=3)
     check(delta, 6, 1, 4, alpha=0.5, y_dtype=y_dtype, config=CpuKernelConfig(), seed=4)
 
 
-@needs_cpu_kernel
+@pytest.mark.usefixtures("ext")
 @pytest.mark.parametrize("isa_cap", [2, 0], ids=["avx512", "scalar"])
 def test_cpu_long_segments_take_the_blas_path(isa_cap):
     delta = make_masked(150, 300, 0.9, torch.float16, seed=5)  # 3 row tiles, the last partial
@@ -86,7 +90,7 @@ def test_cpu_long_segments_take_the_blas_path(isa_cap):
     check(delta, 40, 3, 33, alpha=-0.8, y_dtype=torch.float32, config=config, seed=6, gemm_min_tokens=32)
 
 
-@needs_cpu_kernel
+@pytest.mark.usefixtures("ext")
 def test_cpu_two_threads_cover_every_row():
     delta = make_masked(2048, 512, 0.5, torch.float16, seed=7)  # big enough for two threads
     threads = torch.get_num_threads()
@@ -97,7 +101,7 @@ def test_cpu_two_threads_cover_every_row():
         torch.set_num_threads(threads)
 
 
-@needs_cpu_kernel
+@pytest.mark.usefixtures("ext")
 @pytest.mark.parametrize("y_dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_cpu_segments_of_many_tenants_in_one_call(y_dtype):
     """Distinct tenants with ragged lengths (one long enough for the BLAS path, one empty), and a

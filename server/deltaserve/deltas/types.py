@@ -131,16 +131,24 @@ class MaskedDelta(LinearDelta):
     in_features: int
 
     @staticmethod
-    def build(mask: torch.Tensor, values: torch.Tensor, out_features: int, in_features: int) -> MaskedDelta:
-        """From the stored mask and values: counts the kept weights of each row for `offsets`.
-        ValueError when bits past column in_features are set or the values are not one per
-        kept weight (the kernels count set bits word by word)."""
+    def row_offsets(mask: torch.Tensor, in_features: int) -> torch.Tensor:
+        """int64 [N + 1]: the index in `values` of each row's first kept weight, and the count.
+        ValueError when bits past column in_features are set (the kernels count set bits word
+        by word, so such bits would shift every later value)."""
         rest = in_features % 32
         if rest and bool((mask[:, -1] >> rest).ne(0).any()):  # arithmetic shift: bit 31 counts too
             raise ValueError(f"mask has bits set past column {in_features}")
-        per_row = unpack_bits(mask, in_features).sum(dim=1)
-        offsets = torch.zeros(out_features + 1, dtype=torch.int64, device=mask.device)
-        offsets[1:] = torch.cumsum(per_row, 0)
+        offsets = torch.zeros(mask.shape[0] + 1, dtype=torch.int64, device=mask.device)
+        offsets[1:] = torch.cumsum(unpack_bits(mask, in_features).sum(dim=1), 0)
+        return offsets
+
+    @staticmethod
+    def build(mask: torch.Tensor, values: torch.Tensor, out_features: int, in_features: int,
+              offsets: torch.Tensor | None = None) -> MaskedDelta:
+        """From the stored mask and values (`offsets` when already counted by row_offsets).
+        ValueError on bits past in_features or values that are not one per kept weight."""
+        if offsets is None:
+            offsets = MaskedDelta.row_offsets(mask, in_features)
         if values.dim() != 1 or values.shape[0] != int(offsets[-1]):
             raise ValueError(f"{tuple(values.shape)} values for {int(offsets[-1])} kept weights")
         return MaskedDelta(mask.contiguous(), values.contiguous(), offsets, out_features, in_features)

@@ -78,16 +78,13 @@ def masked_delta_matmul_segments(
         return y
     if x.is_cuda and backend in ("auto", "triton"):
         try:
-            from deltaserve.kernels import triton_masked
+            from deltaserve.kernels.triton_masked import masked_delta as apply
         except ImportError:
             if backend == "triton":
                 raise RuntimeError("Triton is not available") from None
-            triton_masked = None
+            apply = masked_delta_matmul_ref
         for piece in pieces:
-            if triton_masked is None:
-                masked_delta_matmul_ref(x, y, *piece)
-            else:
-                triton_masked.masked_delta(x, y, *piece)
+            apply(x, y, *piece)
         return y
     ext = load_cpu_extension() if x.device.type == "cpu" and backend in ("auto", "cpu") else None
     if ext is None:

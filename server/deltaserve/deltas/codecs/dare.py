@@ -31,7 +31,7 @@ from typing import ClassVar
 import torch
 
 from deltaserve.deltas.codecs.base import Codec, expect_part, store_dtype
-from deltaserve.deltas.packing import PACK_WIDTH, pack_bits, unpack_bits
+from deltaserve.deltas.packing import PACK_WIDTH, pack_bits
 from deltaserve.deltas.types import DenseDelta, MaskedDelta
 from deltaserve.errors import DeltaFormatError, InvalidArgumentError
 
@@ -82,9 +82,9 @@ class DareCodec(Codec):
             return DenseDelta(d.to(dtype), out_features, in_features)
         words = (in_features + PACK_WIDTH - 1) // PACK_WIDTH
         packed = expect_part(parts, "mask", torch.int32, (out_features, words), key)
-        kept = int(unpack_bits(packed, in_features).sum())
-        values = expect_part(parts, "values", sdtype, (kept,), key)
         try:
-            return MaskedDelta.build(packed, values, out_features, in_features)  # served as stored
+            offsets = MaskedDelta.row_offsets(packed, in_features)
         except ValueError as exc:
             raise DeltaFormatError(f"{key}: {exc}") from None
+        values = expect_part(parts, "values", sdtype, (int(offsets[-1]),), key)
+        return MaskedDelta.build(packed, values, out_features, in_features, offsets)  # served as stored

@@ -30,6 +30,7 @@
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 #include <vector>
 
 namespace {
@@ -52,12 +53,13 @@ float value_at(const void* values, int64_t i, int vt) {
   return static_cast<float>(c10::Half(h, c10::Half::from_bits()));
 }
 
-// scalar: words [w0, w1) of one row, tokens [0, nt) of x (row stride K), set bits walked one by
-// one; *cursor (index in values of the next kept weight) advances, sums[t] accumulates
-void row_scalar(const int32_t* mask, int64_t w0, int64_t w1, const void* values, int64_t* cursor, int vt,
-                const float* x, int64_t K, int64_t nt, float* sums) {
-  int64_t i = *cursor;
-  for (int64_t w = w0; w < w1; ++w) {
+// scalar: one row (its first kept weight at values[first]), tokens [0, nt) of x (row stride K),
+// set bits walked one by one; sums[t] = the row's dot product with token t
+void row_scalar(const int32_t* mask, int64_t W, const void* values, int64_t first, int vt, const float* x,
+                int64_t K, int64_t nt, float* sums) {
+  std::fill(sums, sums + nt, 0.f);
+  int64_t i = first;
+  for (int64_t w = 0; w < W; ++w) {
     uint32_t m = static_cast<uint32_t>(mask[w]);
     while (m) {
       const int64_t k = 32 * w + __builtin_ctz(m);
@@ -66,7 +68,17 @@ void row_scalar(const int32_t* mask, int64_t w0, int64_t w1, const void* values,
       m &= m - 1;
     }
   }
-  *cursor = i;
+}
+
+// fn(std::integral_constant<int, VT>{}) for the value type vt: one template instance per type
+template <typename Fn>
+void by_type(int vt, Fn&& fn) {
+  if (vt == kF32)
+    fn(std::integral_constant<int, kF32>{});
+  else if (vt == kF16)
+    fn(std::integral_constant<int, kF16>{});
+  else
+    fn(std::integral_constant<int, kBF16>{});
 }
 
 bool has_avx512() {
@@ -106,45 +118,50 @@ __attribute__((target("avx512f,avx512bw,avx512vl,bmi2"))) inline void expand_wor
   *hi = _mm512_maskz_expand_ps(static_cast<__mmask16>(mhi), fhi);
 }
 
+// a mask of the first n of 16 lanes (n clamped to [0, 16])
+__attribute__((target("bmi2"))) inline __mmask16 first_lanes(int64_t n) {
+  return static_cast<__mmask16>(_bzhi_u32(0xFFFFu, static_cast<uint32_t>(std::clamp<int64_t>(n, 0, 16))));
+}
+
+// x's 32 columns of mask word w as two 16-lane vectors; past K (the last, partial word of a
+// row) nothing is read
+__attribute__((target("avx512f,avx512bw,avx512vl,bmi2"))) inline void load_x_word(const float* x, int64_t w,
+                                                                                  int64_t K, __m512* lo,
+                                                                                  __m512* hi) {
+  const int64_t rest = K - 32 * w;
+  if (rest >= 32) {
+    *lo = _mm512_loadu_ps(x + 32 * w);
+    *hi = _mm512_loadu_ps(x + 32 * w + 16);
+    return;
+  }
+  *lo = _mm512_maskz_loadu_ps(first_lanes(rest), x + 32 * w);
+  *hi = _mm512_maskz_loadu_ps(first_lanes(rest - 16), x + 32 * w + 16);
+}
+
 // AVX-512: one row, NT tokens of x (row stride K); sums[t] = the row's dot product with token t.
 // With 1-2 tokens, two accumulators a token (columns 0-15 and 16-31 of a word): two FMA chains.
 template <int VT, int NT>
-__attribute__((target("avx512f,avx512bw,avx512vl,bmi2"))) void row_avx512(const int32_t* mask, int64_t w0, int64_t w1,
-                                                                          const void* values, int64_t* cursor,
+__attribute__((target("avx512f,avx512bw,avx512vl,bmi2"))) void row_avx512(const int32_t* mask, int64_t W,
+                                                                          const void* values, int64_t first,
                                                                           const float* x, int64_t K, float* sums) {
   constexpr int64_t esize = VT == kF32 ? 4 : 2;
-  const char* v = static_cast<const char*>(values) + *cursor * esize;
-  int64_t kept = 0;
+  const char* v = static_cast<const char*>(values) + first * esize;
   __m512 alo[NT], ahi[NT];
   for (int t = 0; t < NT; ++t) alo[t] = ahi[t] = _mm512_setzero_ps();
-  const int64_t full = K / 32;  // words whose 32 columns are all inside x's rows
-  for (int64_t w = w0; w < w1; ++w) {
+  for (int64_t w = 0; w < W; ++w) {
     const uint32_t m = static_cast<uint32_t>(mask[w]);
     __m512 lo, hi;
     expand_word<VT>(v, m, &lo, &hi);
-    const int pc = __builtin_popcount(m);
-    v += pc * esize;
-    kept += pc;
-    const float* xk = x + 32 * w;
-    if (w < full) {
-      for (int t = 0; t < NT; ++t) {
-        alo[t] = _mm512_fmadd_ps(lo, _mm512_loadu_ps(xk + t * K), alo[t]);
-        __m512& a = NT <= 2 ? ahi[t] : alo[t];  // with 3+ tokens their chains are enough
-        a = _mm512_fmadd_ps(hi, _mm512_loadu_ps(xk + t * K + 16), a);
-      }
-    } else {  // the last, partial word: x's columns past K are not read
-      const int64_t rest = K - 32 * w;
-      const __mmask16 klo = static_cast<__mmask16>(_bzhi_u32(0xFFFFu, static_cast<uint32_t>(std::min<int64_t>(rest, 16))));
-      const __mmask16 khi =
-          static_cast<__mmask16>(_bzhi_u32(0xFFFFu, static_cast<uint32_t>(std::max<int64_t>(rest - 16, 0))));
-      for (int t = 0; t < NT; ++t) {
-        alo[t] = _mm512_fmadd_ps(lo, _mm512_maskz_loadu_ps(klo, xk + t * K), alo[t]);
-        ahi[t] = _mm512_fmadd_ps(hi, _mm512_maskz_loadu_ps(khi, xk + t * K + 16), ahi[t]);
-      }
+    v += __builtin_popcount(m) * esize;
+    for (int t = 0; t < NT; ++t) {
+      __m512 xlo, xhi;
+      load_x_word(x + t * K, w, K, &xlo, &xhi);
+      alo[t] = _mm512_fmadd_ps(lo, xlo, alo[t]);
+      __m512& a = NT <= 2 ? ahi[t] : alo[t];  // with 3+ tokens their chains are enough
+      a = _mm512_fmadd_ps(hi, xhi, a);
     }
   }
-  for (int t = 0; t < NT; ++t) sums[t] += _mm512_reduce_add_ps(_mm512_add_ps(alo[t], ahi[t]));
-  *cursor += kept;
+  for (int t = 0; t < NT; ++t) sums[t] = _mm512_reduce_add_ps(_mm512_add_ps(alo[t], ahi[t]));
 }
 
 // AVX-512, one token (the common decode case): rows [n0, n1) two at a time, sharing each word's x
@@ -157,7 +174,6 @@ __attribute__((target("avx512f,avx512bw,avx512vl,bmi2"))) void rows_one_token(co
                                                                               float* y, float alpha) {
   constexpr int64_t esize = VT == kF32 ? 4 : 2;
   const char* base = static_cast<const char*>(values);
-  const int64_t full = K / 32;
   int64_t n = n0;
   for (; n + 1 < n1; n += 2) {
     const int32_t* m0 = mask + n * W;
@@ -167,17 +183,7 @@ __attribute__((target("avx512f,avx512bw,avx512vl,bmi2"))) void rows_one_token(co
     __m512 a0 = _mm512_setzero_ps(), b0 = a0, a1 = a0, b1 = a0;
     for (int64_t w = 0; w < W; ++w) {
       __m512 xlo, xhi;
-      if (w < full) {
-        xlo = _mm512_loadu_ps(x + 32 * w);
-        xhi = _mm512_loadu_ps(x + 32 * w + 16);
-      } else {  // the last, partial word: x's columns past K are not read
-        const int64_t rest = K - 32 * w;
-        xlo = _mm512_maskz_loadu_ps(static_cast<__mmask16>(_bzhi_u32(0xFFFFu, static_cast<uint32_t>(std::min<int64_t>(rest, 16)))),
-                                    x + 32 * w);
-        xhi = _mm512_maskz_loadu_ps(
-            static_cast<__mmask16>(_bzhi_u32(0xFFFFu, static_cast<uint32_t>(std::max<int64_t>(rest - 16, 0)))),
-            x + 32 * w + 16);
-      }
+      load_x_word(x, w, K, &xlo, &xhi);
       const uint32_t w0 = static_cast<uint32_t>(m0[w]), w1 = static_cast<uint32_t>(m1[w]);
       __m512 lo, hi;
       expand_word<VT>(v0, w0, &lo, &hi);
@@ -193,49 +199,24 @@ __attribute__((target("avx512f,avx512bw,avx512vl,bmi2"))) void rows_one_token(co
     y[n + 1] += alpha * _mm512_reduce_add_ps(_mm512_add_ps(a1, b1));
   }
   if (n < n1) {
-    float sum = 0.f;
-    int64_t cursor = offsets[n];
-    row_avx512<VT, 1>(mask + n * W, 0, W, values, &cursor, x, K, &sum);
+    float sum;
+    row_avx512<VT, 1>(mask + n * W, W, values, offsets[n], x, K, &sum);
     y[n] += alpha * sum;
   }
 }
 
-void rows_one_token_any(int vt, const int32_t* mask, int64_t W, const void* values, const int64_t* offsets,
-                        int64_t n0, int64_t n1, const float* x, int64_t K, float* y, float alpha) {
-  if (vt == kF32)
-    rows_one_token<kF32>(mask, W, values, offsets, n0, n1, x, K, y, alpha);
-  else if (vt == kF16)
-    rows_one_token<kF16>(mask, W, values, offsets, n0, n1, x, K, y, alpha);
-  else
-    rows_one_token<kBF16>(mask, W, values, offsets, n0, n1, x, K, y, alpha);
-}
-
 template <int VT>
-void row_avx512_n(int64_t nt, const int32_t* mask, int64_t w0, int64_t w1, const void* values, int64_t* cursor,
-                  const float* x, int64_t K, float* sums) {
+void row_avx512_n(int64_t nt, const int32_t* mask, int64_t W, const void* values, int64_t first, const float* x,
+                  int64_t K, float* sums) {
   switch (nt) {
-    case 1: row_avx512<VT, 1>(mask, w0, w1, values, cursor, x, K, sums); break;
-    case 2: row_avx512<VT, 2>(mask, w0, w1, values, cursor, x, K, sums); break;
-    case 3: row_avx512<VT, 3>(mask, w0, w1, values, cursor, x, K, sums); break;
-    case 4: row_avx512<VT, 4>(mask, w0, w1, values, cursor, x, K, sums); break;
-    case 5: row_avx512<VT, 5>(mask, w0, w1, values, cursor, x, K, sums); break;
-    case 6: row_avx512<VT, 6>(mask, w0, w1, values, cursor, x, K, sums); break;
-    case 7: row_avx512<VT, 7>(mask, w0, w1, values, cursor, x, K, sums); break;
-    default: row_avx512<VT, 8>(mask, w0, w1, values, cursor, x, K, sums); break;
-  }
-}
-
-// words [w0, w1) of one row: sums[t] += their dot product with token t (t < nt <= kMaxTokens)
-void row_sums(bool avx512, int vt, int64_t nt, const int32_t* mask, int64_t w0, int64_t w1, const void* values,
-              int64_t* cursor, const float* x, int64_t K, float* sums) {
-  if (!avx512) {
-    row_scalar(mask, w0, w1, values, cursor, vt, x, K, nt, sums);
-  } else if (vt == kF32) {
-    row_avx512_n<kF32>(nt, mask, w0, w1, values, cursor, x, K, sums);
-  } else if (vt == kF16) {
-    row_avx512_n<kF16>(nt, mask, w0, w1, values, cursor, x, K, sums);
-  } else {
-    row_avx512_n<kBF16>(nt, mask, w0, w1, values, cursor, x, K, sums);
+    case 1: row_avx512<VT, 1>(mask, W, values, first, x, K, sums); break;
+    case 2: row_avx512<VT, 2>(mask, W, values, first, x, K, sums); break;
+    case 3: row_avx512<VT, 3>(mask, W, values, first, x, K, sums); break;
+    case 4: row_avx512<VT, 4>(mask, W, values, first, x, K, sums); break;
+    case 5: row_avx512<VT, 5>(mask, W, values, first, x, K, sums); break;
+    case 6: row_avx512<VT, 6>(mask, W, values, first, x, K, sums); break;
+    case 7: row_avx512<VT, 7>(mask, W, values, first, x, K, sums); break;
+    default: row_avx512<VT, 8>(mask, W, values, first, x, K, sums); break;
   }
 }
 
@@ -282,16 +263,6 @@ void row_scatter_n(int nb, const int32_t* mask, int64_t W, const void* values, i
     case 3: row_scatter<VT, 3>(mask, W, values, first, xt, ld, out); break;
     default: row_scatter<VT, 4>(mask, W, values, first, xt, ld, out); break;
   }
-}
-
-void scatter_sums(int vt, int nb, const int32_t* mask, int64_t W, const void* values, int64_t first, const float* xt,
-                  int64_t ld, float* out) {
-  if (vt == kF32)
-    row_scatter_n<kF32>(nb, mask, W, values, first, xt, ld, out);
-  else if (vt == kF16)
-    row_scatter_n<kF16>(nb, mask, W, values, first, xt, ld, out);
-  else
-    row_scatter_n<kBF16>(nb, mask, W, values, first, xt, ld, out);
 }
 
 // row n of the delta, dense fp32, into out[0, K)
@@ -431,29 +402,42 @@ void masked_delta_matmul(const at::Tensor& x, at::Tensor& y, const std::vector<a
     alignas(64) float block[kScatterBlock];
     for (int64_t i = i0; i < i1; ++i) {
       const Segment& s = decode[items[i].seg];
-      if (s.scatter) {
-        for (int64_t n = items[i].r0; n < std::min(N, items[i].r0 + kTileRows); ++n)
-          for (int64_t b0 = 0; b0 < s.length; b0 += kScatterBlock) {
-            const int64_t nt = std::min(kScatterBlock, s.length - b0);
-            scatter_sums(s.vt, static_cast<int>((nt + 15) / 16), s.mask + n * W, W, s.values, s.offsets[n],
-                         s.xt + b0, s.ld, block);
-            for (int64_t t = 0; t < nt; ++t) yp[(s.start + b0 + t) * ys + n] += s.alpha * block[t];
+      const int64_t r0 = items[i].r0, r1 = std::min(N, r0 + kTileRows);
+      // y[t0 + t, n] += alpha * sums[t] for the nt tokens of a pass
+      const auto emit = [&](int64_t n, int64_t t0, int64_t nt, const float* sums) {
+        for (int64_t t = 0; t < nt; ++t) yp[(t0 + t) * ys + n] += s.alpha * sums[t];
+      };
+      if (!avx512) {
+        for (int64_t n = r0; n < r1; ++n)
+          for (int64_t t0 = s.start; t0 < s.start + s.length; t0 += kMaxTokens) {
+            const int64_t nt = std::min(kMaxTokens, s.start + s.length - t0);
+            row_scalar(s.mask + n * W, W, s.values, s.offsets[n], s.vt, xp + t0 * K, K, nt, sums);
+            emit(n, t0, nt, sums);
           }
         continue;
       }
-      if (avx512 && s.length == 1) {
-        rows_one_token_any(s.vt, s.mask, W, s.values, s.offsets, items[i].r0, std::min(N, items[i].r0 + kTileRows),
-                           xp + s.start * K, K, yp + s.start * ys, s.alpha);
-        continue;
-      }
-      for (int64_t n = items[i].r0; n < std::min(N, items[i].r0 + kTileRows); ++n)
-        for (int64_t t0 = s.start; t0 < s.start + s.length; t0 += kMaxTokens) {
-          const int64_t nt = std::min(kMaxTokens, s.start + s.length - t0);
-          int64_t cursor = s.offsets[n];
-          std::fill(sums, sums + nt, 0.f);
-          row_sums(avx512, s.vt, nt, s.mask + n * W, 0, W, s.values, &cursor, xp + t0 * K, K, sums);
-          for (int64_t t = 0; t < nt; ++t) yp[(t0 + t) * ys + n] += s.alpha * sums[t];
+      by_type(s.vt, [&](auto type) {
+        constexpr int VT = decltype(type)::value;
+        if (s.scatter) {
+          for (int64_t n = r0; n < r1; ++n)
+            for (int64_t b0 = 0; b0 < s.length; b0 += kScatterBlock) {
+              const int64_t nt = std::min(kScatterBlock, s.length - b0);
+              row_scatter_n<VT>(static_cast<int>((nt + 15) / 16), s.mask + n * W, W, s.values, s.offsets[n],
+                                s.xt + b0, s.ld, block);
+              emit(n, s.start + b0, nt, block);
+            }
+        } else if (s.length == 1) {
+          rows_one_token<VT>(s.mask, W, s.values, s.offsets, r0, r1, xp + s.start * K, K, yp + s.start * ys,
+                             s.alpha);
+        } else {
+          for (int64_t n = r0; n < r1; ++n)
+            for (int64_t t0 = s.start; t0 < s.start + s.length; t0 += kMaxTokens) {
+              const int64_t nt = std::min(kMaxTokens, s.start + s.length - t0);
+              row_avx512_n<VT>(nt, s.mask + n * W, W, s.values, s.offsets[n], xp + t0 * K, K, sums);
+              emit(n, t0, nt, sums);
+            }
         }
+      });
     }
   });
 }
