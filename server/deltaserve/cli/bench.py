@@ -1,4 +1,4 @@
-"""`deltaserve bench kernel|serve|step|peer|ops|fairness|prefix|dare`: benchmarks printing tables or JSON."""
+"""`deltaserve bench kernel|serve|step|peer|ops|fairness|prefix|dare|bound`: benchmarks (tables or JSON)."""
 
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ SUITES = {
     "fairness": "deltaserve.bench.fairness",
     "prefix": "deltaserve.bench.prefix",
     "dare": "deltaserve.bench.dare",
+    "bound": "deltaserve.bench.bound",
 }
 
 

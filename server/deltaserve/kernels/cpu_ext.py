@@ -3,8 +3,8 @@
 One module holds the segmented 1-bit delta matmul (sign_gemv.cpp over the row layout,
 sign_lut.cpp by table lookup over the lut layout), DARE's bitmask + values product
 (masked_delta.cpp), the paged decode attention
-(paged_attention.cpp) and the fused elementwise ops (fused_ops.cpp); bindings.cpp declares
-them to Python.
+(paged_attention.cpp), the fused elementwise ops (fused_ops.cpp) and a read-only pass for
+benchmarks (stream_read.cpp); bindings.cpp declares them to Python.
 
 The build goes through torch.utils.cpp_extension (needs a C++ compiler and
 ninja) into a cache directory outside the repository, keyed by the hash of the
@@ -37,7 +37,7 @@ _CPU_DIR = Path(__file__).parent / "cpu"
 SOURCES = tuple(
     _CPU_DIR / f
     for f in ("bindings.cpp", "sign_gemv.cpp", "sign_lut.cpp", "masked_delta.cpp", "paged_attention.cpp",
-              "fused_ops.cpp")
+              "fused_ops.cpp", "stream_read.cpp")
 )
 
 HEADERS = (_CPU_DIR / "emit.h",)  # included by the sources: part of the build key

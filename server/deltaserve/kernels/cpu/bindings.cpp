@@ -29,6 +29,8 @@ at::Tensor paged_decode_attention(const at::Tensor& q, const at::Tensor& k_cache
                                   const at::Tensor& block_tables, const at::Tensor& ctx_lens, int64_t block_size,
                                   double scale, int64_t window);
 
+int64_t stream_read(const std::vector<at::Tensor>& buffers);
+
 at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& w, double eps);
 void rotary(at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin);
 std::tuple<at::Tensor, at::Tensor> greedy_rows(const at::Tensor& logits);
@@ -44,6 +46,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("sign_lut_matmul_jobs", &sign_lut_matmul_jobs,
         "several LUT-layout delta matmuls over one x (fused parts, planes) with shared tables", nogil);
   m.def("best_isa", &best_isa, "0 = scalar, 1 = AVX2, 2 = AVX-512 (what this CPU supports)");
+  m.def("stream_read", &stream_read, "read every byte of the buffers once (memory-speed floor); a checksum", nogil);
   m.def("rms_norm", &rms_norm, "RMSNorm over rows");
   m.def("rotary", &rotary, "rotate-half RoPE in place");
   m.def("greedy_rows", &greedy_rows, "argmax and finiteness of every logits row in one pass");
