@@ -20,7 +20,7 @@ def ext():
 
 
 def test_stream_read_reads_every_byte(ext):
-    """The read pass's checksum is the XOR of every 64-bit word: it depends on each byte."""
+    """The read pass returns the XOR of every whole 64-bit word: it depends on each byte of them."""
     import torch
 
     a = torch.randint(0, 256, (3, 5000), dtype=torch.uint8)

@@ -46,7 +46,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("sign_lut_matmul_jobs", &sign_lut_matmul_jobs,
         "several LUT-layout delta matmuls over one x (fused parts, planes) with shared tables", nogil);
   m.def("best_isa", &best_isa, "0 = scalar, 1 = AVX2, 2 = AVX-512 (what this CPU supports)");
-  m.def("stream_read", &stream_read, "read every byte of the buffers once (memory-speed floor); a checksum", nogil);
+  m.def("stream_read", &stream_read, "read the buffers once as 64-bit words (memory-speed floor); their XOR", nogil);
   m.def("rms_norm", &rms_norm, "RMSNorm over rows");
   m.def("rotary", &rotary, "rotate-half RoPE in place");
   m.def("greedy_rows", &greedy_rows, "argmax and finiteness of every logits row in one pass");

@@ -45,8 +45,9 @@ uint64_t fold_scalar(const uint8_t* p, int64_t n) {
 
 }  // namespace
 
-// Reads every byte of each buffer once, in order, each buffer split into contiguous shares of the
-// intra-op threads (the decode kernel's static split of its items); returns an XOR checksum.
+// Reads each buffer once, in order, as 64-bit words (a trailing partial word is skipped: the 1-bit
+// stacks are whole words), each buffer split into contiguous shares of the intra-op threads (the
+// decode kernel's static split of its items); returns the XOR of the words.
 int64_t stream_read(const std::vector<at::Tensor>& buffers) {
   constexpr int64_t kChunk = 4096;
   __builtin_cpu_init();
