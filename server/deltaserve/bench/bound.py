@@ -39,8 +39,8 @@ BATCH_TOKENS = 64  # tokens a sequence generates before a fresh batch replaces i
 
 
 @dataclass(frozen=True)
-class Round:
-    """One round's medians (ms) and what follows from them."""
+class Sample:
+    """One sample's step and read times (ms) and what follows from them."""
 
     base_ms: float
     deltas_ms: float
@@ -205,7 +205,7 @@ def measure(args: argparse.Namespace, progress: bool = True) -> dict:
         d = deltas.step_ms()
         with _lookups_stubbed(ext):
             h = deltas.step_ms()
-        results.append(Round(b, d, h, _read_ms(ext, stacks)))
+        results.append(Sample(b, d, h, _read_ms(ext, stacks)))
     rows = [r.summary() for r in results]
     stats = {k: _quartiles([r[k] for r in rows]) for k in rows[0]}
     nbytes = sum(s.numel() * s.element_size() for s in stacks)
